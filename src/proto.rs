@@ -1,0 +1,221 @@
+//! The pserver protocol on top of frames: frame kinds, the plain headers of
+//! data requests and replies, and the control messages.
+//!
+//! A data request (push, pull, push-pull) goes to one server and carries one
+//! or more *runs*: the keys of the worker's request that fall in one key range
+//! (one shard) of that server, each with its index in the worker's request so
+//! that replies can be placed without any server-side reassembly.
+//!
+//! ```text
+//! meta      DataHeader, then DataHeader.runs x RunHeader
+//! segments  per run, in order: keys (u64, only for RunForm::List), then
+//!           values (f32, keys x dim, only for push and push-pull)
+//! ```
+//! A reply names the runs it answers:
+//! ```text
+//! meta      ReplyHeader, then ReplyHeader.runs x RunReply
+//! segments  per run with status OK that returns values: values (f32)
+//!           then, after all runs, one UTF-8 message per run with an error
+//! ```
+//! Control messages (registration, tables, barriers) are small and rare:
+//! `Control` values encoded with postcard in segment 0 of a CONTROL frame.
+
+use bytemuck::{Pod, Zeroable};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::table::TableSpec;
+use crate::transport::Frame;
+
+/// Frame kinds.
+pub mod kind {
+    pub const CONTROL: u16 = 1;
+    pub const PUSH: u16 = 16;
+    pub const PULL: u16 = 17;
+    pub const PUSH_PULL: u16 = 18;
+    /// Worker finished a clock: meta is a DataHeader with 0 runs.
+    pub const CLOCK: u16 = 19;
+    /// Reply to a data request.
+    pub const REPLY: u16 = 32;
+    /// The request as a whole was refused; segment 0 is the message.
+    pub const REFUSED: u16 = 33;
+}
+
+/// How a run's keys are spelled.
+pub mod run_form {
+    /// A keys segment lists them.
+    pub const LIST: u32 = 0;
+    /// `first, first+1, ..., first+count-1`; no keys segment.
+    pub const RANGE: u32 = 1;
+}
+
+/// Reply status of one run.
+pub mod status {
+    pub const OK: u32 = 0;
+    pub const ERROR: u32 = 1;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+pub struct DataHeader {
+    pub table: u32,
+    /// Worker rank.
+    pub worker: u32,
+    /// The worker's clock when it issued the request.
+    pub clock: u32,
+    /// The range-map epoch the worker routed with.
+    pub epoch: u32,
+    pub runs: u32,
+    pub flags: u32,
+    /// Per-worker request sequence number.
+    pub seq: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+pub struct RunHeader {
+    /// Index of this run in the worker's request.
+    pub run: u32,
+    pub form: u32,
+    pub first: u64,
+    pub count: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+pub struct ReplyHeader {
+    pub table: u32,
+    pub runs: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+pub struct RunReply {
+    pub run: u32,
+    pub status: u32,
+    pub count: u64,
+}
+
+/// Splits `meta` into a fixed header and `n` trailing records, checking sizes.
+pub fn parse_meta<H: Pod, R: Pod>(meta: &[u8], count: impl Fn(&H) -> u32) -> Option<(H, Vec<R>)> {
+    let hs = std::mem::size_of::<H>();
+    let h: H = bytemuck::try_pod_read_unaligned(meta.get(..hs)?).ok()?;
+    let n = count(&h) as usize;
+    let rs = std::mem::size_of::<R>();
+    let rest = &meta[hs..];
+    if rest.len() != n.checked_mul(rs)? {
+        return None;
+    }
+    let recs = rest.chunks_exact(rs).map(bytemuck::pod_read_unaligned).collect();
+    Some((h, recs))
+}
+
+/// Builds `meta` from a header and records.
+pub fn build_meta<H: Pod, R: Pod>(h: &H, recs: &[R]) -> Bytes {
+    let mut v = Vec::with_capacity(std::mem::size_of::<H>() + std::mem::size_of_val(recs));
+    v.extend_from_slice(bytemuck::bytes_of(h));
+    v.extend_from_slice(bytemuck::cast_slice(recs));
+    Bytes::from(v)
+}
+
+/// A node's role in the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    Scheduler,
+    Server,
+    Worker,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Scheduler => "scheduler",
+            Role::Server => "server",
+            Role::Worker => "worker",
+        })
+    }
+}
+
+/// A server as the ring knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// Stable node id (also the ring's hash input).
+    pub id: u32,
+    pub addr: String,
+}
+
+/// Control-plane messages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Control {
+    /// Node -> scheduler: join the job. `rank` is a requested rank (workers
+    /// launched with PSERVER_RANK), honoured when free.
+    Register { role: Role, addr: String, rank: Option<u32> },
+    /// Scheduler -> node, once everyone has registered.
+    Welcome { role: Role, rank: u32, servers: Vec<ServerInfo>, workers: u32, vnodes: u32, epoch: u32 },
+    /// Server -> scheduler: welcomed, ready for workers.
+    Ready { rank: u32 },
+    /// Worker -> server: create the table (idempotent for an identical spec).
+    CreateTable(TableSpec),
+    /// Server -> worker: the table is ready.
+    TableReady { table: u32 },
+    /// Worker -> scheduler: wait until every worker arrives.
+    Barrier { worker: u32 },
+    /// Scheduler -> worker: everyone arrived.
+    BarrierDone,
+    /// Worker -> scheduler: finished (`error` when it failed).
+    WorkerDone { worker: u32, error: Option<String> },
+    /// Scheduler -> all: the job is over.
+    Shutdown,
+    /// A refused control request.
+    Error(String),
+}
+
+impl Control {
+    pub fn to_frame(&self, id: u64) -> Frame {
+        let body = postcard::to_allocvec(self).expect("control messages always serialize");
+        Frame::new(kind::CONTROL, id, Bytes::new()).with_segment(Bytes::from(body))
+    }
+
+    pub fn from_frame(frame: &Frame, peer: &str) -> Result<Control> {
+        let seg = frame.segments.first().ok_or_else(|| Error::protocol(peer, "control frame without a body"))?;
+        postcard::from_bytes(seg).map_err(|e| Error::protocol(peer, format!("bad control message: {e}")))
+    }
+}
+
+/// A REFUSED frame for request `id`.
+pub fn refused(id: u64, message: &str) -> Frame {
+    Frame::new(kind::REFUSED, id, Bytes::new()).with_segment(Bytes::copy_from_slice(message.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_round_trips_and_wrong_sizes_are_refused() {
+        let h = DataHeader { table: 1, worker: 2, clock: 3, epoch: 4, runs: 2, flags: 0, seq: 5 };
+        let runs = [
+            RunHeader { run: 0, form: run_form::RANGE, first: 10, count: 5 },
+            RunHeader { run: 3, form: run_form::LIST, first: 99, count: 1 },
+        ];
+        let meta = build_meta(&h, &runs);
+        let (h2, r2) = parse_meta::<DataHeader, RunHeader>(&meta, |h| h.runs).unwrap();
+        assert_eq!((h2, r2.as_slice()), (h, &runs[..]));
+        assert!(parse_meta::<DataHeader, RunHeader>(&meta[..meta.len() - 1], |h| h.runs).is_none());
+        let mut lying = h;
+        lying.runs = u32::MAX;
+        assert!(parse_meta::<DataHeader, RunHeader>(&build_meta(&lying, &runs), |h| h.runs).is_none());
+        assert!(parse_meta::<DataHeader, RunHeader>(&[0u8; 3], |h| h.runs).is_none());
+    }
+
+    #[test]
+    fn control_messages_round_trip_and_garbage_is_an_error() {
+        let c = Control::Register { role: Role::Worker, addr: "x".into(), rank: Some(3) };
+        let f = c.to_frame(7);
+        assert_eq!(Control::from_frame(&f, "p").unwrap(), c);
+        let bad = Frame::new(kind::CONTROL, 1, Bytes::new()).with_segment(Bytes::from_static(&[0xff, 0xff, 0xff]));
+        assert!(Control::from_frame(&bad, "p").is_err());
+        assert!(Control::from_frame(&Frame::new(kind::CONTROL, 1, Bytes::new()), "p").is_err());
+    }
+}

@@ -1,0 +1,302 @@
+//! The control plane: registration, ranks, the ring, barriers and the end of
+//! the job. Never on the data path.
+//!
+//! Start-up: every node registers; once S servers and W workers have, the
+//! scheduler welcomes the servers (rank and ring), waits for each to say it
+//! is ready, then welcomes the workers, so that no worker can reach a server
+//! that does not yet know the ring. The job ends when every worker has said
+//! it is done; the scheduler then tells every node to shut down.
+
+pub mod ring;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::proto::{Control, Role, ServerInfo};
+use crate::transport::{Frame, Handler, Messenger, PeerId, Transport};
+
+/// Shape of the job the scheduler waits for.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub servers: u32,
+    pub workers: u32,
+    /// Ring tokens per server.
+    pub vnodes: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { servers: 2, workers: 2, vnodes: 64 }
+    }
+}
+
+struct Pending {
+    peer: PeerId,
+    id: u64,
+    addr: String,
+    rank: Option<u32>,
+}
+
+#[derive(Default)]
+struct State {
+    servers: Vec<Pending>,
+    workers: Vec<Pending>,
+    /// Server peers in rank order, once welcomed.
+    server_peers: Vec<PeerId>,
+    server_infos: Vec<ServerInfo>,
+    ready: HashSet<u32>,
+    /// Worker peers by rank, once welcomed.
+    worker_peers: Vec<Option<PeerId>>,
+    done: Vec<bool>,
+    barrier: Vec<(PeerId, u64)>,
+    failure: Option<String>,
+    finished: bool,
+}
+
+struct Shared {
+    cfg: SchedulerConfig,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// A running scheduler.
+pub struct SchedulerNode {
+    shared: Arc<Shared>,
+    net: Arc<dyn Messenger>,
+}
+
+impl SchedulerNode {
+    pub fn start(transport: &dyn Transport, bind: &str, cfg: SchedulerConfig) -> Result<SchedulerNode> {
+        if cfg.servers == 0 || cfg.workers == 0 {
+            return Err(Error::Config(format!(
+                "a job needs at least one server and one worker (got {} and {})",
+                cfg.servers, cfg.workers
+            )));
+        }
+        let shared = Arc::new(Shared { cfg, state: Mutex::new(State::default()), changed: Condvar::new() });
+        let net = transport.bind(bind, Arc::new(SchedulerHandler { shared: shared.clone() }))?;
+        Ok(SchedulerNode { shared, net })
+    }
+
+    /// The address nodes register at.
+    pub fn addr(&self) -> String {
+        self.net.local_addr()
+    }
+
+    /// Blocks until every worker is done and the servers were told to stop.
+    /// An error if any worker failed.
+    pub fn wait(&self) -> Result<()> {
+        let mut st = self.shared.state.lock();
+        while !st.finished {
+            self.shared.changed.wait(&mut st);
+        }
+        match &st.failure {
+            Some(f) => Err(Error::Remote { peer: "job".into(), message: f.clone() }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SchedulerNode {
+    fn drop(&mut self) {
+        self.net.shutdown();
+    }
+}
+
+struct SchedulerHandler {
+    shared: Arc<Shared>,
+}
+
+impl Handler for SchedulerHandler {
+    fn on_frame(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) {
+        let msg = match Control::from_frame(&frame, &net.peer_addr(from)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler dropped a bad frame");
+                let _ = net.send(from, Control::Error(e.to_string()).to_frame(frame.id));
+                return;
+            }
+        };
+        let mut out: Vec<(PeerId, Frame)> = Vec::new();
+        {
+            let mut st = self.shared.state.lock();
+            self.handle(&mut st, net, from, frame.id, msg, &mut out);
+        }
+        self.shared.changed.notify_all();
+        for (peer, f) in out {
+            if let Err(e) = net.send(peer, f) {
+                tracing::warn!(error = %e, "scheduler could not reach a node");
+            }
+        }
+    }
+
+    fn on_disconnect(&self, _net: &Arc<dyn Messenger>, peer: PeerId) {
+        let mut out = Vec::new();
+        {
+            let mut st = self.shared.state.lock();
+            if let Some(rank) = st.worker_peers.iter().position(|p| *p == Some(peer))
+                && !st.done[rank]
+            {
+                self.worker_done(&mut st, rank, Some("disconnected before finishing".into()), &mut out);
+            } else if st.server_peers.contains(&peer) && !st.finished {
+                tracing::error!("a server left the job before it ended");
+                st.failure.get_or_insert_with(|| "a server left the job".into());
+            }
+        }
+        self.shared.changed.notify_all();
+        for (peer, f) in out {
+            let _ = _net.send(peer, f);
+        }
+    }
+}
+
+impl SchedulerHandler {
+    fn handle(
+        &self,
+        st: &mut State,
+        net: &Arc<dyn Messenger>,
+        from: PeerId,
+        id: u64,
+        msg: Control,
+        out: &mut Vec<(PeerId, Frame)>,
+    ) {
+        let cfg = &self.shared.cfg;
+        match msg {
+            Control::Register { role, addr, rank } => {
+                let list = match role {
+                    Role::Server if st.servers.len() < cfg.servers as usize => &mut st.servers,
+                    Role::Worker if st.workers.len() < cfg.workers as usize => &mut st.workers,
+                    _ => {
+                        out.push((from, Control::Error(format!("the job has no free {role} place")).to_frame(id)));
+                        return;
+                    }
+                };
+                tracing::debug!(%role, %addr, "registered");
+                list.push(Pending { peer: from, id, addr, rank });
+                if st.servers.len() == cfg.servers as usize
+                    && st.workers.len() == cfg.workers as usize
+                    && st.server_peers.is_empty()
+                {
+                    self.welcome_servers(st, out);
+                }
+            }
+            Control::Ready { rank } => {
+                st.ready.insert(rank);
+                if st.ready.len() == cfg.servers as usize && st.worker_peers.is_empty() {
+                    self.welcome_workers(st, out);
+                }
+            }
+            Control::Barrier { worker } => {
+                if let Some(f) = &st.failure {
+                    out.push((from, Control::Error(format!("barrier abandoned: {f}")).to_frame(id)));
+                    return;
+                }
+                st.barrier.push((from, id));
+                let alive = st.done.iter().filter(|d| !**d).count();
+                tracing::trace!(worker, waiting = st.barrier.len(), alive, "barrier");
+                if st.barrier.len() >= alive {
+                    for (p, i) in st.barrier.drain(..) {
+                        out.push((p, Control::BarrierDone.to_frame(i)));
+                    }
+                }
+            }
+            Control::WorkerDone { worker, error } => {
+                let rank = worker as usize;
+                if st.worker_peers.get(rank) != Some(&Some(from)) {
+                    tracing::warn!(worker, "done message from a peer that is not that worker");
+                    return;
+                }
+                if !st.done[rank] {
+                    self.worker_done(st, rank, error, out);
+                }
+            }
+            other => {
+                tracing::warn!(peer = %net.peer_addr(from), "unexpected control message {other:?}");
+                out.push((from, Control::Error("unexpected message".into()).to_frame(id)));
+            }
+        }
+    }
+
+    fn welcome_servers(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        let cfg = &self.shared.cfg;
+        st.server_infos =
+            st.servers.iter().enumerate().map(|(i, p)| ServerInfo { id: i as u32, addr: p.addr.clone() }).collect();
+        st.server_peers = st.servers.iter().map(|p| p.peer).collect();
+        for (rank, p) in st.servers.iter().enumerate() {
+            let w = Control::Welcome {
+                role: Role::Server,
+                rank: rank as u32,
+                servers: st.server_infos.clone(),
+                workers: cfg.workers,
+                vnodes: cfg.vnodes,
+                epoch: 1,
+            };
+            out.push((p.peer, w.to_frame(p.id)));
+        }
+    }
+
+    fn welcome_workers(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        let cfg = &self.shared.cfg;
+        let w = cfg.workers as usize;
+        let mut ranks: Vec<Option<usize>> = vec![None; st.workers.len()];
+        let mut taken = vec![false; w];
+        // Requested ranks first (launchers set PSERVER_RANK), then fill gaps.
+        for (i, p) in st.workers.iter().enumerate() {
+            if let Some(r) = p.rank.map(|r| r as usize).filter(|&r| r < w && !taken[r]) {
+                taken[r] = true;
+                ranks[i] = Some(r);
+            }
+        }
+        for r in ranks.iter_mut().filter(|r| r.is_none()) {
+            let free = taken.iter().position(|t| !t).expect("as many ranks as workers");
+            taken[free] = true;
+            *r = Some(free);
+        }
+        st.worker_peers = vec![None; w];
+        st.done = vec![false; w];
+        for (p, r) in st.workers.iter().zip(ranks) {
+            let rank = r.expect("assigned");
+            st.worker_peers[rank] = Some(p.peer);
+            let m = Control::Welcome {
+                role: Role::Worker,
+                rank: rank as u32,
+                servers: st.server_infos.clone(),
+                workers: cfg.workers,
+                vnodes: cfg.vnodes,
+                epoch: 1,
+            };
+            out.push((p.peer, m.to_frame(p.id)));
+        }
+        tracing::info!(servers = cfg.servers, workers = cfg.workers, "job started");
+    }
+
+    fn worker_done(&self, st: &mut State, rank: usize, error: Option<String>, out: &mut Vec<(PeerId, Frame)>) {
+        st.done[rank] = true;
+        if let Some(e) = error {
+            tracing::error!(worker = rank, error = %e, "worker failed");
+            st.failure.get_or_insert_with(|| format!("worker {rank} failed: {e}"));
+            let msg = format!("barrier abandoned: worker {rank} failed: {e}");
+            for (p, i) in st.barrier.drain(..) {
+                out.push((p, Control::Error(msg.clone()).to_frame(i)));
+            }
+        } else {
+            // A finished worker no longer counts towards barriers.
+            let alive = st.done.iter().filter(|d| !**d).count();
+            if alive > 0 && st.barrier.len() >= alive {
+                for (p, i) in st.barrier.drain(..) {
+                    out.push((p, Control::BarrierDone.to_frame(i)));
+                }
+            }
+        }
+        if st.done.iter().all(|d| *d) {
+            for &p in &st.server_peers {
+                out.push((p, Control::Shutdown.to_frame(0)));
+            }
+            st.finished = true;
+            tracing::info!("all workers done; job finished");
+        }
+    }
+}

@@ -1,0 +1,593 @@
+//! A shard: one key range of one table on one server, stored as packed slots
+//! in regions, plus a header with per-worker progress.
+//!
+//! A `Shard` value is owned by exactly one thread (a server lane); `push`
+//! takes `&mut self`, so the borrow checker enforces the single-writer rule of
+//! DESIGN section 2. Remote and shared-memory readers never touch the `Shard`:
+//! they read its regions, through `slot::copy_words` + `slot::validate`.
+//!
+//! Memory: the header lives in its own small region; slots live in chunks.
+//! A dense shard has one chunk with a slot per key of the range (slot of key k
+//! at index k - start, so no index at all). A sparse shard allocates chunks of
+//! a fixed power-of-two number of slots as keys arrive, and keeps a hash index
+//! from key to slot; slots never move once created, because a chunk is never
+//! reallocated (growth adds chunks).
+//!
+//! Per-key optimizer state (AdaGrad, FTRL) lives in ordinary process memory
+//! beside the slots: no remote reader needs it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use super::region::{CACHE_LINE, Region};
+use super::slot::{self, SlotLayout, Version};
+use crate::error::{Error, Result};
+use crate::table::{Init, Key, Storage, TableId};
+use crate::updater::Updater;
+
+/// A half-open key range `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KeyRange {
+    pub start: Key,
+    pub end: Key,
+}
+
+impl KeyRange {
+    pub fn new(start: Key, end: Key) -> Self {
+        KeyRange { start, end }
+    }
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+    pub fn contains(&self, key: Key) -> bool {
+        self.start <= key && key < self.end
+    }
+}
+
+impl std::fmt::Display for KeyRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}, {})", self.start, self.end)
+    }
+}
+
+/// The keys of one request run: sorted and unique, either spelled out or a
+/// contiguous range (dense requests send just the first key and the count).
+#[derive(Clone, Copy, Debug)]
+pub enum KeyRun<'a> {
+    Range { first: Key, count: usize },
+    List(&'a [Key]),
+}
+
+impl KeyRun<'_> {
+    pub fn len(&self) -> usize {
+        match *self {
+            KeyRun::Range { count, .. } => count,
+            KeyRun::List(k) => k.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    #[inline]
+    pub fn get(&self, i: usize) -> Key {
+        match *self {
+            KeyRun::Range { first, .. } => first + i as u64,
+            KeyRun::List(k) => k[i],
+        }
+    }
+    pub fn first(&self) -> Option<Key> {
+        (!self.is_empty()).then(|| self.get(0))
+    }
+    pub fn last(&self) -> Option<Key> {
+        (!self.is_empty()).then(|| self.get(self.len() - 1))
+    }
+}
+
+/// Header words (region 0 of every shard).
+mod header {
+    pub const MAGIC: usize = 0;
+    pub const LAYOUT: usize = 1;
+    pub const START: usize = 2;
+    pub const END: usize = 3;
+    pub const MIN_PROGRESS: usize = 4;
+    pub const WORKERS: usize = 5;
+    pub const TABLE: usize = 6;
+    pub const PROGRESS: usize = 8;
+    pub const MAGIC_VALUE: u64 = u64::from_le_bytes(*b"PSSHARD1");
+}
+
+/// Bytes a sparse chunk aims for; chunk slot counts are powers of two.
+const SPARSE_CHUNK_BYTES: usize = 1 << 20;
+
+/// What a shard is for.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    pub table: TableId,
+    pub range: KeyRange,
+    pub dim: u32,
+    pub storage: Storage,
+    pub init: Init,
+    /// Workers of the job, for the progress header.
+    pub workers: usize,
+}
+
+/// One key range of one table; see the module docs.
+pub struct Shard {
+    table: TableId,
+    range: KeyRange,
+    layout: SlotLayout,
+    storage: Storage,
+    init: Init,
+    rule: Arc<dyn Updater>,
+    header: Arc<Region>,
+    chunks: Vec<Arc<Region>>,
+    /// log2 of the slots per chunk.
+    chunk_shift: u32,
+    /// Sparse only: key -> slot index, and the key of each slot.
+    index: FxHashMap<Key, u32>,
+    keys: Vec<Key>,
+    /// Slots in use.
+    len: usize,
+    state: Vec<f32>,
+    state_per_key: usize,
+    scratch: Vec<f32>,
+    workers: usize,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("table", &self.table)
+            .field("range", &self.range)
+            .field("dim", &self.layout.dim())
+            .field("storage", &self.storage)
+            .field("slots", &self.len)
+            .finish()
+    }
+}
+
+impl Shard {
+    /// Allocates a shard. Dense shards reserve a slot for every key of the
+    /// range (zero-filled pages cost nothing until touched; a non-zero `init`
+    /// writes every slot now).
+    pub fn new(cfg: ShardConfig, rule: Arc<dyn Updater>) -> Result<Shard> {
+        let layout = SlotLayout::new(cfg.dim)
+            .ok_or_else(|| Error::InvalidSpec(format!("table {}: dim {} is not supported", cfg.table, cfg.dim)))?;
+        if cfg.range.is_empty() {
+            return Err(Error::InvalidSpec(format!("table {}: empty shard range {}", cfg.table, cfg.range)));
+        }
+        let header_words = header::PROGRESS + cfg.workers;
+        let header_region = Region::anon(header_words * 8)?;
+        {
+            let h = header_region.words();
+            h[header::MAGIC].store(header::MAGIC_VALUE, Ordering::Relaxed);
+            h[header::LAYOUT].store(u64::from(cfg.dim) | (layout.words() as u64) << 32, Ordering::Relaxed);
+            h[header::START].store(cfg.range.start, Ordering::Relaxed);
+            h[header::END].store(cfg.range.end, Ordering::Relaxed);
+            h[header::WORKERS].store(cfg.workers as u64, Ordering::Relaxed);
+            h[header::TABLE].store(u64::from(cfg.table), Ordering::Relaxed);
+        }
+        let state_per_key = layout.dim() * rule.state_per_value();
+        let too_big = || {
+            Error::OutOfMemory(format!(
+                "table {}: a dense shard of {} keys x {} bytes does not fit in the address space",
+                cfg.table,
+                cfg.range.len(),
+                layout.bytes()
+            ))
+        };
+        let mut shard = Shard {
+            table: cfg.table,
+            range: cfg.range,
+            layout,
+            storage: cfg.storage,
+            init: cfg.init,
+            rule,
+            header: Arc::new(header_region),
+            chunks: Vec::new(),
+            chunk_shift: 0,
+            index: FxHashMap::default(),
+            keys: Vec::new(),
+            len: 0,
+            state: Vec::new(),
+            state_per_key,
+            scratch: vec![0.0; layout.dim()],
+            workers: cfg.workers,
+        };
+        match cfg.storage {
+            Storage::Dense => {
+                let n = usize::try_from(cfg.range.len()).map_err(|_| too_big())?;
+                let bytes = n.checked_mul(layout.bytes()).filter(|b| *b < (1usize << 47)).ok_or_else(too_big)?;
+                shard.chunks.push(Arc::new(Region::anon(bytes)?));
+                shard.chunk_shift = 63;
+                shard.len = n;
+                if state_per_key > 0 {
+                    let total = n.checked_mul(state_per_key).ok_or_else(too_big)?;
+                    shard.state = vec![0.0; total];
+                    for st in shard.state.chunks_exact_mut(state_per_key) {
+                        shard.rule.init_state(st);
+                    }
+                }
+                if !shard.init.is_zeros() {
+                    let mut v = vec![0.0; layout.dim()];
+                    for i in 0..n {
+                        shard.init.fill(cfg.range.start + i as u64, &mut v);
+                        slot::init(layout, shard.slot(i), &v);
+                    }
+                }
+            }
+            Storage::Sparse => {
+                let per_chunk = (SPARSE_CHUNK_BYTES / layout.bytes()).max(1).next_power_of_two();
+                shard.chunk_shift = per_chunk.trailing_zeros();
+            }
+        }
+        Ok(shard)
+    }
+
+    pub fn table(&self) -> TableId {
+        self.table
+    }
+    pub fn range(&self) -> KeyRange {
+        self.range
+    }
+    pub fn layout(&self) -> SlotLayout {
+        self.layout
+    }
+    /// Slots in use.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of memory this shard holds (regions and optimizer state).
+    pub fn bytes(&self) -> usize {
+        self.header.len_bytes()
+            + self.chunks.iter().map(|c| c.len_bytes()).sum::<usize>()
+            + self.state.capacity() * 4
+            + self.index.capacity() * 12
+            + self.keys.capacity() * 8
+    }
+
+    /// The header region and the slot chunks, for transports that expose them.
+    pub fn regions(&self) -> (&Arc<Region>, &[Arc<Region>]) {
+        (&self.header, &self.chunks)
+    }
+
+    #[inline]
+    fn slot(&self, idx: usize) -> &[AtomicU64] {
+        slot_in(&self.chunks, self.chunk_shift, self.layout.words(), idx)
+    }
+
+    /// Where `key`'s slot lives: (chunk, word offset), if it has one.
+    pub fn slot_offset(&self, key: Key) -> Option<(usize, usize)> {
+        let idx = self.locate(key)?;
+        let mask = (1usize << self.chunk_shift) - 1;
+        Some((idx >> self.chunk_shift, (idx & mask) * self.layout.words()))
+    }
+
+    #[inline]
+    fn locate(&self, key: Key) -> Option<usize> {
+        if !self.range.contains(key) {
+            return None;
+        }
+        match self.storage {
+            Storage::Dense => Some((key - self.range.start) as usize),
+            Storage::Sparse => self.index.get(&key).map(|&i| i as usize),
+        }
+    }
+
+    fn out_of_range(&self, key: Key) -> Error {
+        Error::NotOwned { table: self.table, key, range: self.range.to_string() }
+    }
+
+    /// Runs are sorted (the server checks that before they get here), so the
+    /// first and last keys bound the run.
+    fn check_run(&self, keys: &KeyRun) -> Result<()> {
+        for k in [keys.first(), keys.last()].into_iter().flatten() {
+            if !self.range.contains(k) {
+                return Err(self.out_of_range(k));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the slot of `key`; `buf` is `dim` floats of scratch.
+    fn insert(&mut self, key: Key, buf: &mut [f32]) -> Result<usize> {
+        let idx = self.len;
+        if idx >= u32::MAX as usize {
+            return Err(Error::OutOfMemory(format!("table {}: shard {} has 2^32 keys", self.table, self.range)));
+        }
+        if idx >> self.chunk_shift >= self.chunks.len() {
+            let bytes = (1usize << self.chunk_shift) * self.layout.bytes();
+            self.chunks.push(Arc::new(Region::anon(bytes)?));
+        }
+        self.len += 1;
+        self.index.insert(key, idx as u32);
+        self.keys.push(key);
+        if self.state_per_key > 0 {
+            let start = self.state.len();
+            self.state.resize(start + self.state_per_key, 0.0);
+            self.rule.init_state(&mut self.state[start..]);
+        }
+        if !self.init.is_zeros() {
+            self.init.fill(key, buf);
+            slot::init(self.layout, self.slot(idx), buf);
+        }
+        Ok(idx)
+    }
+
+    /// Applies one push per key through the table's rule. `keys` are sorted,
+    /// unique and inside the shard's range (an error otherwise, with nothing
+    /// applied); `values` holds `dim` values per key.
+    pub fn push(&mut self, keys: KeyRun, values: &[f32]) -> Result<()> {
+        let d = self.layout.dim();
+        if values.len() != keys.len() * d {
+            return Err(Error::LengthMismatch {
+                table: self.table,
+                keys: keys.len(),
+                dim: d as u32,
+                expected: keys.len() * d,
+                got: values.len(),
+            });
+        }
+        self.check_run(&keys)?;
+        // The scratch buffer goes back even when a key fails half-way.
+        let mut cur = std::mem::take(&mut self.scratch);
+        let result = self.apply_run(keys, values, &mut cur);
+        self.scratch = cur;
+        result
+    }
+
+    fn apply_run(&mut self, keys: KeyRun, values: &[f32], cur: &mut [f32]) -> Result<()> {
+        let d = self.layout.dim();
+        for (i, push) in values.chunks_exact(d).enumerate() {
+            let key = keys.get(i);
+            let idx = match self.locate(key) {
+                Some(idx) => idx,
+                None if self.storage == Storage::Sparse && self.range.contains(key) => self.insert(key, cur)?,
+                None => return Err(self.out_of_range(key)),
+            };
+            let slot = slot_in(&self.chunks, self.chunk_shift, self.layout.words(), idx);
+            slot::load(self.layout, slot, cur);
+            let st = &mut self.state[idx * self.state_per_key..(idx + 1) * self.state_per_key];
+            self.rule.apply(key, cur, st, push);
+            slot::store(self.layout, slot, cur);
+        }
+        Ok(())
+    }
+
+    /// Reads the current values (and optionally versions) of `keys`. A key of
+    /// a sparse shard that was never pushed reads as its initial value at
+    /// version 0, without creating a slot.
+    pub fn pull(&self, keys: KeyRun, out: &mut [f32], mut versions: Option<&mut [Version]>) -> Result<()> {
+        let d = self.layout.dim();
+        if out.len() != keys.len() * d {
+            return Err(Error::LengthMismatch {
+                table: self.table,
+                keys: keys.len(),
+                dim: d as u32,
+                expected: keys.len() * d,
+                got: out.len(),
+            });
+        }
+        self.check_run(&keys)?;
+        for (i, o) in out.chunks_exact_mut(d).enumerate() {
+            let key = keys.get(i);
+            let v = match self.locate(key) {
+                Some(idx) => slot::load(self.layout, self.slot(idx), o),
+                None => {
+                    self.init.fill(key, o);
+                    0
+                }
+            };
+            if let Some(vs) = versions.as_deref_mut() {
+                vs[i] = v;
+            }
+        }
+        Ok(())
+    }
+
+    /// Versions only (for version-filtered pulls).
+    pub fn versions(&self, keys: KeyRun, out: &mut [Version]) -> Result<()> {
+        self.check_run(&keys)?;
+        for (i, o) in out.iter_mut().enumerate().take(keys.len()) {
+            *o = self.locate(keys.get(i)).map_or(0, |idx| slot::version(self.slot(idx)));
+        }
+        Ok(())
+    }
+
+    /// Records that every push `worker` issued at clocks `< clock` has been
+    /// applied to this shard, and refreshes the minimum over workers.
+    pub fn record_progress(&mut self, worker: usize, clock: u64) -> Result<()> {
+        if worker >= self.workers {
+            return Err(Error::Config(format!(
+                "table {}: worker rank {worker} is outside the job's {} workers",
+                self.table, self.workers
+            )));
+        }
+        let h = self.header.words();
+        let p = &h[header::PROGRESS..header::PROGRESS + self.workers];
+        // Release: a reader that Acquire-loads the progress (or the minimum)
+        // and sees `clock` also sees every slot store this thread made before,
+        // i.e. all of that worker's pushes up to `clock`.
+        if clock > p[worker].load(Ordering::Relaxed) {
+            p[worker].store(clock, Ordering::Release);
+            let min = p.iter().map(|w| w.load(Ordering::Relaxed)).min().unwrap_or(clock);
+            h[header::MIN_PROGRESS].store(min, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// `progress(w) = c`: all of worker `w`'s pushes of clocks `< c` are applied.
+    pub fn progress(&self, worker: usize) -> u64 {
+        self.header.words().get(header::PROGRESS + worker).map_or(0, |w| w.load(Ordering::Acquire))
+    }
+
+    /// The minimum progress over all workers.
+    pub fn min_progress(&self) -> u64 {
+        self.header.words()[header::MIN_PROGRESS].load(Ordering::Acquire)
+    }
+
+    /// Visits every key that has a slot with its values, in slot order.
+    pub fn for_each(&self, mut f: impl FnMut(Key, Version, &[f32])) {
+        let mut v = vec![0.0; self.layout.dim()];
+        for idx in 0..self.len {
+            let key = match self.storage {
+                Storage::Dense => self.range.start + idx as u64,
+                Storage::Sparse => self.keys[idx],
+            };
+            let ver = slot::load(self.layout, self.slot(idx), &mut v);
+            f(key, ver, &v);
+        }
+    }
+}
+
+#[inline]
+fn slot_in(chunks: &[Arc<Region>], shift: u32, words: usize, idx: usize) -> &[AtomicU64] {
+    let mask = (1usize << shift) - 1;
+    let off = (idx & mask) * words;
+    &chunks[idx >> shift].words()[off..off + words]
+}
+
+/// Reads the validated value of slot `(chunk, offset)` of a shard's regions the
+/// way a one-sided reader does: copy the words, then validate. Retries torn
+/// copies up to `tries` times.
+pub fn read_slot_one_sided(
+    chunks: &[Arc<Region>],
+    layout: SlotLayout,
+    chunk: usize,
+    offset: usize,
+    out: &mut [f32],
+    tries: usize,
+) -> Option<Version> {
+    let mut img = vec![0u64; layout.words()];
+    let src = chunks.get(chunk)?.words().get(offset..offset + layout.words())?;
+    for _ in 0..tries.max(1) {
+        slot::copy_words(src, &mut img);
+        if let Ok(v) = slot::validate(layout, &img, out) {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// `CACHE_LINE` is re-exported for layout arithmetic by transports.
+pub const SLOT_ALIGN: usize = CACHE_LINE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::UpdaterSpec;
+    use crate::updater::Rules;
+
+    fn shard(storage: Storage, range: KeyRange, dim: u32, spec: UpdaterSpec, init: Init) -> Shard {
+        let rule = Rules::default().resolve(&spec).unwrap();
+        Shard::new(ShardConfig { table: 1, range, dim, storage, init, workers: 3 }, rule).unwrap()
+    }
+
+    #[test]
+    fn dense_push_then_pull_sees_it() {
+        let mut s = shard(Storage::Dense, KeyRange::new(10, 20), 2, UpdaterSpec::Sum, Init::Zeros);
+        s.push(KeyRun::List(&[11, 15]), &[1.0, 2.0, 3.0, 4.0]).unwrap();
+        s.push(KeyRun::Range { first: 11, count: 2 }, &[1.0, 1.0, 1.0, 1.0]).unwrap();
+        let mut out = vec![0.0; 6];
+        let mut ver = vec![0; 3];
+        s.pull(KeyRun::List(&[11, 12, 15]), &mut out, Some(&mut ver)).unwrap();
+        assert_eq!(out, vec![2.0, 3.0, 1.0, 1.0, 3.0, 4.0]);
+        assert_eq!(ver, vec![4, 2, 2]);
+    }
+
+    #[test]
+    fn sparse_keys_are_created_on_push_and_read_as_init_before() {
+        let init = Init::Constant(0.5);
+        let mut s = shard(Storage::Sparse, KeyRange::new(0, u64::MAX), 1, UpdaterSpec::Sum, init);
+        let mut out = [0.0; 2];
+        s.pull(KeyRun::List(&[7, 1 << 60]), &mut out, None).unwrap();
+        assert_eq!(out, [0.5, 0.5]);
+        assert_eq!(s.len(), 0);
+        s.push(KeyRun::List(&[1 << 60]), &[1.0]).unwrap();
+        s.pull(KeyRun::List(&[7, 1 << 60]), &mut out, None).unwrap();
+        assert_eq!(out, [0.5, 1.5]);
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn sparse_shards_grow_by_chunks_without_moving_slots() {
+        let mut s = shard(Storage::Sparse, KeyRange::new(0, u64::MAX), 64, UpdaterSpec::Assign, Init::Zeros);
+        let per_chunk = 1usize << s.chunk_shift;
+        let n = per_chunk * 2 + 3;
+        let first_chunk = s.regions().1.first().map(|c| c.as_ptr());
+        for k in 0..n as u64 {
+            s.push(KeyRun::List(&[k * 1000]), &[k as f32; 64]).unwrap();
+            if k == 0 {
+                assert_eq!(s.regions().1.len(), 1);
+            }
+        }
+        assert_eq!(s.regions().1.len(), 3);
+        assert!(first_chunk.is_none() || first_chunk == s.regions().1.first().map(|c| c.as_ptr()));
+        let mut out = vec![0.0; 64];
+        for k in [0u64, per_chunk as u64, n as u64 - 1] {
+            let (c, o) = s.slot_offset(k * 1000).unwrap();
+            assert_eq!(read_slot_one_sided(s.regions().1, s.layout(), c, o, &mut out, 1), Some(2));
+            assert_eq!(out[0], k as f32);
+        }
+        let mut seen = 0;
+        s.for_each(|_, _, _| seen += 1);
+        assert_eq!(seen, n);
+    }
+
+    #[test]
+    fn dense_non_zero_init_is_written_at_version_zero() {
+        let s = shard(Storage::Dense, KeyRange::new(0, 4), 3, UpdaterSpec::Sum, Init::Constant(2.0));
+        let mut out = [0.0; 3];
+        let (c, o) = s.slot_offset(3).unwrap();
+        assert_eq!(read_slot_one_sided(s.regions().1, s.layout(), c, o, &mut out, 1), Some(0));
+        assert_eq!(out, [2.0; 3]);
+    }
+
+    #[test]
+    fn keys_outside_the_range_and_wrong_lengths_are_errors_and_change_nothing() {
+        let mut s = shard(Storage::Dense, KeyRange::new(10, 20), 1, UpdaterSpec::Sum, Init::Zeros);
+        assert!(matches!(s.push(KeyRun::List(&[5]), &[1.0]), Err(Error::NotOwned { key: 5, .. })));
+        assert!(matches!(s.push(KeyRun::List(&[19, 20]), &[1.0, 1.0]), Err(Error::NotOwned { key: 20, .. })));
+        assert!(matches!(s.push(KeyRun::List(&[11]), &[1.0, 2.0]), Err(Error::LengthMismatch { .. })));
+        assert!(s.pull(KeyRun::Range { first: 18, count: 5 }, &mut [0.0; 5], None).is_err());
+        let mut out = [9.0; 10];
+        s.pull(KeyRun::Range { first: 10, count: 10 }, &mut out, None).unwrap();
+        assert_eq!(out, [0.0; 10]);
+    }
+
+    #[test]
+    fn stateful_rules_keep_state_per_key() {
+        let spec = UpdaterSpec::AdaGrad { lr: 1.0, eps: 0.0, initial_accumulator: 0.0 };
+        let mut s = shard(Storage::Sparse, KeyRange::new(0, 100), 1, spec, Init::Zeros);
+        s.push(KeyRun::List(&[1, 2]), &[2.0, 4.0]).unwrap();
+        s.push(KeyRun::List(&[1]), &[2.0]).unwrap();
+        let mut out = [0.0; 2];
+        s.pull(KeyRun::List(&[1, 2]), &mut out, None).unwrap();
+        // key 1: n=4, w=-1; n=8, w=-1-2/sqrt(8). key 2: n=16, w=-1.
+        assert!((out[0] - (-1.0 - 2.0 / 8f32.sqrt())).abs() < 1e-6);
+        assert_eq!(out[1], -1.0);
+    }
+
+    #[test]
+    fn progress_tracks_each_worker_and_the_minimum() {
+        let mut s = shard(Storage::Dense, KeyRange::new(0, 4), 1, UpdaterSpec::Sum, Init::Zeros);
+        s.record_progress(0, 3).unwrap();
+        s.record_progress(1, 2).unwrap();
+        assert_eq!(s.min_progress(), 0);
+        s.record_progress(2, 5).unwrap();
+        assert_eq!(s.min_progress(), 2);
+        s.record_progress(1, 1).unwrap(); // never goes back
+        assert_eq!((s.progress(1), s.min_progress()), (2, 2));
+        assert!(s.record_progress(3, 1).is_err());
+    }
+}

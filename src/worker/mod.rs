@@ -1,0 +1,688 @@
+//! The worker: the key-value client applications use (DESIGN section 1).
+//!
+//! `push`, `pull` and `push_pull` return at once with a [`Timestamp`]; `wait`
+//! blocks until that operation is acknowledged. A request is checked (keys
+//! sorted, unique and inside the table, values `keys x dim` long), split into
+//! runs by the range map, and sent as one frame per server. Replies place
+//! their values straight into the caller's output buffer at each run's
+//! offset. Everything a worker sends to one server travels on one ordered
+//! connection and is applied in order, so a pull issued after a push observes
+//! it.
+
+mod op;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, RwLock};
+use rustc_hash::FxHashMap;
+
+use crate::error::{Error, Result};
+use crate::proto::{self, Control, DataHeader, ReplyHeader, Role, RunHeader, RunReply, kind, run_form, status};
+use crate::scheduler::ring::{RangeMap, Ring, Run};
+use crate::table::{Key, TableId, TableSpec};
+use crate::transport::{Frame, Handler, Messenger, PeerId, Transport, bytes_of_vec, pod_slice};
+
+use op::{Op, OpRun};
+
+/// Identifies an operation of one worker; increases with every operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Timestamp(pub u64);
+
+/// Sorted, unique keys, checked once and shareable without copying: pass the
+/// same list to many requests.
+#[derive(Clone, Debug)]
+pub struct KeyList {
+    bytes: Bytes,
+}
+
+impl KeyList {
+    /// Takes ownership of `keys` (no copy) after checking they are sorted
+    /// and unique.
+    pub fn new(keys: Vec<Key>) -> Result<KeyList> {
+        check_sorted(&keys)?;
+        Ok(KeyList { bytes: bytes_of_vec(keys) })
+    }
+
+    /// Copies `keys`.
+    pub fn from_slice(keys: &[Key]) -> Result<KeyList> {
+        KeyList::new(keys.to_vec())
+    }
+
+    /// The contiguous keys `start..end`.
+    pub fn range(start: Key, end: Key) -> KeyList {
+        KeyList { bytes: bytes_of_vec((start..end).collect::<Vec<Key>>()) }
+    }
+
+    pub fn as_slice(&self) -> &[Key] {
+        // Built from a Vec<u64>, so always 8-aligned: a borrowed view.
+        bytemuck::cast_slice(&self.bytes)
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len() / 8
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+fn check_sorted(keys: &[Key]) -> Result<()> {
+    match keys.windows(2).position(|w| w[0] >= w[1]) {
+        Some(i) => Err(Error::KeysNotSorted { index: i + 1, prev: keys[i], key: keys[i + 1] }),
+        None => Ok(()),
+    }
+}
+
+/// How a worker joins a job.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Requested rank (for example from PSERVER_RANK); the scheduler assigns
+    /// one when absent or taken.
+    pub rank: Option<u32>,
+    /// Operations in flight before `push`/`pull` block.
+    pub max_inflight: usize,
+    /// How long to wait for the rest of the job to register.
+    pub join_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig { rank: None, max_inflight: 1024, join_timeout: Duration::from_secs(120) }
+    }
+}
+
+struct TableInfo {
+    spec: TableSpec,
+    map: RangeMap,
+}
+
+/// State shared with the transport's handler.
+struct Shared {
+    ops: Mutex<FxHashMap<u64, Arc<Op>>>,
+    ops_changed: Condvar,
+    /// Failed operations nobody has waited for yet.
+    failed: Mutex<HashMap<u64, Error>>,
+    /// Replies to control calls, by id.
+    control: Mutex<HashMap<u64, Option<Result<Control>>>>,
+    control_ready: Condvar,
+    /// Server peers by server index, and back.
+    servers: RwLock<Vec<PeerId>>,
+    scheduler: Mutex<Option<PeerId>>,
+    shutdown: std::sync::atomic::AtomicBool,
+}
+
+const CONTROL_ID_BASE: u64 = 1 << 63;
+
+struct Inner {
+    shared: Arc<Shared>,
+    net: Arc<dyn Messenger>,
+    rank: u32,
+    workers: u32,
+    ring: Ring,
+    tables: RwLock<HashMap<TableId, Arc<TableInfo>>>,
+    next_ts: AtomicU64,
+    next_control: AtomicU64,
+    next_seq: AtomicU64,
+    clock: AtomicU32,
+    max_inflight: usize,
+    finished: std::sync::atomic::AtomicBool,
+}
+
+/// A key-value client. Cheap to clone; clones share one connection set and
+/// one timestamp sequence.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+/// A pull in flight: [`Pull::wait`] returns its values.
+pub struct Pull {
+    ts: Timestamp,
+    op: Arc<Op>,
+    shared: Arc<Shared>,
+}
+
+impl Pull {
+    pub fn timestamp(&self) -> Timestamp {
+        self.ts
+    }
+
+    /// Waits for the values: `keys x dim`, in key order.
+    pub fn wait(self) -> Result<Vec<f32>> {
+        let r = self.op.wait();
+        self.shared.failed.lock().remove(&self.ts.0);
+        r?;
+        Ok(self.op.take_values())
+    }
+
+    /// Waits and copies the values into `out` (`keys x dim` long).
+    pub fn wait_into(self, out: &mut [f32]) -> Result<()> {
+        let vals = self.wait()?;
+        if vals.len() != out.len() {
+            return Err(Error::LengthMismatch { table: 0, keys: 0, dim: 0, expected: vals.len(), got: out.len() });
+        }
+        out.copy_from_slice(&vals);
+        Ok(())
+    }
+}
+
+impl Worker {
+    /// Joins the job whose scheduler listens at `scheduler`; returns once
+    /// the whole job has registered and this worker is connected to every
+    /// server.
+    pub fn connect(transport: &dyn Transport, scheduler: &str, cfg: WorkerConfig) -> Result<Worker> {
+        let shared = Arc::new(Shared {
+            ops: Mutex::new(FxHashMap::default()),
+            ops_changed: Condvar::new(),
+            failed: Mutex::new(HashMap::new()),
+            control: Mutex::new(HashMap::new()),
+            control_ready: Condvar::new(),
+            servers: RwLock::new(Vec::new()),
+            scheduler: Mutex::new(None),
+            shutdown: Default::default(),
+        });
+        let net = transport.bind("", Arc::new(WorkerHandler { shared: shared.clone() }))?;
+        let sched = net.connect(scheduler)?;
+        *shared.scheduler.lock() = Some(sched);
+        let reg = Control::Register { role: Role::Worker, addr: net.local_addr(), rank: cfg.rank };
+        let id = CONTROL_ID_BASE;
+        shared.control.lock().insert(id, None);
+        net.send(sched, reg.to_frame(id))?;
+        let welcome = shared.wait_control(id, cfg.join_timeout)?;
+        let Control::Welcome { rank, servers, workers, vnodes, epoch, .. } = welcome else {
+            return Err(Error::protocol(net.peer_addr(sched), format!("expected a welcome, got {welcome:?}")));
+        };
+        let mut peers = Vec::with_capacity(servers.len());
+        for s in &servers {
+            peers.push(net.connect(&s.addr)?);
+        }
+        *shared.servers.write() = peers;
+        tracing::debug!(rank, servers = servers.len(), "worker joined the job");
+        Ok(Worker {
+            inner: Arc::new(Inner {
+                shared,
+                net,
+                rank,
+                workers,
+                ring: Ring::new(servers, vnodes, epoch),
+                tables: RwLock::new(HashMap::new()),
+                next_ts: AtomicU64::new(1),
+                next_control: AtomicU64::new(CONTROL_ID_BASE + 1),
+                next_seq: AtomicU64::new(1),
+                clock: AtomicU32::new(0),
+                max_inflight: cfg.max_inflight.max(1),
+                finished: Default::default(),
+            }),
+        })
+    }
+
+    /// This worker's rank, `0..num_workers()`.
+    pub fn rank(&self) -> u32 {
+        self.inner.rank
+    }
+    pub fn num_workers(&self) -> u32 {
+        self.inner.workers
+    }
+    pub fn num_servers(&self) -> usize {
+        self.inner.ring.servers().len()
+    }
+
+    /// Declares a table on every server. Idempotent: every worker declares
+    /// the tables it uses, with the same spec.
+    pub fn create_table(&self, spec: TableSpec) -> Result<()> {
+        spec.validate()?;
+        let peers = self.inner.shared.servers.read().clone();
+        let ids: Vec<u64> = peers
+            .iter()
+            .map(|&p| self.inner.control_send(p, &Control::CreateTable(spec.clone())))
+            .collect::<Result<_>>()?;
+        for id in ids {
+            match self.inner.shared.wait_control(id, Duration::from_secs(600))? {
+                Control::TableReady { .. } => {}
+                Control::Error(m) => return Err(Error::Remote { peer: "server".into(), message: m }),
+                other => return Err(Error::protocol("server", format!("unexpected reply {other:?}"))),
+            }
+        }
+        let map = self.inner.ring.ranges(spec.keys);
+        self.inner.tables.write().insert(spec.id, Arc::new(TableInfo { spec, map }));
+        Ok(())
+    }
+
+    /// Pushes `vals` (`keys x dim`) for sorted, unique `keys`; copies both.
+    pub fn push(&self, table: TableId, keys: &[Key], vals: &[f32]) -> Result<Timestamp> {
+        check_sorted(keys)?;
+        let keys = Bytes::copy_from_slice(bytemuck::cast_slice(keys));
+        let vals = Bytes::copy_from_slice(bytemuck::cast_slice(vals));
+        self.inner.issue(kind::PUSH, table, keys, Some(vals), None).map(|op| Timestamp(op.ts))
+    }
+
+    /// Pushes without copying: the key list and the values move into the
+    /// request.
+    pub fn push_with(&self, table: TableId, keys: &KeyList, vals: Vec<f32>) -> Result<Timestamp> {
+        self.inner
+            .issue(kind::PUSH, table, keys.bytes.clone(), Some(bytes_of_vec(vals)), None)
+            .map(|op| Timestamp(op.ts))
+    }
+
+    /// Pulls the values of sorted, unique `keys`.
+    pub fn pull(&self, table: TableId, keys: &[Key]) -> Result<Pull> {
+        check_sorted(keys)?;
+        let keys = Bytes::copy_from_slice(bytemuck::cast_slice(keys));
+        self.pull_bytes(kind::PULL, table, keys, None, Vec::new())
+    }
+
+    /// Pulls into `buf` (resized to `keys x dim`, its allocation reused).
+    pub fn pull_with(&self, table: TableId, keys: &KeyList, buf: Vec<f32>) -> Result<Pull> {
+        self.pull_bytes(kind::PULL, table, keys.bytes.clone(), None, buf)
+    }
+
+    /// Pulls and waits, writing the values into `out` (`keys x dim` long).
+    pub fn pull_into(&self, table: TableId, keys: &[Key], out: &mut [f32]) -> Result<()> {
+        self.pull(table, keys)?.wait_into(out)
+    }
+
+    /// Pushes, then pulls the same keys in one round trip.
+    pub fn push_pull(&self, table: TableId, keys: &[Key], vals: &[f32]) -> Result<Pull> {
+        check_sorted(keys)?;
+        let keys = Bytes::copy_from_slice(bytemuck::cast_slice(keys));
+        let vals = Bytes::copy_from_slice(bytemuck::cast_slice(vals));
+        self.pull_bytes(kind::PUSH_PULL, table, keys, Some(vals), Vec::new())
+    }
+
+    /// `push_pull` without copying; the results land in `buf`.
+    pub fn push_pull_with(&self, table: TableId, keys: &KeyList, vals: Vec<f32>, buf: Vec<f32>) -> Result<Pull> {
+        self.pull_bytes(kind::PUSH_PULL, table, keys.bytes.clone(), Some(bytes_of_vec(vals)), buf)
+    }
+
+    fn pull_bytes(&self, k: u16, table: TableId, keys: Bytes, vals: Option<Bytes>, buf: Vec<f32>) -> Result<Pull> {
+        let op = self.inner.issue(k, table, keys, vals, Some(buf))?;
+        Ok(Pull { ts: Timestamp(op.ts), op, shared: self.inner.shared.clone() })
+    }
+
+    /// Blocks until operation `ts` is acknowledged; its error if it failed.
+    pub fn wait(&self, ts: Timestamp) -> Result<()> {
+        let sh = &self.inner.shared;
+        let op = sh.ops.lock().get(&ts.0).cloned();
+        if let Some(op) = op {
+            let r = op.wait();
+            sh.failed.lock().remove(&ts.0);
+            return r;
+        }
+        if let Some(e) = sh.failed.lock().remove(&ts.0) {
+            return Err(e);
+        }
+        if ts.0 == 0 || ts.0 >= self.inner.next_ts.load(Ordering::Acquire) {
+            return Err(Error::UnknownTimestamp(ts.0));
+        }
+        Ok(())
+    }
+
+    /// Blocks until every operation issued so far is acknowledged; reports
+    /// the first failure nobody has waited for.
+    pub fn wait_all(&self) -> Result<()> {
+        let sh = &self.inner.shared;
+        let mut ops = sh.ops.lock();
+        while !ops.is_empty() {
+            sh.ops_changed.wait(&mut ops);
+        }
+        drop(ops);
+        let mut failed = sh.failed.lock();
+        let first = failed.keys().min().copied();
+        match first {
+            Some(ts) => {
+                let n = failed.len();
+                let e = failed.remove(&ts).expect("present");
+                failed.clear();
+                Err(if n == 1 {
+                    e
+                } else {
+                    Error::Remote { peer: "job".into(), message: format!("{n} operations failed; first: {e}") }
+                })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The worker's current clock.
+    pub fn current_clock(&self) -> u32 {
+        self.inner.clock.load(Ordering::Acquire)
+    }
+
+    /// Ends the current clock: tells every server that all pushes issued so
+    /// far belong to finished clocks. Returns the new clock.
+    pub fn clock(&self) -> Result<u32> {
+        let c = self.inner.clock.fetch_add(1, Ordering::AcqRel) + 1;
+        let h = DataHeader {
+            table: 0,
+            worker: self.inner.rank,
+            clock: c,
+            epoch: self.inner.ring.epoch(),
+            runs: 0,
+            flags: 0,
+            seq: self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
+        };
+        let meta = proto::build_meta::<DataHeader, RunHeader>(&h, &[]);
+        for &p in self.inner.shared.servers.read().iter() {
+            self.inner.net.send(p, Frame::new(kind::CLOCK, 0, meta.clone()))?;
+        }
+        Ok(c)
+    }
+
+    /// Blocks until every worker of the job reaches a barrier.
+    pub fn barrier(&self) -> Result<()> {
+        let sched = self.inner.shared.scheduler.lock().ok_or(Error::ShuttingDown)?;
+        let id = self.inner.control_send(sched, &Control::Barrier { worker: self.inner.rank })?;
+        match self.inner.shared.wait_control(id, Duration::MAX)? {
+            Control::BarrierDone => Ok(()),
+            Control::Error(m) => Err(Error::Remote { peer: "scheduler".into(), message: m }),
+            other => Err(Error::protocol("scheduler", format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Waits for everything in flight, tells the scheduler this worker is
+    /// done (with `error` if the application failed) and leaves the job.
+    pub fn finish(&self, error: Option<String>) -> Result<()> {
+        if self.inner.finished.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let pending = self.wait_all();
+        let error = error.or_else(|| pending.as_ref().err().map(|e| e.to_string()));
+        if let Some(sched) = *self.inner.shared.scheduler.lock() {
+            let _ = self.inner.net.send(sched, Control::WorkerDone { worker: self.inner.rank, error }.to_frame(0));
+        }
+        self.inner.net.shutdown();
+        pending
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.net.shutdown();
+    }
+}
+
+impl Inner {
+    fn control_send(&self, peer: PeerId, msg: &Control) -> Result<u64> {
+        let id = self.next_control.fetch_add(1, Ordering::Relaxed);
+        self.shared.control.lock().insert(id, None);
+        if let Err(e) = self.net.send(peer, msg.to_frame(id)) {
+            self.shared.control.lock().remove(&id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    fn table(&self, id: TableId) -> Result<Arc<TableInfo>> {
+        self.tables.read().get(&id).cloned().ok_or(Error::UnknownTable(id))
+    }
+
+    /// Checks, splits and sends one operation. `keys` are sorted and unique
+    /// (checked by the caller or by `KeyList`).
+    fn issue(
+        &self,
+        k: u16,
+        table: TableId,
+        keys: Bytes,
+        vals: Option<Bytes>,
+        out: Option<Vec<f32>>,
+    ) -> Result<Arc<Op>> {
+        if self.finished.load(Ordering::Acquire) || self.shared.shutdown.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let info = self.table(table)?;
+        let key_view = pod_slice::<Key>(&keys);
+        let keys_s: &[Key] = &key_view;
+        let n = keys_s.len();
+        let dim = info.spec.dim as usize;
+        if let Some(&last) = keys_s.last()
+            && last >= info.spec.keys
+        {
+            return Err(Error::KeyOutOfRange { table, key: last, len: info.spec.keys });
+        }
+        if let Some(v) = &vals
+            && v.len() != n * dim * 4
+        {
+            return Err(Error::LengthMismatch {
+                table,
+                keys: n,
+                dim: info.spec.dim,
+                expected: n * dim,
+                got: v.len() / 4,
+            });
+        }
+        let mut runs = Vec::new();
+        info.map.split(n, |i| keys_s[i], &mut runs);
+        let out = out.map(|mut b| {
+            b.clear();
+            b.resize(n * dim, 0.0);
+            b
+        });
+        let ts = self.next_ts.fetch_add(1, Ordering::AcqRel);
+        let op =
+            Arc::new(Op::new(ts, dim, runs.iter().map(|r| OpRun::new(r.lo, r.hi - r.lo, r.server)).collect(), out));
+        {
+            let mut ops = self.shared.ops.lock();
+            while ops.len() >= self.max_inflight {
+                self.shared.ops_changed.wait(&mut ops);
+            }
+            if !runs.is_empty() {
+                ops.insert(ts, op.clone());
+            }
+        }
+        if runs.is_empty() {
+            op.mark_done();
+            return Ok(op);
+        }
+        let mut by_server: Vec<Vec<(usize, &Run)>> = vec![Vec::new(); self.ring.servers().len()];
+        for (i, r) in runs.iter().enumerate() {
+            by_server[r.server as usize].push((i, r));
+        }
+        let peers = self.shared.servers.read().clone();
+        let clock = self.clock.load(Ordering::Acquire);
+        for (server, rs) in by_server.iter().enumerate().filter(|(_, rs)| !rs.is_empty()) {
+            let mut headers = Vec::with_capacity(rs.len());
+            let mut segments = Vec::with_capacity(rs.len() * 2);
+            for &(i, r) in rs {
+                let (first, last) = (keys_s[r.lo], keys_s[r.hi - 1]);
+                let count = (r.hi - r.lo) as u64;
+                let form = if last - first + 1 == count { run_form::RANGE } else { run_form::LIST };
+                headers.push(RunHeader { run: i as u32, form, first, count });
+                if form == run_form::LIST {
+                    segments.push(keys.slice(r.lo * 8..r.hi * 8));
+                }
+                if let Some(v) = &vals {
+                    segments.push(v.slice(r.lo * dim * 4..r.hi * dim * 4));
+                }
+            }
+            let h = DataHeader {
+                table,
+                worker: self.rank,
+                clock,
+                epoch: self.ring.epoch(),
+                runs: headers.len() as u32,
+                flags: 0,
+                seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            };
+            let mut frame = Frame::new(k, ts, proto::build_meta(&h, &headers));
+            frame.segments = segments;
+            if let Err(e) = self.net.send(peers[server], frame) {
+                self.shared.fail_server_runs(&op, server as u32, &e);
+            }
+        }
+        Ok(op)
+    }
+}
+
+impl Shared {
+    fn wait_control(&self, id: u64, timeout: Duration) -> Result<Control> {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut ctl = self.control.lock();
+        loop {
+            if let Some(slot) = ctl.get_mut(&id)
+                && let Some(r) = slot.take()
+            {
+                ctl.remove(&id);
+                return r;
+            }
+            if self.shutdown.load(Ordering::Acquire) {
+                ctl.remove(&id);
+                return Err(Error::ShuttingDown);
+            }
+            match deadline {
+                Some(d) => {
+                    if self.control_ready.wait_until(&mut ctl, d).timed_out() {
+                        ctl.remove(&id);
+                        return Err(Error::Config(format!("no answer from the job within {timeout:?}")));
+                    }
+                }
+                None => self.control_ready.wait(&mut ctl),
+            }
+        }
+    }
+
+    fn answer_control(&self, id: u64, r: Result<Control>) -> bool {
+        let mut ctl = self.control.lock();
+        match ctl.get_mut(&id) {
+            Some(slot) => {
+                *slot = Some(r);
+                drop(ctl);
+                self.control_ready.notify_all();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Run `i` of `op` is finished (claimed by the caller).
+    fn finish_run(&self, op: &Arc<Op>, i: usize, err: Option<Error>) {
+        if op.finish_run(i, err) {
+            self.complete(op);
+        }
+    }
+
+    fn complete(&self, op: &Arc<Op>) {
+        if let Some(e) = op.error() {
+            self.failed.lock().insert(op.ts, e);
+        }
+        self.ops.lock().remove(&op.ts);
+        self.ops_changed.notify_all();
+    }
+
+    fn fail_server_runs(&self, op: &Arc<Op>, server: u32, e: &Error) {
+        for i in 0..op.runs().len() {
+            if op.runs()[i].server == server && op.claim(i) {
+                self.finish_run(op, i, Some(e.clone()));
+            }
+        }
+    }
+
+    fn server_index(&self, peer: PeerId) -> Option<u32> {
+        self.servers.read().iter().position(|&p| p == peer).map(|i| i as u32)
+    }
+
+    fn on_reply(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) -> Result<()> {
+        let peer = || net.peer_addr(from);
+        let server = self.server_index(from).ok_or_else(|| Error::protocol(peer(), "reply from a non-server"))?;
+        let op = self.ops.lock().get(&frame.id).cloned();
+        let op = op.ok_or_else(|| Error::protocol(peer(), format!("reply for unknown operation {}", frame.id)))?;
+        let (_h, runs) = proto::parse_meta::<ReplyHeader, RunReply>(&frame.meta, |h| h.runs)
+            .ok_or_else(|| Error::protocol(peer(), "malformed reply meta"))?;
+        let with_values = op.has_output();
+        let n_vals = if with_values { runs.iter().filter(|r| r.status == status::OK).count() } else { 0 };
+        let n_errs = runs.iter().filter(|r| r.status != status::OK).count();
+        if frame.segments.len() != n_vals + n_errs {
+            return Err(Error::protocol(peer(), "reply segment count does not match its runs"));
+        }
+        let (mut vals, mut errs) = (frame.segments[..n_vals].iter(), frame.segments[n_vals..].iter());
+        for r in runs {
+            let i = r.run as usize;
+            let Some(run) = op.runs().get(i) else {
+                return Err(Error::protocol(peer(), format!("reply names run {i} of {}", op.runs().len())));
+            };
+            if run.server != server || run.count as u64 != r.count {
+                return Err(Error::protocol(peer(), format!("reply for run {i} does not match the request")));
+            }
+            if !op.claim(i) {
+                return Err(Error::protocol(peer(), format!("second reply for run {i}")));
+            }
+            if r.status == status::OK {
+                let mut err = None;
+                if with_values {
+                    let seg = vals.next().expect("counted");
+                    if seg.len() != run.count * op.dim() * 4 {
+                        err = Some(Error::protocol(peer(), format!("run {i}: {} value bytes", seg.len())));
+                    } else {
+                        op.write_run(i, &pod_slice::<f32>(seg));
+                    }
+                }
+                self.finish_run(&op, i, err);
+            } else {
+                let msg = errs.next().map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
+                self.finish_run(&op, i, Some(Error::Remote { peer: peer(), message: msg }));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct WorkerHandler {
+    shared: Arc<Shared>,
+}
+
+impl Handler for WorkerHandler {
+    fn on_frame(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) {
+        let sh = &self.shared;
+        let result = match frame.kind {
+            kind::REPLY => sh.on_reply(net, from, frame),
+            kind::REFUSED => {
+                let msg = frame.segments.first().map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
+                let e = Error::Remote { peer: net.peer_addr(from), message: msg };
+                if frame.id >= CONTROL_ID_BASE {
+                    sh.answer_control(frame.id, Err(e));
+                } else if let (Some(op), Some(server)) = (sh.ops.lock().get(&frame.id).cloned(), sh.server_index(from))
+                {
+                    sh.fail_server_runs(&op, server, &e);
+                }
+                Ok(())
+            }
+            kind::CONTROL => match Control::from_frame(&frame, &net.peer_addr(from)) {
+                Ok(Control::Shutdown) => {
+                    sh.shutdown.store(true, Ordering::Release);
+                    sh.control_ready.notify_all();
+                    Ok(())
+                }
+                Ok(c) => {
+                    if !sh.answer_control(frame.id, Ok(c)) {
+                        tracing::debug!(id = frame.id, "unsolicited control message");
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            other => Err(Error::protocol(net.peer_addr(from), format!("unexpected frame kind {other}"))),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "worker dropped a bad frame");
+        }
+    }
+
+    fn on_disconnect(&self, _net: &Arc<dyn Messenger>, peer: PeerId) {
+        let sh = &self.shared;
+        if let Some(server) = sh.server_index(peer) {
+            let ops: Vec<Arc<Op>> = sh.ops.lock().values().cloned().collect();
+            let e = Error::Disconnected(format!("server {server}"));
+            for op in ops {
+                sh.fail_server_runs(&op, server, &e);
+            }
+        }
+        if *sh.scheduler.lock() == Some(peer) {
+            sh.shutdown.store(true, Ordering::Release);
+            sh.control_ready.notify_all();
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! torn_read: writers hammer slots while readers copy them the way one-sided
+//! transports do (word by word, in any order, with no fence) and validate
+//! through the store's one validation path. No torn value may ever be
+//! accepted. Run it alone with `cargo test --release torn_read`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use pserver::store::shard::KeyRun;
+use pserver::store::slot::{self, SlotLayout, Torn};
+use pserver::store::{KeyRange, Region, Shard, ShardConfig};
+use pserver::updater::Rules;
+use pserver::{Init, Storage, UpdaterSpec};
+
+/// The value bits of coordinate `i` in the `n`-th state a writer publishes:
+/// a normal float in [1, 2) whose mantissa depends on both, so a copy mixing
+/// two states shows up as a coordinate that does not match the version.
+fn pattern(n: u32, i: usize) -> f32 {
+    let m = n.wrapping_mul(2_654_435_761) ^ (i as u32).wrapping_mul(0x9E37_79B9);
+    f32::from_bits(0x3f80_0000 | (m & 0x007f_ffff))
+}
+
+/// How a reader copies a slot: in order, in reverse, or slowly (spinning
+/// between words so that writes land mid-copy).
+#[derive(Clone, Copy)]
+enum Copy {
+    Forward,
+    Reverse,
+    Slow,
+}
+
+fn copy(src: &[std::sync::atomic::AtomicU64], dst: &mut [u64], how: Copy) {
+    match how {
+        Copy::Forward => slot::copy_words(src, dst),
+        Copy::Reverse => {
+            for i in (0..src.len()).rev() {
+                dst[i] = src[i].load(Ordering::Relaxed);
+            }
+        }
+        Copy::Slow => {
+            for i in 0..src.len() {
+                dst[i] = src[i].load(Ordering::Relaxed);
+                for _ in 0..20 {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+}
+
+struct Target {
+    chunks: Vec<Arc<Region>>,
+    layout: SlotLayout,
+    slots: Vec<(usize, usize)>,
+}
+
+#[derive(Default)]
+struct Tally {
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+    wrong: AtomicU64,
+    writes: AtomicU64,
+}
+
+fn make_shard(dim: u32, keys: u64) -> Shard {
+    let rule = Rules::default().resolve(&UpdaterSpec::Assign).unwrap();
+    let cfg = ShardConfig {
+        table: 1,
+        range: KeyRange::new(0, keys),
+        dim,
+        storage: Storage::Dense,
+        init: Init::Zeros,
+        workers: 1,
+    };
+    Shard::new(cfg, rule).unwrap()
+}
+
+#[test]
+fn torn_read_no_torn_value_is_ever_accepted() {
+    let min_run = Duration::from_secs(2);
+    let give_up = Duration::from_secs(30);
+    // Two shards, each with its single writer: a wide slot (many words, the
+    // case the check exists for) and scalar slots (self-validating words).
+    let specs = [(64u32, 4u64), (1, 64)];
+    let stop = Arc::new(AtomicBool::new(false));
+    let tallies: Vec<Arc<Tally>> = specs.iter().map(|_| Arc::new(Tally::default())).collect();
+    let mut targets = Vec::new();
+    let mut writers = Vec::new();
+    for (&(dim, keys), tally) in specs.iter().zip(&tallies) {
+        let mut shard = make_shard(dim, keys);
+        targets.push(Arc::new(Target {
+            chunks: shard.regions().1.to_vec(),
+            layout: shard.layout(),
+            slots: (0..keys).map(|k| shard.slot_offset(k).unwrap()).collect(),
+        }));
+        let (stop, tally) = (stop.clone(), tally.clone());
+        writers.push(std::thread::spawn(move || {
+            let mut vals = vec![0.0f32; dim as usize];
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                n = n.wrapping_add(1);
+                for k in 0..keys {
+                    // Every slot's n-th write carries pattern(n, .), at version 2n.
+                    for (i, v) in vals.iter_mut().enumerate() {
+                        *v = pattern(n, i);
+                    }
+                    shard.push(KeyRun::List(&[k]), &vals).unwrap();
+                }
+                tally.writes.fetch_add(keys, Ordering::Relaxed);
+            }
+        }));
+    }
+    let mut readers = Vec::new();
+    for (r, how) in [Copy::Forward, Copy::Reverse, Copy::Slow].into_iter().enumerate() {
+        for (target, tally) in targets.iter().zip(&tallies) {
+            let (stop, target, tally) = (stop.clone(), target.clone(), tally.clone());
+            readers.push(std::thread::spawn(move || {
+                let l = target.layout;
+                let mut img = vec![0u64; l.words()];
+                let mut out = vec![0.0f32; l.dim()];
+                let mut i = r;
+                while !stop.load(Ordering::Relaxed) {
+                    let (chunk, off) = target.slots[i % target.slots.len()];
+                    i += 1;
+                    copy(&target.chunks[chunk].words()[off..off + l.words()], &mut img, how);
+                    match slot::validate(l, &img, &mut out) {
+                        Ok(version) => {
+                            tally.accepted.fetch_add(1, Ordering::Relaxed);
+                            let n = version / 2;
+                            let consistent = if version == 0 {
+                                out.iter().all(|&v| v == 0.0)
+                            } else {
+                                out.iter().enumerate().all(|(c, v)| v.to_bits() == pattern(n, c).to_bits())
+                            };
+                            if !consistent {
+                                tally.wrong.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(Torn) => {
+                            tally.rejected.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    let start = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let elapsed = start.elapsed();
+        let wide = &tallies[0];
+        let enough = tallies
+            .iter()
+            .all(|t| t.writes.load(Ordering::Relaxed) > 1000 && t.accepted.load(Ordering::Relaxed) > 1000)
+            && wide.rejected.load(Ordering::Relaxed) > 0;
+        if (elapsed >= min_run && enough) || elapsed >= give_up {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in writers.into_iter().chain(readers) {
+        h.join().unwrap();
+    }
+    for ((dim, _), t) in specs.iter().zip(&tallies) {
+        let (w, a, r, bad) = (
+            t.writes.load(Ordering::Relaxed),
+            t.accepted.load(Ordering::Relaxed),
+            t.rejected.load(Ordering::Relaxed),
+            t.wrong.load(Ordering::Relaxed),
+        );
+        println!("dim {dim}: {w} writes, {a} reads accepted, {r} torn copies rejected, {bad} torn values accepted");
+        assert_eq!(bad, 0, "dim {dim}: a torn value was accepted");
+        assert!(w > 1000, "dim {dim}: writers made no progress ({w})");
+        assert!(a > 1000, "dim {dim}: readers made no progress ({a})");
+    }
+    assert!(
+        tallies[0].rejected.load(Ordering::Relaxed) > 0,
+        "no read ever raced a write of a wide slot: the test did not exercise contention"
+    );
+}
+
+/// A copy stitched from two published states of one slot, as an unordered
+/// one-sided read can return, is refused by the same validation.
+#[test]
+fn torn_read_a_deliberately_torn_copy_is_rejected() {
+    let mut shard = make_shard(64, 1);
+    let l = shard.layout();
+    let (chunk, off) = shard.slot_offset(0).unwrap();
+    let chunks = shard.regions().1.to_vec();
+    let image = |chunks: &[Arc<Region>]| {
+        let mut img = vec![0u64; l.words()];
+        slot::copy_words(&chunks[chunk].words()[off..off + l.words()], &mut img);
+        img
+    };
+    shard.push(KeyRun::List(&[0]), &(0..64).map(|i| pattern(1, i)).collect::<Vec<_>>()).unwrap();
+    let a = image(&chunks);
+    shard.push(KeyRun::List(&[0]), &(0..64).map(|i| pattern(2, i)).collect::<Vec<_>>()).unwrap();
+    let b = image(&chunks);
+    let mut out = vec![0.0; 64];
+    assert_eq!(slot::validate(l, &a, &mut out), Ok(2));
+    assert_eq!(slot::validate(l, &b, &mut out), Ok(4));
+    // Old header with some new values, new header with some old values, and
+    // a header caught mid-write.
+    for split in [1, 2, 10, l.words() - 1] {
+        let mut t1 = a.clone();
+        t1[split..].copy_from_slice(&b[split..]);
+        assert_eq!(slot::validate(l, &t1, &mut out), Err(Torn), "old header, new tail from word {split}");
+        let mut t2 = b.clone();
+        t2[split..].copy_from_slice(&a[split..]);
+        assert_eq!(slot::validate(l, &t2, &mut out), Err(Torn), "new header, old tail from word {split}");
+    }
+    let mut mid = b.clone();
+    mid[0] |= 1;
+    assert_eq!(slot::validate(l, &mid, &mut out), Err(Torn), "odd version");
+}
