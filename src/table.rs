@@ -94,6 +94,11 @@ pub(crate) fn mix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// The key hash used across pserver (public for tools and benchmarks).
+pub fn mix64_public(x: u64) -> u64 {
+    mix64(x)
+}
+
 /// A uniform float in [0, 1) from (seed, key, coordinate, stream).
 fn unit(seed: u64, key: Key, coord: u64, stream: u64) -> f32 {
     let h = mix64(mix64(mix64(seed ^ stream.wrapping_mul(0xA24B_AED4_963E_E407)) ^ key) ^ coord);

@@ -71,6 +71,31 @@ impl KeyList {
     }
 }
 
+/// Values for a zero-copy push: owned, immutable and cheap to clone, so the
+/// same buffer can be sent many times.
+#[derive(Clone, Debug)]
+pub struct Values {
+    bytes: Bytes,
+}
+
+impl From<Vec<f32>> for Values {
+    fn from(v: Vec<f32>) -> Self {
+        Values { bytes: bytes_of_vec(v) }
+    }
+}
+
+impl Values {
+    pub fn as_slice(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.bytes)
+    }
+    pub fn len(&self) -> usize {
+        self.bytes.len() / 4
+    }
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
 fn check_sorted(keys: &[Key]) -> Result<()> {
     match keys.windows(2).position(|w| w[0] >= w[1]) {
         Some(i) => Err(Error::KeysNotSorted { index: i + 1, prev: keys[i], key: keys[i + 1] }),
@@ -263,10 +288,9 @@ impl Worker {
 
     /// Pushes without copying: the key list and the values move into the
     /// request.
-    pub fn push_with(&self, table: TableId, keys: &KeyList, vals: Vec<f32>) -> Result<Timestamp> {
-        self.inner
-            .issue(kind::PUSH, table, keys.bytes.clone(), Some(bytes_of_vec(vals)), None)
-            .map(|op| Timestamp(op.ts))
+    pub fn push_with(&self, table: TableId, keys: &KeyList, vals: impl Into<Values>) -> Result<Timestamp> {
+        let vals = vals.into().bytes;
+        self.inner.issue(kind::PUSH, table, keys.bytes.clone(), Some(vals), None).map(|op| Timestamp(op.ts))
     }
 
     /// Pulls the values of sorted, unique `keys`.
@@ -295,8 +319,14 @@ impl Worker {
     }
 
     /// `push_pull` without copying; the results land in `buf`.
-    pub fn push_pull_with(&self, table: TableId, keys: &KeyList, vals: Vec<f32>, buf: Vec<f32>) -> Result<Pull> {
-        self.pull_bytes(kind::PUSH_PULL, table, keys.bytes.clone(), Some(bytes_of_vec(vals)), buf)
+    pub fn push_pull_with(
+        &self,
+        table: TableId,
+        keys: &KeyList,
+        vals: impl Into<Values>,
+        buf: Vec<f32>,
+    ) -> Result<Pull> {
+        self.pull_bytes(kind::PUSH_PULL, table, keys.bytes.clone(), Some(vals.into().bytes), buf)
     }
 
     fn pull_bytes(&self, k: u16, table: TableId, keys: Bytes, vals: Option<Bytes>, buf: Vec<f32>) -> Result<Pull> {
