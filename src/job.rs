@@ -19,7 +19,7 @@ pub struct JobConfig {
     pub servers: u32,
     pub workers: u32,
     pub vnodes: u32,
-    /// Lane threads per server.
+    /// Lanes per server.
     pub lanes: usize,
     pub rules: Rules,
     pub max_memory: Option<u64>,
@@ -37,7 +37,7 @@ impl Default for JobConfig {
             servers: 2,
             workers: 2,
             vnodes: SchedulerConfig::default().vnodes,
-            lanes: 1,
+            lanes: ServerConfig::default().lanes,
             rules: Rules::default(),
             max_memory: None,
             worker: WorkerConfig::default(),

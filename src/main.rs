@@ -32,8 +32,8 @@ struct EmbeddedArgs {
     /// Workers of the embedded job.
     #[arg(long, env = "PSERVER_NUM_WORKERS", default_value_t = 2)]
     workers: u32,
-    /// Lane threads per server.
-    #[arg(long, env = "PSERVER_LANES", default_value_t = 1)]
+    /// Lanes per server (independently locked sets of shards).
+    #[arg(long, env = "PSERVER_LANES", default_value_t = 4)]
     lanes: usize,
 }
 

@@ -1,18 +1,60 @@
-//! The key-value API as users see it, on embedded jobs (in-process
-//! transport). Each test states a property of the API.
+//! The key-value API as users see it, on embedded jobs, over every
+//! transport: in process, and TCP with each I/O back end. Each test states a
+//! property of the API; `kv_tests!` runs it once per transport.
 
 use std::sync::Arc;
 
+use pserver::transport::Transport;
+use pserver::transport::inproc::Inproc;
+use pserver::transport::tcp::{IoMode, Tcp};
 use pserver::updater::{Rules, rule_fn};
 use pserver::{Error, Init, JobConfig, KeyList, TableSpec, UpdaterSpec, job};
 
-fn cfg(servers: u32, workers: u32) -> JobConfig {
-    JobConfig::default().servers(servers).workers(workers)
+type T = Arc<dyn Transport>;
+
+fn cfg(t: &T, servers: u32, workers: u32) -> JobConfig {
+    JobConfig::default().servers(servers).workers(workers).transport(t.clone())
 }
 
-#[test]
-fn pull_after_push_sees_it() {
-    job::run(cfg(2, 1), |w| {
+macro_rules! kv_tests {
+    ($($name:ident),* $(,)?) => {
+        mod inproc {
+            $( #[test] fn $name() { super::$name(&(std::sync::Arc::new(super::Inproc::new()) as super::T)) } )*
+        }
+        mod tcp_std {
+            $( #[test] fn $name() { super::$name(&(std::sync::Arc::new(super::Tcp::new(super::IoMode::Std, Default::default())) as super::T)) } )*
+        }
+        mod tcp_uring {
+            $( #[test] fn $name() {
+                let t = super::Tcp::new(super::IoMode::Auto, Default::default());
+                if t.resolved_mode() != super::IoMode::Uring {
+                    eprintln!("SKIPPED: io_uring is not available on this machine");
+                    return;
+                }
+                super::$name(&(std::sync::Arc::new(t) as super::T))
+            } )*
+        }
+    };
+}
+
+kv_tests!(
+    pull_after_push_sees_it,
+    pull_after_many_unwaited_pushes_sees_all_of_them,
+    several_workers_sum_into_shared_keys,
+    dims_above_one_keep_each_keys_vector_together,
+    push_pull_returns_the_values_after_the_push,
+    zero_copy_variants_move_buffers_and_reuse_the_output,
+    updaters_run_on_the_server,
+    bad_requests_are_errors_not_panics_and_change_nothing,
+    wait_reports_each_operations_outcome,
+    many_threads_of_one_worker_push_and_pull_at_once,
+    clocks_advance_and_barriers_hold_everyone,
+    a_failing_worker_fails_the_job_without_hanging_the_others,
+    stateful_updaters_and_init_work_end_to_end,
+);
+
+fn pull_after_push_sees_it(t: &T) {
+    job::run(cfg(t, 2, 1), |w| {
         w.create_table(TableSpec::dense(1, 1000, 1))?;
         let keys: Vec<u64> = (0..1000).collect();
         let vals: Vec<f32> = keys.iter().map(|&k| k as f32).collect();
@@ -24,9 +66,8 @@ fn pull_after_push_sees_it() {
     .unwrap();
 }
 
-#[test]
-fn pull_after_many_unwaited_pushes_sees_all_of_them() {
-    job::run(cfg(3, 1), |w| {
+fn pull_after_many_unwaited_pushes_sees_all_of_them(t: &T) {
+    job::run(cfg(t, 3, 1), |w| {
         w.create_table(TableSpec::sparse(7, u64::MAX, 1))?;
         let keys = [3u64, 1 << 20, 1 << 40, u64::MAX - 1];
         for _ in 0..100 {
@@ -38,10 +79,9 @@ fn pull_after_many_unwaited_pushes_sees_all_of_them() {
     .unwrap();
 }
 
-#[test]
-fn several_workers_sum_into_shared_keys() {
+fn several_workers_sum_into_shared_keys(t: &T) {
     let workers = 4;
-    let results = job::run(cfg(2, workers), |w| {
+    let results = job::run(cfg(t, 2, workers), |w| {
         w.create_table(TableSpec::dense(1, 64, 1))?;
         w.create_table(TableSpec::dense(2, 64, 1).updater(UpdaterSpec::Assign))?;
         let keys: Vec<u64> = (0..64).collect();
@@ -63,9 +103,8 @@ fn several_workers_sum_into_shared_keys() {
     }
 }
 
-#[test]
-fn dims_above_one_keep_each_keys_vector_together() {
-    job::run(cfg(2, 1), |w| {
+fn dims_above_one_keep_each_keys_vector_together(t: &T) {
+    job::run(cfg(t, 2, 1), |w| {
         for (id, dim) in [(1u32, 2u32), (2, 3), (3, 16), (4, 257)] {
             w.create_table(TableSpec::dense(id, 500, dim))?;
             let keys: Vec<u64> = (0..500).step_by(3).collect();
@@ -81,9 +120,8 @@ fn dims_above_one_keep_each_keys_vector_together() {
     .unwrap();
 }
 
-#[test]
-fn push_pull_returns_the_values_after_the_push() {
-    job::run(cfg(2, 1), |w| {
+fn push_pull_returns_the_values_after_the_push(t: &T) {
+    job::run(cfg(t, 2, 1), |w| {
         w.create_table(TableSpec::dense(1, 100, 2).init(Init::Constant(1.0)))?;
         let got = w.push_pull(1, &[5, 50, 99], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?.wait()?;
         assert_eq!(got, vec![2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
@@ -92,9 +130,8 @@ fn push_pull_returns_the_values_after_the_push() {
     .unwrap();
 }
 
-#[test]
-fn zero_copy_variants_move_buffers_and_reuse_the_output() {
-    job::run(cfg(2, 1), |w| {
+fn zero_copy_variants_move_buffers_and_reuse_the_output(t: &T) {
+    job::run(cfg(t, 2, 1), |w| {
         w.create_table(TableSpec::dense(1, 10_000, 1))?;
         let keys = KeyList::range(0, 10_000);
         let ts = w.push_with(1, &keys, vec![2.0; 10_000])?;
@@ -111,11 +148,10 @@ fn zero_copy_variants_move_buffers_and_reuse_the_output() {
     .unwrap();
 }
 
-#[test]
-fn updaters_run_on_the_server() {
+fn updaters_run_on_the_server(t: &T) {
     let mut rules = Rules::default();
     rules.register("max", rule_fn(|w, g| w.iter_mut().zip(g).for_each(|(w, g)| *w = w.max(*g))));
-    job::run(cfg(2, 1).rules(rules), |w| {
+    job::run(cfg(t, 2, 1).rules(rules), |w| {
         w.create_table(TableSpec::dense(1, 10, 1).updater(UpdaterSpec::Sgd { lr: 0.5 }))?;
         w.push(1, &[1], &[2.0])?;
         assert_eq!(w.pull(1, &[1])?.wait()?, vec![-1.0]);
@@ -130,9 +166,8 @@ fn updaters_run_on_the_server() {
     .unwrap();
 }
 
-#[test]
-fn bad_requests_are_errors_not_panics_and_change_nothing() {
-    job::run(cfg(2, 1), |w| {
+fn bad_requests_are_errors_not_panics_and_change_nothing(t: &T) {
+    job::run(cfg(t, 2, 1), |w| {
         w.create_table(TableSpec::dense(1, 100, 2))?;
         assert!(matches!(w.push(1, &[3, 2], &[0.0; 4]), Err(Error::KeysNotSorted { index: 1, .. })));
         assert!(matches!(w.push(1, &[2, 2], &[0.0; 4]), Err(Error::KeysNotSorted { .. })));
@@ -160,9 +195,8 @@ fn bad_requests_are_errors_not_panics_and_change_nothing() {
     .unwrap();
 }
 
-#[test]
-fn wait_reports_each_operations_outcome() {
-    job::run(cfg(1, 1), |w| {
+fn wait_reports_each_operations_outcome(t: &T) {
+    job::run(cfg(t, 1, 1), |w| {
         w.create_table(TableSpec::dense(1, 10, 1))?;
         let a = w.push(1, &[1], &[1.0])?;
         let b = w.push(1, &[2], &[1.0])?;
@@ -175,9 +209,8 @@ fn wait_reports_each_operations_outcome() {
     .unwrap();
 }
 
-#[test]
-fn many_threads_of_one_worker_push_and_pull_at_once() {
-    job::run(cfg(2, 2), |w| {
+fn many_threads_of_one_worker_push_and_pull_at_once(t: &T) {
+    job::run(cfg(t, 2, 2), |w| {
         w.create_table(TableSpec::dense(1, 4096, 4))?;
         let threads = 8;
         let rounds = 200;
@@ -204,10 +237,9 @@ fn many_threads_of_one_worker_push_and_pull_at_once() {
     .unwrap();
 }
 
-#[test]
-fn clocks_advance_and_barriers_hold_everyone() {
+fn clocks_advance_and_barriers_hold_everyone(t: &T) {
     let seen = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    job::run(cfg(2, 3), |w| {
+    job::run(cfg(t, 2, 3), |w| {
         w.create_table(TableSpec::dense(1, 3, 1))?;
         for c in 1..=5 {
             w.push(1, &[u64::from(w.rank())], &[1.0])?;
@@ -223,9 +255,8 @@ fn clocks_advance_and_barriers_hold_everyone() {
     .unwrap();
 }
 
-#[test]
-fn a_failing_worker_fails_the_job_without_hanging_the_others() {
-    let r = job::run(cfg(1, 3), |w| {
+fn a_failing_worker_fails_the_job_without_hanging_the_others(t: &T) {
+    let r = job::run(cfg(t, 1, 3), |w| {
         if w.rank() == 1 {
             panic!("boom");
         }
@@ -236,9 +267,8 @@ fn a_failing_worker_fails_the_job_without_hanging_the_others() {
     assert!(e.contains("boom") || e.contains("abandoned"), "{e}");
 }
 
-#[test]
-fn stateful_updaters_and_init_work_end_to_end() {
-    job::run(cfg(2, 1), |w| {
+fn stateful_updaters_and_init_work_end_to_end(t: &T) {
+    job::run(cfg(t, 2, 1), |w| {
         let spec = TableSpec::sparse(1, 1 << 32, 2)
             .updater(UpdaterSpec::AdaGrad { lr: 1.0, eps: 1e-8, initial_accumulator: 0.0 })
             .init(Init::Uniform { low: 10.0, high: 10.5, seed: 3 });

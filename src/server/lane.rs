@@ -1,17 +1,24 @@
-//! A lane: one thread that owns a set of shards and applies the runs queued
-//! to it, in arrival order. Owning the `Shard` values is what makes each slot
-//! single-writer.
+//! A lane: a set of shards applied by one thread at a time.
+//!
+//! The thread that delivers a request (a transport's receive loop, or the
+//! sender's own thread in process) locks each lane the request touches and
+//! applies its runs there, with no hand-off to another thread: on machines
+//! where waking a thread costs tens of microseconds, that hop would dominate a
+//! small request. Holding the lane is what makes its shards single-writer:
+//! slot stores never race, and readers (local, shared memory, RDMA) never take
+//! the lock. Requests of one connection are delivered by one thread in order,
+//! so they reach every lane in the order they were sent.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use bytes::Bytes;
-use crossbeam::channel::Receiver;
+use parking_lot::Mutex;
 
-use crate::proto::{self, ReplyHeader, RunHeader, RunReply, kind, run_form, status};
+use crate::proto::{RunHeader, RunReply, kind, run_form, status};
 use crate::store::{KeyRun, Shard};
-use crate::transport::{Frame, Messenger, PeerId, bytes_of_vec, pod_slice};
+use crate::transport::{bytes_of_vec, pod_slice};
 
+/// One run of a request, checked by the handler, ready for its lane.
 pub(super) struct LaneRun {
     pub header: RunHeader,
     pub shard: u32,
@@ -19,82 +26,67 @@ pub(super) struct LaneRun {
     pub vals: Option<Bytes>,
 }
 
-pub(super) enum LaneJob {
-    Install { id: u32, shard: Box<Shard> },
-    Data { net: Arc<dyn Messenger>, peer: PeerId, id: u64, kind: u16, table: u32, dim: u32, runs: Vec<LaneRun> },
-    Clock { worker: u32, clock: u64 },
-    Stop,
+#[derive(Default)]
+pub(super) struct LaneState {
+    shards: HashMap<u32, Shard>,
+    /// Latest clock per worker, so shards created later start from it.
+    clocks: Vec<u64>,
 }
 
-pub(super) fn run(rx: Receiver<LaneJob>) {
-    let mut shards: HashMap<u32, Shard> = HashMap::new();
-    // Latest clock per worker, so shards created later start from it.
-    let mut clocks: Vec<u64> = Vec::new();
-    while let Ok(job) = rx.recv() {
-        match job {
-            LaneJob::Install { id, shard } => {
-                let mut shard = *shard;
-                for (w, &c) in clocks.iter().enumerate() {
-                    let _ = shard.record_progress(w, c);
-                }
-                shards.insert(id, shard);
-            }
-            LaneJob::Clock { worker, clock } => {
-                let w = worker as usize;
-                if clocks.len() <= w {
-                    clocks.resize(w + 1, 0);
-                }
-                clocks[w] = clocks[w].max(clock);
-                for s in shards.values_mut() {
-                    let _ = s.record_progress(w, clock);
-                }
-            }
-            LaneJob::Data { net, peer, id, kind, table, dim, runs } => {
-                let reply = apply(&mut shards, kind, table, dim, runs);
-                if let Err(e) = net.send(peer, reply.with_id(id)) {
-                    tracing::debug!(error = %e, "reply not delivered");
-                }
-            }
-            LaneJob::Stop => break,
+#[derive(Default)]
+pub(super) struct Lane {
+    state: Mutex<LaneState>,
+}
+
+/// What a lane produced for a request: per-run replies, value segments (in
+/// run order) and error messages.
+#[derive(Default)]
+pub(super) struct Output {
+    pub replies: Vec<RunReply>,
+    pub values: Vec<Bytes>,
+    pub errors: Vec<Bytes>,
+}
+
+impl Lane {
+    pub fn install(&self, id: u32, mut shard: Shard) {
+        let mut st = self.state.lock();
+        for (w, &c) in st.clocks.iter().enumerate() {
+            let _ = shard.record_progress(w, c);
+        }
+        st.shards.insert(id, shard);
+    }
+
+    pub fn record_clock(&self, worker: u32, clock: u64) {
+        let mut st = self.state.lock();
+        let w = worker as usize;
+        if st.clocks.len() <= w {
+            st.clocks.resize(w + 1, 0);
+        }
+        st.clocks[w] = st.clocks[w].max(clock);
+        for s in st.shards.values_mut() {
+            let _ = s.record_progress(w, clock);
         }
     }
-}
 
-trait WithId {
-    fn with_id(self, id: u64) -> Frame;
-}
-impl WithId for Frame {
-    fn with_id(mut self, id: u64) -> Frame {
-        self.id = id;
-        self
-    }
-}
-
-fn apply(shards: &mut HashMap<u32, Shard>, op: u16, table: u32, dim: u32, runs: Vec<LaneRun>) -> Frame {
-    let mut replies = Vec::with_capacity(runs.len());
-    let mut values = Vec::new();
-    let mut errors = Vec::new();
-    for r in runs {
-        let count = r.header.count;
-        let result = apply_run(shards, op, dim, &r);
-        match result {
-            Ok(v) => {
-                replies.push(RunReply { run: r.header.run, status: status::OK, count });
-                if let Some(v) = v {
-                    values.push(bytes_of_vec(v));
+    /// Applies `runs` of one request of kind `op`, appending to `out`.
+    pub fn apply(&self, op: u16, dim: u32, runs: &[LaneRun], out: &mut Output) {
+        let mut st = self.state.lock();
+        for r in runs {
+            let count = r.header.count;
+            match apply_run(&mut st.shards, op, dim, r) {
+                Ok(v) => {
+                    out.replies.push(RunReply { run: r.header.run, status: status::OK, count });
+                    if let Some(v) = v {
+                        out.values.push(bytes_of_vec(v));
+                    }
                 }
-            }
-            Err(msg) => {
-                replies.push(RunReply { run: r.header.run, status: status::ERROR, count });
-                errors.push(Bytes::from(msg));
+                Err(msg) => {
+                    out.replies.push(RunReply { run: r.header.run, status: status::ERROR, count });
+                    out.errors.push(Bytes::from(msg));
+                }
             }
         }
     }
-    let meta = proto::build_meta(&ReplyHeader { table, runs: replies.len() as u32 }, &replies);
-    let mut f = Frame::new(kind::REPLY, 0, meta);
-    f.segments = values;
-    f.segments.extend(errors);
-    f
 }
 
 fn apply_run(shards: &mut HashMap<u32, Shard>, op: u16, dim: u32, r: &LaneRun) -> Result<Option<Vec<f32>>, String> {
@@ -110,7 +102,7 @@ fn apply_run(shards: &mut HashMap<u32, Shard>, op: u16, dim: u32, r: &LaneRun) -
         _ => KeyRun::Range { first: r.header.first, count: r.header.count as usize },
     };
     if op != kind::PULL {
-        let vals = pod_slice::<f32>(r.vals.as_ref().expect("validated by the handler"));
+        let vals = pod_slice::<f32>(r.vals.as_ref().expect("checked by the handler"));
         shard.push(keys, &vals).map_err(|e| e.to_string())?;
     }
     if op == kind::PUSH {

@@ -1,13 +1,11 @@
 //! A server node: owns shards of tables and applies workers' requests.
 //!
-//! Threads: the transport calls [`ServerHandler::on_frame`], which checks a
-//! request (every length, count and key range, before anything is touched),
-//! groups its runs by the *lane* that owns each run's shard, and queues them.
-//! Each lane is one thread owning its shards outright (`Shard` values, not
-//! shared references), so every slot has exactly one writer. A lane answers
-//! the runs it handled with one reply frame. Requests from one worker reach a
-//! lane in the order they were sent, so a pull issued after a push by the
-//! same worker always observes it.
+//! The transport calls [`ServerHandler::on_frame`], which checks a request
+//! (every length, count and key range, before anything is touched), groups its
+//! runs by the *lane* holding each run's shard, applies them lane by lane on
+//! the calling thread (see `lane`), and answers with one reply frame. Requests
+//! from one worker are delivered in the order they were sent, so a pull
+//! issued after a push by the same worker always observes it.
 //!
 //! The server never trusts a peer: a malformed request gets a REFUSED reply
 //! naming the problem and changes nothing.
@@ -19,18 +17,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use crossbeam::channel::{Sender, bounded};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::error::{Error, Result};
-use crate::proto::{self, Control, DataHeader, Role, RunHeader, kind, run_form};
+use crate::proto::{self, Control, DataHeader, ReplyHeader, Role, RunHeader, kind, run_form};
 use crate::scheduler::ring::Ring;
 use crate::store::{KeyRange, Shard, ShardConfig};
 use crate::table::{TableId, TableSpec};
 use crate::transport::{Frame, Handler, Messenger, PeerId, Transport};
 use crate::updater::Rules;
 
-use lane::{LaneJob, LaneRun};
+use lane::{Lane, LaneRun, Output};
 
 /// Largest number of keys one request may carry to one server.
 pub const MAX_KEYS_PER_REQUEST: u64 = 1 << 28;
@@ -38,7 +35,8 @@ pub const MAX_KEYS_PER_REQUEST: u64 = 1 << 28;
 /// How a server runs.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Lane threads (each owns a share of the shards).
+    /// Lanes: shards are striped over this many independently locked sets, so
+    /// requests delivered on different threads apply in parallel.
     pub lanes: usize,
     /// Custom update rules this server offers.
     pub rules: Rules,
@@ -48,7 +46,7 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { lanes: 1, rules: Rules::default(), max_memory: None }
+        ServerConfig { lanes: 4, rules: Rules::default(), max_memory: None }
     }
 }
 
@@ -76,7 +74,7 @@ struct Membership {
 
 struct Shared {
     cfg: ServerConfig,
-    lanes: Vec<Sender<LaneJob>>,
+    lanes: Vec<Lane>,
     membership: Mutex<Membership>,
     changed: Condvar,
     tables: RwLock<HashMap<TableId, Arc<Table>>>,
@@ -93,7 +91,6 @@ pub struct ServerHandler {
 pub struct ServerNode {
     shared: Arc<Shared>,
     net: Arc<dyn Messenger>,
-    lanes: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl ServerNode {
@@ -101,17 +98,10 @@ impl ServerNode {
     /// `scheduler` and starts serving. Returns once registered; the ring
     /// arrives when the whole job has registered ([`ServerNode::wait_welcome`]).
     pub fn start(transport: &dyn Transport, bind: &str, scheduler: &str, cfg: ServerConfig) -> Result<ServerNode> {
-        let lanes_n = cfg.lanes.max(1);
-        let mut senders = Vec::with_capacity(lanes_n);
-        let mut receivers = Vec::with_capacity(lanes_n);
-        for _ in 0..lanes_n {
-            let (tx, rx) = bounded(256);
-            senders.push(tx);
-            receivers.push(rx);
-        }
+        let lanes = (0..cfg.lanes.max(1)).map(|_| Lane::default()).collect();
         let shared = Arc::new(Shared {
             cfg,
-            lanes: senders,
+            lanes,
             membership: Mutex::new(Membership::default()),
             changed: Condvar::new(),
             tables: RwLock::new(HashMap::new()),
@@ -119,17 +109,7 @@ impl ServerNode {
             memory: Mutex::new(0),
         });
         let net = transport.bind(bind, Arc::new(ServerHandler { shared: shared.clone() }))?;
-        let lanes = receivers
-            .into_iter()
-            .enumerate()
-            .map(|(i, rx)| {
-                std::thread::Builder::new()
-                    .name(format!("pserver-lane-{i}"))
-                    .spawn(move || lane::run(rx))
-                    .map_err(|e| Error::io("spawning a lane thread", e))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let node = ServerNode { shared, net, lanes };
+        let node = ServerNode { shared, net };
         let sched = node.net.connect(scheduler)?;
         let reg = Control::Register { role: Role::Server, addr: node.net.local_addr(), rank: None };
         node.net.send(sched, reg.to_frame(0))?;
@@ -172,12 +152,6 @@ impl Drop for ServerNode {
     fn drop(&mut self) {
         self.stop();
         self.net.shutdown();
-        for l in &self.shared.lanes {
-            let _ = l.send(LaneJob::Stop);
-        }
-        for h in self.lanes.drain(..) {
-            let _ = h.join();
-        }
     }
 }
 
@@ -283,14 +257,11 @@ impl ServerHandler {
             let id = *next_shard;
             *next_shard += 1;
             let lane = id as usize % self.shared.lanes.len();
-            self.shared.lanes[lane]
-                .send(LaneJob::Install { id, shard: Box::new(shard) })
-                .map_err(|_| Error::ShuttingDown)?;
+            self.shared.lanes[lane].install(id, shard);
             ranges.push((range, lane, id));
         }
         tracing::debug!(table = spec.id, shards = ranges.len(), "table created");
-        // Published after the shards were queued to their lanes: any request
-        // that finds the table reaches a lane after its Install.
+        // Published after the shards are in their lanes.
         self.shared.tables.write().insert(spec.id, Arc::new(Table { spec: spec.clone(), ranges }));
         Ok(spec.id)
     }
@@ -363,20 +334,17 @@ impl ServerHandler {
             let _ = range;
             per_lane[lane].push(LaneRun { header: r, shard, keys, vals });
         }
-        for (lane, runs) in per_lane.into_iter().enumerate() {
-            if runs.is_empty() {
-                continue;
-            }
-            let job = LaneJob::Data {
-                net: net.clone(),
-                peer: from,
-                id: frame.id,
-                kind: frame.kind,
-                table: h.table,
-                dim: table.spec.dim,
-                runs,
-            };
-            self.shared.lanes[lane].send(job).map_err(|_| Error::ShuttingDown)?;
+        let mut out = Output::default();
+        for (lane, runs) in per_lane.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+            self.shared.lanes[lane].apply(frame.kind, table.spec.dim, runs, &mut out);
+        }
+        let meta = proto::build_meta(&ReplyHeader { table: h.table, runs: out.replies.len() as u32 }, &out.replies);
+        let mut reply = Frame::new(kind::REPLY, frame.id, meta);
+        reply.segments = out.values;
+        reply.segments.extend(out.errors);
+        // Sent after every lane was released: a slow peer never holds a lane.
+        if let Err(e) = net.send(from, reply) {
+            tracing::debug!(error = %e, "reply not delivered");
         }
         Ok(())
     }
@@ -389,7 +357,7 @@ impl ServerHandler {
             return Err(Error::protocol(net.peer_addr(from), format!("worker rank {} of {workers}", h.worker)));
         }
         for l in &self.shared.lanes {
-            l.send(LaneJob::Clock { worker: h.worker, clock: u64::from(h.clock) }).map_err(|_| Error::ShuttingDown)?;
+            l.record_clock(h.worker, u64::from(h.clock));
         }
         Ok(())
     }

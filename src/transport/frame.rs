@@ -22,6 +22,9 @@ pub const VERSION: u8 = 1;
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PSRV");
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 32;
+/// Frame kind reserved by transports: "your byte stream was refused and the
+/// connection is being closed"; segment 0 says why. Protocols use other kinds.
+pub const KIND_STREAM_REFUSED: u16 = 0;
 
 /// A message: what transports move. `kind` and `flags` are the protocol's;
 /// `id` correlates a reply with its request.

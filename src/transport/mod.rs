@@ -12,6 +12,7 @@
 
 pub mod frame;
 pub mod inproc;
+pub mod tcp;
 
 use std::fmt;
 use std::sync::Arc;
@@ -60,6 +61,12 @@ pub trait Messenger: Send + Sync + 'static {
     fn disconnect(&self, peer: PeerId);
     /// Closes the endpoint and every connection; pending sends may be lost.
     fn shutdown(&self);
+    /// The address to tell others, as seen on the connection `via` (differs
+    /// from `local_addr` when bound to a wildcard address).
+    fn advertised_addr(&self, via: PeerId) -> String {
+        let _ = via;
+        self.local_addr()
+    }
     /// This endpoint's one-sided access, where the transport offers it.
     fn remote_memory(&self) -> Option<Arc<dyn RemoteMemory>> {
         None
