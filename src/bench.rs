@@ -553,3 +553,117 @@ mod tests {
         assert!(render(r).contains("sparse_pull"));
     }
 }
+
+/// The plain-socket baseline for TCP: a server thread on loopback and a
+/// client moving the same payload bytes in the same pattern as the pserver
+/// case (request and reply sizes, pipelining depth), with no framing, no
+/// keys and no store: what the network stack alone gives.
+pub struct PlainTcp;
+
+mod plain {
+    use std::io::{self, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    /// (request payload bytes, reply bytes) of one operation.
+    pub type Pattern = (usize, usize);
+
+    fn serve(mut s: TcpStream) -> io::Result<()> {
+        s.set_nodelay(true)?;
+        let mut hdr = [0u8; 16];
+        let mut buf = Vec::new();
+        let mut reply = Vec::new();
+        loop {
+            if s.read_exact(&mut hdr).is_err() {
+                return Ok(());
+            }
+            let req = u64::from_le_bytes(hdr[..8].try_into().expect("8")) as usize;
+            let rep = u64::from_le_bytes(hdr[8..].try_into().expect("8")) as usize;
+            buf.resize(req, 0);
+            s.read_exact(&mut buf)?;
+            reply.resize(rep.max(8), 1);
+            s.write_all(&reply[..rep.max(8)])?;
+        }
+    }
+
+    /// Runs `pattern` for `seconds` with `depth` operations in flight.
+    /// Returns (operations, seconds, latencies).
+    pub fn run(pattern: Pattern, depth: usize, seconds: f64) -> io::Result<(u64, f64, Vec<Duration>)> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?;
+        let server = std::thread::spawn(move || -> io::Result<()> {
+            let (s, _) = l.accept()?;
+            serve(s)
+        });
+        let client = TcpStream::connect(addr)?;
+        client.set_nodelay(true)?;
+        let mut reader = client.try_clone()?;
+        let (req, rep) = pattern;
+        let rep_len = rep.max(8);
+        let (done_tx, done_rx) = mpsc::channel::<Instant>();
+        let (sent_tx, sent_rx) = mpsc::channel::<Instant>();
+        let rx_thread = std::thread::spawn(move || -> io::Result<Vec<Duration>> {
+            let mut buf = vec![0u8; rep_len];
+            let mut lat = Vec::new();
+            for t0 in sent_rx {
+                reader.read_exact(&mut buf)?;
+                lat.push(t0.elapsed());
+                let _ = done_tx.send(Instant::now());
+            }
+            Ok(lat)
+        });
+        let mut w = client;
+        let mut msg = Vec::with_capacity(16 + req);
+        msg.extend_from_slice(&(req as u64).to_le_bytes());
+        msg.extend_from_slice(&(rep as u64).to_le_bytes());
+        msg.resize(16 + req, 2);
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(seconds);
+        let (mut ops, mut inflight) = (0u64, 0usize);
+        while Instant::now() < deadline || ops == 0 {
+            if inflight == depth {
+                done_rx.recv().map_err(io::Error::other)?;
+                inflight -= 1;
+            }
+            sent_tx.send(Instant::now()).map_err(io::Error::other)?;
+            w.write_all(&msg)?;
+            ops += 1;
+            inflight += 1;
+        }
+        drop(sent_tx);
+        let lat = rx_thread.join().map_err(|_| io::Error::other("reader panicked"))??;
+        let secs = start.elapsed().as_secs_f64();
+        drop(w);
+        let _ = server.join();
+        Ok((ops, secs, lat))
+    }
+}
+
+impl Baseline for PlainTcp {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn measure(&mut self, case: Case, seconds: f64) -> Result<Vec<Measured>> {
+        let io = |e: std::io::Error| Error::io("running the plain-socket baseline", e);
+        let one = |pattern: plain::Pattern, depth: usize, payload: usize, keys: usize, secs: f64| -> Result<Measured> {
+            let (ops, s, mut lat) = plain::run(pattern, depth, secs).map_err(io)?;
+            Ok(measured(ops, payload, keys, s, &mut lat))
+        };
+        let b = case.bytes;
+        Ok(match case.op {
+            Op::Push => vec![one((b, 8), depth(b), b, b / 4, seconds)?],
+            Op::Pull => vec![one((16, b), depth(b), b, b / 4, seconds)?],
+            Op::PushPull => vec![one((b, b), depth(b), 2 * b, b / 4, seconds)?],
+            Op::Latency => vec![one((64, 64), 1, 4, 1, seconds)?],
+            Op::Sparse => {
+                let n = case.keys;
+                vec![
+                    one((12 * n, 8), depth(12 * n), 12 * n, n, seconds / 2.0)?,
+                    one((8 * n, 4 * n), depth(12 * n), 4 * n, n, seconds / 2.0)?,
+                ]
+            }
+        })
+    }
+}

@@ -79,7 +79,8 @@ where
     let sched_cfg = SchedulerConfig { servers: cfg.servers, workers: cfg.workers, vnodes: cfg.vnodes };
     let sched = SchedulerNode::start(t, &cfg.scheduler_addr, sched_cfg)?;
     let saddr = sched.addr();
-    let server_cfg = ServerConfig { lanes: cfg.lanes, rules: cfg.rules.clone(), max_memory: cfg.max_memory };
+    let server_cfg =
+        ServerConfig { lanes: cfg.lanes, rules: cfg.rules.clone(), max_memory: cfg.max_memory, rank: None };
     let servers = (0..cfg.servers)
         .map(|_| ServerNode::start(t, &cfg.server_addr, &saddr, server_cfg.clone()))
         .collect::<Result<Vec<_>>>()?;
@@ -117,6 +118,79 @@ where
     }
     job?;
     Ok(out)
+}
+
+/// The environment a launcher gives each worker process (DESIGN section 8).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchEnv {
+    pub scheduler: String,
+    pub rank: Option<u32>,
+    pub servers: Option<u32>,
+    pub workers: Option<u32>,
+    pub transport: Option<String>,
+}
+
+impl LaunchEnv {
+    /// Reads `PSERVER_ROLE`, `PSERVER_SCHEDULER`, `PSERVER_RANK`,
+    /// `PSERVER_NUM_SERVERS`, `PSERVER_NUM_WORKERS`, `PSERVER_TRANSPORT`.
+    /// `None` when no launcher set a role: the command runs an embedded job.
+    pub fn worker_from_env() -> Result<Option<LaunchEnv>> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let num = |k: &str| -> Result<Option<u32>> {
+            var(k)
+                .map(|v| v.parse::<u32>().map_err(|_| Error::Config(format!("{k}={v:?} is not a number"))))
+                .transpose()
+        };
+        match var("PSERVER_ROLE").as_deref() {
+            None => Ok(None),
+            Some("worker") => Ok(Some(LaunchEnv {
+                scheduler: var("PSERVER_SCHEDULER")
+                    .ok_or_else(|| Error::Config("PSERVER_ROLE=worker but PSERVER_SCHEDULER is not set".into()))?,
+                rank: num("PSERVER_RANK")?,
+                servers: num("PSERVER_NUM_SERVERS")?,
+                workers: num("PSERVER_NUM_WORKERS")?,
+                transport: var("PSERVER_TRANSPORT"),
+            })),
+            Some(other) => Err(Error::Config(format!(
+                "PSERVER_ROLE={other}: this command runs as a worker (use `pserver {other}` for that role)"
+            ))),
+        }
+    }
+
+    /// Joins the job as a worker.
+    pub fn connect(&self, transport: &dyn Transport) -> Result<Worker> {
+        let w =
+            Worker::connect(transport, &self.scheduler, WorkerConfig { rank: self.rank, ..WorkerConfig::default() })?;
+        if let Some(n) = self.workers
+            && n != w.num_workers()
+        {
+            return Err(Error::Config(format!(
+                "PSERVER_NUM_WORKERS={n} but the scheduler runs {} workers",
+                w.num_workers()
+            )));
+        }
+        if let Some(n) = self.servers
+            && n as usize != w.num_servers()
+        {
+            return Err(Error::Config(format!(
+                "PSERVER_NUM_SERVERS={n} but the scheduler has {} servers",
+                w.num_servers()
+            )));
+        }
+        Ok(w)
+    }
+}
+
+/// The transport named `name` (`inproc` only for embedded jobs; `auto` and
+/// `tcp` select TCP, with the I/O back end from `PSERVER_IO`).
+pub fn transport_named(name: &str, embedded: bool) -> Result<Arc<dyn Transport>> {
+    match name {
+        "inproc" if embedded => Ok(Arc::new(Inproc::new())),
+        "inproc" => Err(Error::Config("the inproc transport only connects threads of one process".into())),
+        "auto" | "tcp" => Ok(Arc::new(crate::transport::tcp::Tcp::from_env()?)),
+        "shm" | "rdma" => Err(Error::Config(format!("transport {name:?} is not available in this build yet"))),
+        other => Err(Error::Config(format!("unknown transport {other:?} (inproc, tcp, auto)"))),
+    }
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {

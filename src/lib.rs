@@ -24,6 +24,7 @@
 //! ```
 
 pub mod bench;
+pub mod check;
 pub mod error;
 pub mod job;
 pub mod proto;

@@ -27,12 +27,43 @@ pub trait Updater: Send + Sync + 'static {
     /// Applies `push` to `value` (both `dim` long); `state` is
     /// `dim * state_per_value()` long.
     fn apply(&self, key: Key, value: &mut [f32], state: &mut [f32], push: &[f32]);
+
+    /// The same rule as a stateless scalar function, when it is one: lets
+    /// the store run dense scalar pushes in a tight loop. Custom rules keep
+    /// the default (`None`) and always go through `apply`.
+    fn scalar(&self) -> Option<ScalarRule> {
+        None
+    }
+}
+
+/// A stateless per-coordinate rule `w' = f(w, g)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ScalarRule {
+    Assign,
+    Sum,
+    Sgd { lr: f32 },
+    Proximal { eta: f32, l1: f32, l2: f32 },
+}
+
+impl ScalarRule {
+    #[inline(always)]
+    pub fn apply(self, w: f32, g: f32) -> f32 {
+        match self {
+            ScalarRule::Assign => g,
+            ScalarRule::Sum => w + g,
+            ScalarRule::Sgd { lr } => w - lr * g,
+            ScalarRule::Proximal { eta, l1, l2 } => soft_threshold(w - eta * g, eta * l1) / (1.0 + eta * l2),
+        }
+    }
 }
 
 struct Assign;
 impl Updater for Assign {
     fn apply(&self, _: Key, value: &mut [f32], _: &mut [f32], push: &[f32]) {
         value.copy_from_slice(push);
+    }
+    fn scalar(&self) -> Option<ScalarRule> {
+        Some(ScalarRule::Assign)
     }
 }
 
@@ -42,6 +73,9 @@ impl Updater for Sum {
         for (w, g) in value.iter_mut().zip(push) {
             *w += g;
         }
+    }
+    fn scalar(&self) -> Option<ScalarRule> {
+        Some(ScalarRule::Sum)
     }
 }
 
@@ -53,6 +87,9 @@ impl Updater for Sgd {
         for (w, g) in value.iter_mut().zip(push) {
             *w -= self.lr * g;
         }
+    }
+    fn scalar(&self) -> Option<ScalarRule> {
+        Some(ScalarRule::Sgd { lr: self.lr })
     }
 }
 
@@ -111,10 +148,13 @@ struct Proximal {
 }
 impl Updater for Proximal {
     fn apply(&self, _: Key, value: &mut [f32], _: &mut [f32], push: &[f32]) {
-        let (t, shrink) = (self.eta * self.l1, 1.0 / (1.0 + self.eta * self.l2));
+        let rule = ScalarRule::Proximal { eta: self.eta, l1: self.l1, l2: self.l2 };
         for (w, g) in value.iter_mut().zip(push) {
-            *w = soft_threshold(*w - self.eta * g, t) * shrink;
+            *w = rule.apply(*w, *g);
         }
+    }
+    fn scalar(&self) -> Option<ScalarRule> {
+        Some(ScalarRule::Proximal { eta: self.eta, l1: self.l1, l2: self.l2 })
     }
 }
 

@@ -106,6 +106,29 @@ impl Drop for SchedulerNode {
     }
 }
 
+/// Ranks for registrants: requested ranks first (launchers set PSERVER_RANK),
+/// then the free ranks in registration order.
+fn assign_ranks(nodes: &[Pending], n: usize) -> Vec<usize> {
+    let mut ranks: Vec<Option<usize>> = vec![None; nodes.len()];
+    let mut taken = vec![false; n];
+    for (i, p) in nodes.iter().enumerate() {
+        if let Some(r) = p.rank.map(|r| r as usize).filter(|&r| r < n && !taken[r]) {
+            taken[r] = true;
+            ranks[i] = Some(r);
+        }
+    }
+    ranks
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                let free = taken.iter().position(|t| !t).expect("as many ranks as nodes");
+                taken[free] = true;
+                free
+            })
+        })
+        .collect()
+}
+
 struct SchedulerHandler {
     shared: Arc<Shared>,
 }
@@ -222,10 +245,15 @@ impl SchedulerHandler {
 
     fn welcome_servers(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
         let cfg = &self.shared.cfg;
+        let order = assign_ranks(&st.servers, cfg.servers as usize);
+        let mut by_rank: Vec<&Pending> = vec![&st.servers[0]; cfg.servers as usize];
+        for (p, &r) in st.servers.iter().zip(&order) {
+            by_rank[r] = p;
+        }
         st.server_infos =
-            st.servers.iter().enumerate().map(|(i, p)| ServerInfo { id: i as u32, addr: p.addr.clone() }).collect();
-        st.server_peers = st.servers.iter().map(|p| p.peer).collect();
-        for (rank, p) in st.servers.iter().enumerate() {
+            by_rank.iter().enumerate().map(|(i, p)| ServerInfo { id: i as u32, addr: p.addr.clone() }).collect();
+        st.server_peers = by_rank.iter().map(|p| p.peer).collect();
+        for (rank, p) in by_rank.iter().enumerate() {
             let w = Control::Welcome {
                 role: Role::Server,
                 rank: rank as u32,
@@ -241,24 +269,10 @@ impl SchedulerHandler {
     fn welcome_workers(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
         let cfg = &self.shared.cfg;
         let w = cfg.workers as usize;
-        let mut ranks: Vec<Option<usize>> = vec![None; st.workers.len()];
-        let mut taken = vec![false; w];
-        // Requested ranks first (launchers set PSERVER_RANK), then fill gaps.
-        for (i, p) in st.workers.iter().enumerate() {
-            if let Some(r) = p.rank.map(|r| r as usize).filter(|&r| r < w && !taken[r]) {
-                taken[r] = true;
-                ranks[i] = Some(r);
-            }
-        }
-        for r in ranks.iter_mut().filter(|r| r.is_none()) {
-            let free = taken.iter().position(|t| !t).expect("as many ranks as workers");
-            taken[free] = true;
-            *r = Some(free);
-        }
+        let ranks = assign_ranks(&st.workers, w);
         st.worker_peers = vec![None; w];
         st.done = vec![false; w];
-        for (p, r) in st.workers.iter().zip(ranks) {
-            let rank = r.expect("assigned");
+        for (p, rank) in st.workers.iter().zip(ranks) {
             st.worker_peers[rank] = Some(p.peer);
             let m = Control::Welcome {
                 role: Role::Worker,

@@ -1,22 +1,33 @@
-//! A lane: a set of shards applied by one thread at a time.
+//! A lane: a set of shards, a FIFO of jobs for them, and one *runner* at a
+//! time that drains the FIFO.
 //!
-//! The thread that delivers a request (a transport's receive loop, or the
-//! sender's own thread in process) locks each lane the request touches and
-//! applies its runs there, with no hand-off to another thread: on machines
-//! where waking a thread costs tens of microseconds, that hop would dominate a
-//! small request. Holding the lane is what makes its shards single-writer:
-//! slot stores never race, and readers (local, shared memory, RDMA) never take
-//! the lock. Requests of one connection are delivered by one thread in order,
-//! so they reach every lane in the order they were sent.
+//! Whoever delivers a request queues its runs on each lane it touches and,
+//! for a small request, tries to become that lane's runner and apply them at
+//! once on its own thread: no hand-off, because waking another thread costs
+//! tens of microseconds on small virtual machines, more than the work of a
+//! small request. A large request is handed to the lane's helper thread
+//! instead, so that the delivering thread (a transport's receive loop) goes
+//! back to receiving while it is applied.
+//!
+//! Being the runner is what makes the lane's shards single-writer: slot
+//! stores never race, and readers (local, shared memory, RDMA) never lock.
+//! Jobs run in the order they were queued, and one connection's requests are
+//! queued by one thread in the order they arrived, so a pull issued after a
+//! push by the same worker always observes it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
-use crate::proto::{RunHeader, RunReply, kind, run_form, status};
+use crate::proto::{self, ReplyHeader, RunHeader, RunReply, kind, run_form, status};
 use crate::store::{KeyRun, Shard};
-use crate::transport::{bytes_of_vec, pod_slice};
+use crate::transport::{Frame, Messenger, PeerId, bytes_of_vec, pod_slice};
+
+/// Requests with more keys than this are applied by the lane's helper thread.
+pub(super) const INLINE_MAX_KEYS: u64 = 32 * 1024;
 
 /// One run of a request, checked by the handler, ready for its lane.
 pub(super) struct LaneRun {
@@ -26,70 +37,196 @@ pub(super) struct LaneRun {
     pub vals: Option<Bytes>,
 }
 
+/// A data request being answered: the lanes it waits for and what they
+/// produced so far.
+pub(super) struct Request {
+    pub net: Arc<dyn Messenger>,
+    pub peer: PeerId,
+    pub id: u64,
+    pub kind: u16,
+    pub table: u32,
+    pending: AtomicUsize,
+    out: Mutex<Output>,
+}
+
+impl Request {
+    pub fn new(net: Arc<dyn Messenger>, peer: PeerId, id: u64, kind: u16, table: u32, lanes: usize) -> Request {
+        Request { net, peer, id, kind, table, pending: AtomicUsize::new(lanes), out: Mutex::default() }
+    }
+
+    /// Adds one lane's part; returns the reply when it was the last part.
+    fn finish_part(&self, part: Output) -> Option<Frame> {
+        {
+            let mut out = self.out.lock();
+            out.replies.extend(part.replies);
+            out.values.extend(part.values);
+            out.errors.extend(part.errors);
+        }
+        if self.pending.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return None;
+        }
+        let out = std::mem::take(&mut *self.out.lock());
+        let meta = proto::build_meta(&ReplyHeader { table: self.table, runs: out.replies.len() as u32 }, &out.replies);
+        let mut reply = Frame::new(kind::REPLY, self.id, meta);
+        reply.segments = out.values;
+        reply.segments.extend(out.errors);
+        Some(reply)
+    }
+}
+
+/// What a lane produced for a request: per-run replies, value segments (in
+/// run order) and error messages.
 #[derive(Default)]
-pub(super) struct LaneState {
+struct Output {
+    replies: Vec<RunReply>,
+    values: Vec<Bytes>,
+    errors: Vec<Bytes>,
+}
+
+pub(super) enum Job {
+    Runs { req: Arc<Request>, runs: Vec<LaneRun> },
+    Clock { worker: u32, clock: u64 },
+    Install { id: u32, shard: Box<Shard> },
+}
+
+#[derive(Default)]
+struct LaneState {
     shards: HashMap<u32, Shard>,
     /// Latest clock per worker, so shards created later start from it.
     clocks: Vec<u64>,
 }
 
 #[derive(Default)]
-pub(super) struct Lane {
-    state: Mutex<LaneState>,
+struct Helper {
+    kicked: Mutex<bool>,
+    cv: Condvar,
 }
 
-/// What a lane produced for a request: per-run replies, value segments (in
-/// run order) and error messages.
 #[derive(Default)]
-pub(super) struct Output {
-    pub replies: Vec<RunReply>,
-    pub values: Vec<Bytes>,
-    pub errors: Vec<Bytes>,
+pub(super) struct Lane {
+    queue: Mutex<VecDeque<Job>>,
+    running: AtomicBool,
+    /// Only the runner touches it; the lock is never contended.
+    state: Mutex<LaneState>,
+    helper: Helper,
+    stopped: AtomicBool,
 }
 
 impl Lane {
-    pub fn install(&self, id: u32, mut shard: Shard) {
-        let mut st = self.state.lock();
-        for (w, &c) in st.clocks.iter().enumerate() {
-            let _ = shard.record_progress(w, c);
-        }
-        st.shards.insert(id, shard);
-    }
-
-    pub fn record_clock(&self, worker: u32, clock: u64) {
-        let mut st = self.state.lock();
-        let w = worker as usize;
-        if st.clocks.len() <= w {
-            st.clocks.resize(w + 1, 0);
-        }
-        st.clocks[w] = st.clocks[w].max(clock);
-        for s in st.shards.values_mut() {
-            let _ = s.record_progress(w, clock);
+    /// Queues `job` and, when `inline`, applies the queue on this thread
+    /// (unless another thread is applying it); otherwise wakes the helper.
+    pub fn submit(&self, job: Job, inline: bool) {
+        self.queue.lock().push_back(job);
+        if inline {
+            self.run();
+        } else {
+            *self.helper.kicked.lock() = true;
+            self.helper.cv.notify_one();
         }
     }
 
-    /// Applies `runs` of one request of kind `op`, appending to `out`.
-    pub fn apply(&self, op: u16, dim: u32, runs: &[LaneRun], out: &mut Output) {
-        let mut st = self.state.lock();
-        for r in runs {
-            let count = r.header.count;
-            match apply_run(&mut st.shards, op, dim, r) {
-                Ok(v) => {
-                    out.replies.push(RunReply { run: r.header.run, status: status::OK, count });
-                    if let Some(v) = v {
-                        out.values.push(bytes_of_vec(v));
+    /// Drains the queue if no other thread is.
+    fn run(&self) {
+        loop {
+            // Acquire: see the shards as the previous runner left them.
+            if self.running.swap(true, Ordering::Acquire) {
+                return; // the current runner will take our job too
+            }
+            let mut replies: Vec<(Arc<Request>, Frame)> = Vec::new();
+            {
+                let mut st = self.state.lock();
+                loop {
+                    let job = self.queue.lock().pop_front();
+                    let Some(job) = job else { break };
+                    match job {
+                        Job::Runs { req, runs } => {
+                            let part = apply(&mut st.shards, req.kind, &runs);
+                            if let Some(reply) = req.finish_part(part) {
+                                replies.push((req, reply));
+                            }
+                        }
+                        Job::Clock { worker, clock } => {
+                            let w = worker as usize;
+                            if st.clocks.len() <= w {
+                                st.clocks.resize(w + 1, 0);
+                            }
+                            st.clocks[w] = st.clocks[w].max(clock);
+                            for s in st.shards.values_mut() {
+                                let _ = s.record_progress(w, clock);
+                            }
+                        }
+                        Job::Install { id, shard } => {
+                            let mut shard = *shard;
+                            for (w, &c) in st.clocks.iter().enumerate() {
+                                let _ = shard.record_progress(w, c);
+                            }
+                            st.shards.insert(id, shard);
+                        }
                     }
                 }
-                Err(msg) => {
-                    out.replies.push(RunReply { run: r.header.run, status: status::ERROR, count });
-                    out.errors.push(Bytes::from(msg));
+            }
+            // Release: the next runner sees everything applied above.
+            self.running.store(false, Ordering::Release);
+            // Replies go out after the lane is released: a slow peer never
+            // holds a lane.
+            for (req, reply) in replies {
+                if let Err(e) = req.net.send(req.peer, reply) {
+                    tracing::debug!(error = %e, "reply not delivered");
                 }
+            }
+            // A job queued after our last pop but before we released would
+            // otherwise wait for the next submission.
+            if self.queue.lock().is_empty() {
+                return;
             }
         }
     }
+
+    /// The helper thread's loop: apply whenever kicked, until stopped.
+    pub fn helper_loop(&self) {
+        loop {
+            {
+                let mut k = self.helper.kicked.lock();
+                while !*k && !self.stopped.load(Ordering::Acquire) {
+                    self.helper.cv.wait(&mut k);
+                }
+                if self.stopped.load(Ordering::Acquire) {
+                    return;
+                }
+                *k = false;
+            }
+            self.run();
+        }
+    }
+
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        let _k = self.helper.kicked.lock();
+        self.helper.cv.notify_all();
+    }
 }
 
-fn apply_run(shards: &mut HashMap<u32, Shard>, op: u16, dim: u32, r: &LaneRun) -> Result<Option<Vec<f32>>, String> {
+fn apply(shards: &mut HashMap<u32, Shard>, op: u16, runs: &[LaneRun]) -> Output {
+    let mut out = Output::default();
+    for r in runs {
+        let count = r.header.count;
+        match apply_run(shards, op, r) {
+            Ok(v) => {
+                out.replies.push(RunReply { run: r.header.run, status: status::OK, count });
+                if let Some(v) = v {
+                    out.values.push(bytes_of_vec(v));
+                }
+            }
+            Err(msg) => {
+                out.replies.push(RunReply { run: r.header.run, status: status::ERROR, count });
+                out.errors.push(Bytes::from(msg));
+            }
+        }
+    }
+    out
+}
+
+fn apply_run(shards: &mut HashMap<u32, Shard>, op: u16, r: &LaneRun) -> Result<Option<Vec<f32>>, String> {
     let shard = shards.get_mut(&r.shard).ok_or_else(|| format!("shard {} is not on this lane", r.shard))?;
     let keys_view = r.keys.as_ref().map(pod_slice::<u64>);
     let keys = match (&keys_view, r.header.form) {
@@ -108,7 +245,5 @@ fn apply_run(shards: &mut HashMap<u32, Shard>, op: u16, dim: u32, r: &LaneRun) -
     if op == kind::PUSH {
         return Ok(None);
     }
-    let mut out = vec![0.0f32; keys.len() * dim as usize];
-    shard.pull(keys, &mut out, None).map_err(|e| e.to_string())?;
-    Ok(Some(out))
+    Ok(Some(shard.pull_vec(keys).map_err(|e| e.to_string())?))
 }

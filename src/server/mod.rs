@@ -20,14 +20,14 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::error::{Error, Result};
-use crate::proto::{self, Control, DataHeader, ReplyHeader, Role, RunHeader, kind, run_form};
+use crate::proto::{self, Control, DataHeader, Role, RunHeader, kind, run_form};
 use crate::scheduler::ring::Ring;
 use crate::store::{KeyRange, Shard, ShardConfig};
 use crate::table::{TableId, TableSpec};
 use crate::transport::{Frame, Handler, Messenger, PeerId, Transport};
 use crate::updater::Rules;
 
-use lane::{Lane, LaneRun, Output};
+use lane::{INLINE_MAX_KEYS, Job, Lane, LaneRun, Request};
 
 /// Largest number of keys one request may carry to one server.
 pub const MAX_KEYS_PER_REQUEST: u64 = 1 << 28;
@@ -42,11 +42,13 @@ pub struct ServerConfig {
     pub rules: Rules,
     /// Refuse tables that would take the server's shards beyond this many bytes.
     pub max_memory: Option<u64>,
+    /// Requested rank (from PSERVER_RANK), honoured when free.
+    pub rank: Option<u32>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { lanes: 4, rules: Rules::default(), max_memory: None }
+        ServerConfig { lanes: 4, rules: Rules::default(), max_memory: None, rank: None }
     }
 }
 
@@ -65,6 +67,8 @@ impl Table {
 
 #[derive(Default)]
 struct Membership {
+    /// The connection to the scheduler; losing it ends the job for us.
+    scheduler: Option<PeerId>,
     /// This server's index in the ring, once welcomed.
     index: Option<u32>,
     ring: Option<Ring>,
@@ -74,7 +78,7 @@ struct Membership {
 
 struct Shared {
     cfg: ServerConfig,
-    lanes: Vec<Lane>,
+    lanes: Vec<Arc<Lane>>,
     membership: Mutex<Membership>,
     changed: Condvar,
     tables: RwLock<HashMap<TableId, Arc<Table>>>,
@@ -91,6 +95,7 @@ pub struct ServerHandler {
 pub struct ServerNode {
     shared: Arc<Shared>,
     net: Arc<dyn Messenger>,
+    helpers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl ServerNode {
@@ -98,7 +103,19 @@ impl ServerNode {
     /// `scheduler` and starts serving. Returns once registered; the ring
     /// arrives when the whole job has registered ([`ServerNode::wait_welcome`]).
     pub fn start(transport: &dyn Transport, bind: &str, scheduler: &str, cfg: ServerConfig) -> Result<ServerNode> {
-        let lanes = (0..cfg.lanes.max(1)).map(|_| Lane::default()).collect();
+        let cfg_rank = cfg.rank;
+        let lanes: Vec<Arc<Lane>> = (0..cfg.lanes.max(1)).map(|_| Arc::new(Lane::default())).collect();
+        let helpers = lanes
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let l = l.clone();
+                std::thread::Builder::new()
+                    .name(format!("pserver-lane-{i}"))
+                    .spawn(move || l.helper_loop())
+                    .map_err(|e| Error::io("spawning a lane helper thread", e))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let shared = Arc::new(Shared {
             cfg,
             lanes,
@@ -109,9 +126,12 @@ impl ServerNode {
             memory: Mutex::new(0),
         });
         let net = transport.bind(bind, Arc::new(ServerHandler { shared: shared.clone() }))?;
-        let node = ServerNode { shared, net };
+        let node = ServerNode { shared, net, helpers };
         let sched = node.net.connect(scheduler)?;
-        let reg = Control::Register { role: Role::Server, addr: node.net.local_addr(), rank: None };
+        node.shared.membership.lock().scheduler = Some(sched);
+        // Tell the job the address it can reach us at (a wildcard bind is
+        // advertised as the interface that reaches the scheduler).
+        let reg = Control::Register { role: Role::Server, addr: node.net.advertised_addr(sched), rank: cfg_rank };
         node.net.send(sched, reg.to_frame(0))?;
         Ok(node)
     }
@@ -152,10 +172,26 @@ impl Drop for ServerNode {
     fn drop(&mut self) {
         self.stop();
         self.net.shutdown();
+        for l in &self.shared.lanes {
+            l.stop();
+        }
+        for h in self.helpers.drain(..) {
+            let _ = h.join();
+        }
     }
 }
 
 impl Handler for ServerHandler {
+    fn on_disconnect(&self, _net: &Arc<dyn Messenger>, peer: PeerId) {
+        let mut m = self.shared.membership.lock();
+        if m.scheduler == Some(peer) && !m.stopping {
+            tracing::warn!("lost the connection to the scheduler; stopping");
+            m.stopping = true;
+            drop(m);
+            self.shared.changed.notify_all();
+        }
+    }
+
     fn on_frame(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) {
         let id = frame.id;
         let result = match frame.kind {
@@ -257,7 +293,7 @@ impl ServerHandler {
             let id = *next_shard;
             *next_shard += 1;
             let lane = id as usize % self.shared.lanes.len();
-            self.shared.lanes[lane].install(id, shard);
+            self.shared.lanes[lane].submit(Job::Install { id, shard: Box::new(shard) }, true);
             ranges.push((range, lane, id));
         }
         tracing::debug!(table = spec.id, shards = ranges.len(), "table created");
@@ -334,17 +370,14 @@ impl ServerHandler {
             let _ = range;
             per_lane[lane].push(LaneRun { header: r, shard, keys, vals });
         }
-        let mut out = Output::default();
-        for (lane, runs) in per_lane.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-            self.shared.lanes[lane].apply(frame.kind, table.spec.dim, runs, &mut out);
+        let lanes = per_lane.iter().filter(|r| !r.is_empty()).count();
+        if lanes == 0 {
+            return Err(bad("a data request without runs".into()));
         }
-        let meta = proto::build_meta(&ReplyHeader { table: h.table, runs: out.replies.len() as u32 }, &out.replies);
-        let mut reply = Frame::new(kind::REPLY, frame.id, meta);
-        reply.segments = out.values;
-        reply.segments.extend(out.errors);
-        // Sent after every lane was released: a slow peer never holds a lane.
-        if let Err(e) = net.send(from, reply) {
-            tracing::debug!(error = %e, "reply not delivered");
+        let req = Arc::new(Request::new(net.clone(), from, frame.id, frame.kind, h.table, lanes));
+        let inline = total <= INLINE_MAX_KEYS;
+        for (lane, runs) in per_lane.into_iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+            self.shared.lanes[lane].submit(Job::Runs { req: req.clone(), runs }, inline);
         }
         Ok(())
     }
@@ -357,7 +390,7 @@ impl ServerHandler {
             return Err(Error::protocol(net.peer_addr(from), format!("worker rank {} of {workers}", h.worker)));
         }
         for l in &self.shared.lanes {
-            l.record_clock(h.worker, u64::from(h.clock));
+            l.submit(Job::Clock { worker: h.worker, clock: u64::from(h.clock) }, true);
         }
         Ok(())
     }

@@ -26,7 +26,7 @@ use super::region::{CACHE_LINE, Region};
 use super::slot::{self, SlotLayout, Version};
 use crate::error::{Error, Result};
 use crate::table::{Init, Key, Storage, TableId};
-use crate::updater::Updater;
+use crate::updater::{ScalarRule, Updater};
 
 /// A half-open key range `[start, end)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -339,11 +339,50 @@ impl Shard {
             });
         }
         self.check_run(&keys)?;
+        if d == 1
+            && let Some(rule) = self.rule.scalar()
+        {
+            return self.apply_scalar_run(keys, values, rule);
+        }
         // The scratch buffer goes back even when a key fails half-way.
         let mut cur = std::mem::take(&mut self.scratch);
         let result = self.apply_run(keys, values, &mut cur);
         self.scratch = cur;
         result
+    }
+
+    /// Scalar keys under a stateless rule: one load and one store per key,
+    /// and for a dense range no lookups at all.
+    fn apply_scalar_run(&mut self, keys: KeyRun, values: &[f32], rule: ScalarRule) -> Result<()> {
+        #[inline(always)]
+        fn run(words: &[AtomicU64], values: &[f32], f: impl Fn(f32, f32) -> f32) {
+            for (w, &g) in words.iter().zip(values) {
+                slot::update_scalar(w, |v| f(v, g));
+            }
+        }
+        if let (Storage::Dense, KeyRun::Range { first, count }) = (self.storage, keys) {
+            let base = (first - self.range.start) as usize;
+            let words = &self.chunks[0].words()[base..base + count];
+            match rule {
+                ScalarRule::Assign => run(words, values, |_, g| g),
+                ScalarRule::Sum => run(words, values, |v, g| v + g),
+                r => run(words, values, |v, g| r.apply(v, g)),
+            }
+            return Ok(());
+        }
+        let mut scratch = [0.0f32];
+        for (i, &g) in values.iter().enumerate() {
+            let key = keys.get(i);
+            let idx = match self.locate(key) {
+                Some(idx) => idx,
+                None if self.storage == Storage::Sparse && self.range.contains(key) => {
+                    self.insert(key, &mut scratch)?
+                }
+                None => return Err(self.out_of_range(key)),
+            };
+            slot::update_scalar(&self.slot(idx)[0], |v| rule.apply(v, g));
+        }
+        Ok(())
     }
 
     fn apply_run(&mut self, keys: KeyRun, values: &[f32], cur: &mut [f32]) -> Result<()> {
@@ -379,6 +418,16 @@ impl Shard {
             });
         }
         self.check_run(&keys)?;
+        if d == 1
+            && versions.is_none()
+            && let (Storage::Dense, KeyRun::Range { first, count }) = (self.storage, keys)
+        {
+            let base = (first - self.range.start) as usize;
+            for (o, w) in out.iter_mut().zip(&self.chunks[0].words()[base..base + count]) {
+                *o = slot::load_scalar(w);
+            }
+            return Ok(());
+        }
         for (i, o) in out.chunks_exact_mut(d).enumerate() {
             let key = keys.get(i);
             let v = match self.locate(key) {
@@ -393,6 +442,21 @@ impl Shard {
             }
         }
         Ok(())
+    }
+
+    /// [`Shard::pull`] into a new vector (no zero-filling first).
+    pub fn pull_vec(&self, keys: KeyRun) -> Result<Vec<f32>> {
+        let d = self.layout.dim();
+        if d == 1
+            && let (Storage::Dense, KeyRun::Range { first, count }) = (self.storage, keys)
+        {
+            self.check_run(&keys)?;
+            let base = (first - self.range.start) as usize;
+            return Ok(self.chunks[0].words()[base..base + count].iter().map(slot::load_scalar).collect());
+        }
+        let mut out = vec![0.0f32; keys.len() * d];
+        self.pull(keys, &mut out, None)?;
+        Ok(out)
     }
 
     /// Versions only (for version-filtered pulls).

@@ -207,6 +207,23 @@ pub(crate) fn version(slot: &[AtomicU64]) -> Version {
     slot[0].load(Ordering::Relaxed) as u32
 }
 
+/// Owner-only, `dim == 1`: replaces the value `v` of a scalar slot by `f(v)`
+/// and bumps its version, with one load and one store of its word. The hot
+/// loop of dense scalar pushes.
+#[inline(always)]
+pub(crate) fn update_scalar(word: &AtomicU64, f: impl FnOnce(f32) -> f32) {
+    let old = word.load(Ordering::Relaxed);
+    let v = f(f32::from_bits((old >> 32) as u32));
+    // Release, as in `publish`.
+    word.store(u64::from(v.to_bits()) << 32 | u64::from((old as u32).wrapping_add(2)), Ordering::Release);
+}
+
+/// Owner-only, `dim == 1`: the value of a scalar slot.
+#[inline(always)]
+pub(crate) fn load_scalar(word: &AtomicU64) -> f32 {
+    f32::from_bits((word.load(Ordering::Relaxed) >> 32) as u32)
+}
+
 /// Owner-only: publishes `values` as the slot's next state (version + 2) and
 /// returns the new version.
 #[inline]

@@ -589,8 +589,8 @@ impl Shared {
     }
 
     /// Run `i` of `op` is finished (claimed by the caller).
-    fn finish_run(&self, op: &Arc<Op>, i: usize, err: Option<Error>) {
-        if op.finish_run(i, err) {
+    fn finish_run(&self, op: &Arc<Op>, i: usize, values: Option<Bytes>, err: Option<Error>) {
+        if op.finish_run(i, values, err) {
             self.complete(op);
         }
     }
@@ -606,7 +606,7 @@ impl Shared {
     fn fail_server_runs(&self, op: &Arc<Op>, server: u32, e: &Error) {
         for i in 0..op.runs().len() {
             if op.runs()[i].server == server && op.claim(i) {
-                self.finish_run(op, i, Some(e.clone()));
+                self.finish_run(op, i, None, Some(e.clone()));
             }
         }
     }
@@ -641,19 +641,19 @@ impl Shared {
                 return Err(Error::protocol(peer(), format!("second reply for run {i}")));
             }
             if r.status == status::OK {
-                let mut err = None;
+                let (mut values, mut err) = (None, None);
                 if with_values {
                     let seg = vals.next().expect("counted");
                     if seg.len() != run.count * op.dim() * 4 {
                         err = Some(Error::protocol(peer(), format!("run {i}: {} value bytes", seg.len())));
                     } else {
-                        op.write_run(i, &pod_slice::<f32>(seg));
+                        values = Some(seg.clone());
                     }
                 }
-                self.finish_run(&op, i, err);
+                self.finish_run(&op, i, values, err);
             } else {
                 let msg = errs.next().map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
-                self.finish_run(&op, i, Some(Error::Remote { peer: peer(), message: msg }));
+                self.finish_run(&op, i, None, Some(Error::Remote { peer: peer(), message: msg }));
             }
         }
         Ok(())

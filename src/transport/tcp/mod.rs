@@ -223,6 +223,29 @@ impl Endpoint {
         }
     }
 
+    /// Waits until every connection's send queue is empty, up to `limit`.
+    /// Skipped on the event-loop thread itself, which is what drains them.
+    fn drain_queues(&self, limit: Duration) {
+        let on_loop = match self.driver.lock().as_ref() {
+            Some(Driver::Uring(l)) => l.is_loop_thread(),
+            _ => true, // the std back end writes synchronously: nothing queued
+        };
+        if on_loop {
+            return;
+        }
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let busy = self.conns.read().values().any(|c| {
+                let q = c.send.lock();
+                !c.closed.load(Ordering::Acquire) && (q.loop_owns || !q.frames.is_empty())
+            });
+            if !busy || std::time::Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn conn(&self, peer: PeerId) -> Result<Arc<Conn>> {
         self.conns.read().get(&peer.0).cloned().ok_or_else(|| Error::Disconnected(format!("{peer}")))
     }
@@ -315,6 +338,9 @@ impl Messenger for Endpoint {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Deliver what is queued (a goodbye such as the scheduler's Shutdown
+        // is typically the last frame) before closing, within a bound.
+        self.drain_queues(Duration::from_secs(5));
         let conns: Vec<Arc<Conn>> = self.conns.read().values().cloned().collect();
         for c in conns {
             self.drop_conn(&c, "endpoint shut down");

@@ -120,6 +120,10 @@ impl Loop {
     pub fn flush(&self, peer: PeerId) -> io::Result<()> {
         self.cmds.send(Cmd::Flush(peer))
     }
+
+    pub fn is_loop_thread(&self) -> bool {
+        self.thread.as_ref().is_some_and(|h| h.thread().id() == std::thread::current().id())
+    }
 }
 
 impl Drop for Loop {

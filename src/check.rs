@@ -1,0 +1,81 @@
+//! `pserver check`: a smoke test of a running job. Every worker pushes known
+//! values into a dense and a sparse table for several rounds, waits for the
+//! others, pulls everything back and verifies the exact sums; it also checks
+//! that a pull right after a push observes it. Exits non-zero on any
+//! mismatch. Useful after deploying, and it is what the multi-process tests
+//! run as their workers.
+
+use crate::error::{Error, Result};
+use crate::table::{TableSpec, mix64};
+use crate::worker::Worker;
+
+/// Table ids used by the check (far from application ids).
+const DENSE: u32 = 0xC4EC_0001;
+const SPARSE: u32 = 0xC4EC_0002;
+
+/// What a worker verified.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckReport {
+    pub keys_checked: u64,
+    pub pushes: u64,
+}
+
+fn fail(what: String) -> Error {
+    Error::Remote { peer: "check".into(), message: what }
+}
+
+/// Runs the check on this worker (every worker of the job must run it).
+pub fn run(w: &Worker, keys: u64, dim: u32, rounds: u32) -> Result<CheckReport> {
+    let (rank, workers) = (u64::from(w.rank()), u64::from(w.num_workers()));
+    let d = dim as usize;
+    w.create_table(TableSpec::dense(DENSE, keys, dim))?;
+    w.create_table(TableSpec::sparse(SPARSE, u64::MAX, dim))?;
+    let all: Vec<u64> = (0..keys).collect();
+    // Sparse keys spread over the whole u64 space; shared by all workers.
+    let mut sparse: Vec<u64> = (0..keys).map(|i| mix64(i) | 1).collect();
+    sparse.sort_unstable();
+    sparse.dedup();
+    // Worker r pushes (r + 1) * (key % 7 + 1) + j to coordinate j.
+    let vals = |ks: &[u64]| -> Vec<f32> {
+        ks.iter()
+            .enumerate()
+            .flat_map(|(i, _)| (0..d).map(move |j| ((rank + 1) * (i as u64 % 7 + 1)) as f32 + j as f32))
+            .collect()
+    };
+    let (dense_vals, sparse_vals) = (vals(&all), vals(&sparse));
+    let mut pushes = 0;
+    for _ in 0..rounds {
+        w.push(DENSE, &all, &dense_vals)?;
+        w.push(SPARSE, &sparse, &sparse_vals)?;
+        pushes += 2;
+        w.clock()?;
+    }
+    w.wait_all()?;
+    w.barrier()?;
+    let r = u64::from(rounds);
+    let sum_ranks = workers * (workers + 1) / 2;
+    let expect = |i: usize, j: usize| -> f32 { (r * (sum_ranks * (i as u64 % 7 + 1) + workers * j as u64)) as f32 };
+    for (table, ks) in [(DENSE, &all), (SPARSE, &sparse)] {
+        let got = w.pull(table, ks)?.wait()?;
+        for i in 0..ks.len() {
+            for j in 0..d {
+                let (g, e) = (got[i * d + j], expect(i, j));
+                if g != e {
+                    return Err(fail(format!("table {table:#x} key {} coordinate {j}: got {g}, expected {e}", ks[i])));
+                }
+            }
+        }
+    }
+    // Read-your-writes: a pull right after a push (no wait) sees it.
+    w.barrier()?;
+    let mine = [rank];
+    let before = w.pull(DENSE, &mine)?.wait()?;
+    w.push(DENSE, &mine, &vec![1.0; d])?;
+    let after = w.pull(DENSE, &mine)?.wait()?;
+    if after[0] < before[0] + 1.0 {
+        return Err(fail(format!("a pull after a push did not observe it ({} then {})", before[0], after[0])));
+    }
+    w.wait_all()?;
+    w.barrier()?;
+    Ok(CheckReport { keys_checked: (all.len() + sparse.len()) as u64 * u64::from(dim), pushes })
+}

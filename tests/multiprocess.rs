@@ -1,0 +1,274 @@
+//! Multi-process jobs on 127.0.0.1: a scheduler, servers and workers as
+//! separate `pserver` processes talking TCP, over each I/O back end. Every
+//! process is killed if a test fails or times out, so nothing is left behind.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pserver");
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// A child process killed on drop.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let child = cmd.stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Proc { name: name.into(), child }
+    }
+
+    /// Waits for exit until `deadline`; panics on timeout.
+    fn wait(&mut self, deadline: Instant) -> ExitStatus {
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "{} did not finish in time", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pserver-mp-{tag}-{}-{:?}", std::process::id(), Instant::now()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn read_addr(path: &Path, owner: &mut Proc, deadline: Instant) -> String {
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && !s.trim().is_empty()
+        {
+            return s.trim().to_string();
+        }
+        if let Some(st) = owner.child.try_wait().unwrap() {
+            panic!("{} exited ({st}) before writing its address", owner.name);
+        }
+        assert!(Instant::now() < deadline, "{} never wrote its address", owner.name);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn uring_works() -> bool {
+    pserver::transport::tcp::Tcp::new(pserver::transport::tcp::IoMode::Auto, Default::default()).resolved_mode()
+        == pserver::transport::tcp::IoMode::Uring
+}
+
+struct Job {
+    dir: PathBuf,
+    io: &'static str,
+    scheduler: Proc,
+    servers: Vec<Proc>,
+    addr: String,
+    server_addrs: Vec<String>,
+}
+
+fn start_job(io: &'static str, servers: u32, workers: u32, tag: &str, deadline: Instant) -> Job {
+    let dir = tempdir(tag);
+    let af = dir.join("scheduler.addr");
+    let mut scheduler = Proc::spawn(
+        "scheduler",
+        Command::new(BIN)
+            .args(["scheduler", "--bind", "127.0.0.1:0", "--servers", &servers.to_string()])
+            .args(["--workers", &workers.to_string(), "--addr-file"])
+            .arg(&af)
+            .env("PSERVER_IO", io),
+    );
+    let addr = read_addr(&af, &mut scheduler, deadline);
+    let mut procs = Vec::new();
+    let mut server_addrs = Vec::new();
+    for i in 0..servers {
+        let f = dir.join(format!("server{i}.addr"));
+        let mut p = Proc::spawn(
+            &format!("server {i}"),
+            Command::new(BIN).args(["server", "--scheduler", &addr, "--addr-file"]).arg(&f).env("PSERVER_IO", io),
+        );
+        server_addrs.push(read_addr(&f, &mut p, deadline));
+        procs.push(p);
+    }
+    Job { dir, io, scheduler, servers: procs, addr, server_addrs }
+}
+
+impl Job {
+    fn worker(&self, rank: u32, workers: u32, args: &[&str]) -> Proc {
+        Proc::spawn(
+            &format!("worker {rank}"),
+            Command::new(BIN)
+                .args(args)
+                .env("PSERVER_IO", self.io)
+                .env("PSERVER_ROLE", "worker")
+                .env("PSERVER_RANK", rank.to_string())
+                .env("PSERVER_SCHEDULER", &self.addr)
+                .env("PSERVER_NUM_SERVERS", self.servers.len().to_string())
+                .env("PSERVER_NUM_WORKERS", workers.to_string()),
+        )
+    }
+
+    /// Waits for the workers, then for the scheduler and servers to end by
+    /// themselves, and asserts everything exited 0.
+    fn finish(self, workers: Vec<Proc>, deadline: Instant) {
+        let dir = self.dir.clone();
+        self.finish_keeping_dir(workers, deadline);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn finish_keeping_dir(mut self, mut workers: Vec<Proc>, deadline: Instant) {
+        for w in &mut workers {
+            let st = w.wait(deadline);
+            assert!(st.success(), "{} failed: {st}", w.name);
+        }
+        let st = self.scheduler.wait(deadline);
+        assert!(st.success(), "scheduler failed: {st}");
+        for s in &mut self.servers {
+            let st = s.wait(deadline);
+            assert!(st.success(), "{} failed: {st}", s.name);
+        }
+    }
+}
+
+fn two_servers_three_workers(io: &'static str) {
+    let deadline = Instant::now() + DEADLINE;
+    let job = start_job(io, 2, 3, io, deadline);
+    let workers: Vec<Proc> =
+        (0..3).map(|r| job.worker(r, 3, &["check", "--keys", "20000", "--dim", "2", "--rounds", "4"])).collect();
+    job.finish(workers, deadline);
+}
+
+#[test]
+fn two_servers_three_workers_over_std_sockets() {
+    two_servers_three_workers("std");
+}
+
+#[test]
+fn two_servers_three_workers_over_io_uring() {
+    if !uring_works() {
+        eprintln!("SKIPPED: io_uring is not available on this machine");
+        return;
+    }
+    two_servers_three_workers("uring");
+}
+
+#[test]
+fn a_failing_worker_fails_the_job_and_everything_exits() {
+    let deadline = Instant::now() + DEADLINE;
+    let mut job = start_job("std", 1, 2, "fail", deadline);
+    // Worker 0 runs the check; worker 1 asks for a transport that does not
+    // exist and fails before joining.
+    let mut good = job.worker(0, 2, &["check", "--keys", "100"]);
+    let mut bad = job.worker(1, 2, &["check", "--transport", "nonsense"]);
+    assert!(!bad.wait(deadline).success());
+    // The job cannot complete without worker 1: kill the rest, as a launcher
+    // would, and make sure they go.
+    drop(bad);
+    let _ = good.child.kill();
+    good.wait(deadline);
+    let _ = job.scheduler.child.kill();
+    job.scheduler.wait(deadline);
+}
+
+/// Sends `bytes` on a fresh connection and keeps it open (or not).
+fn raw_send(addr: &str, bytes: &[u8], keep: bool) -> Option<TcpStream> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let _ = s.write_all(bytes);
+    if keep {
+        return Some(s);
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    None
+}
+
+fn garbage_then_normal_worker(io: &'static str) {
+    use pserver::transport::frame::{self, Frame, FrameHeader};
+    let deadline = Instant::now() + DEADLINE;
+    let job = start_job(io, 1, 1, &format!("garbage-{io}"), deadline);
+    let target = job.server_addrs[0].clone();
+    let valid = frame::encode(&Frame::new(16, 1, bytes::Bytes::from_static(&[0u8; 8])));
+    let mut huge: FrameHeader = bytemuck::pod_read_unaligned(&valid[..32]);
+    huge.body_len = u64::MAX - 100;
+    let mut big_but_legal: FrameHeader = huge;
+    big_but_legal.body_len = 512 << 20; // under the limit: the server must not wait on it forever
+    let mut held = Vec::new();
+    for addr in [&target, &job.addr] {
+        raw_send(addr, b"\x00\x01garbage\xff\xfe not a frame at all", false);
+        raw_send(addr, &[0xAB; 4096], false);
+        raw_send(addr, bytemuck::bytes_of(&huge), false);
+        // A valid header whose meta is not a request, and a control frame with garbage.
+        raw_send(addr, &valid, false);
+        let mut ctl = Frame::new(1, 5, bytes::Bytes::new());
+        ctl.segments.push(bytes::Bytes::from_static(&[0xff; 40]));
+        raw_send(addr, &frame::encode(&ctl), false);
+        // Truncated frames, left hanging.
+        held.extend(raw_send(addr, &valid[..valid.len() / 2], true));
+        held.extend(raw_send(addr, bytemuck::bytes_of(&big_but_legal), true));
+    }
+    // A normal worker is still served correctly, with the bad peers connected.
+    let w = job.worker(0, 1, &["check", "--keys", "5000"]);
+    job.finish(vec![w], deadline);
+    drop(held);
+}
+
+#[test]
+fn garbage_truncated_and_huge_frames_do_not_stop_a_server_over_std_sockets() {
+    garbage_then_normal_worker("std");
+}
+
+#[test]
+fn garbage_truncated_and_huge_frames_do_not_stop_a_server_over_io_uring() {
+    if !uring_works() {
+        eprintln!("SKIPPED: io_uring is not available on this machine");
+        return;
+    }
+    garbage_then_normal_worker("uring");
+}
+
+#[test]
+fn bench_runs_as_launched_workers_and_prints_json() {
+    let deadline = Instant::now() + DEADLINE;
+    let job = start_job("std", 1, 2, "bench", deadline);
+    let args = ["bench", "--op", "pushpull", "--size", "64KiB", "--seconds", "0.2", "--json"];
+    let out_file = job.dir.join("w0.out");
+    let w0 = Proc::spawn(
+        "worker 0",
+        Command::new(BIN)
+            .args(args)
+            .env("PSERVER_IO", "std")
+            .env("PSERVER_ROLE", "worker")
+            .env("PSERVER_RANK", "0")
+            .env("PSERVER_SCHEDULER", &job.addr)
+            .stdout(std::fs::File::create(&out_file).unwrap()),
+    );
+    let w1 = job.worker(1, 2, &args);
+    let dir = job.dir.clone();
+    job.finish_keeping_dir(vec![w0, w1], deadline);
+    let out = std::fs::read_to_string(&out_file).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let lines: Vec<serde_json::Value> =
+        out.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let r = &lines[0];
+    assert_eq!(r["op"], "pushpull");
+    assert_eq!(r["transport"], "tcp");
+    assert_eq!(r["bytes"], 65536);
+    assert_eq!(r["workers"], 2);
+    assert_eq!(r["verified"], true);
+    for k in ["goodput_bytes_per_s", "p50_us", "p99_us", "baseline_goodput_bytes_per_s", "baseline_p50_us", "ratio"] {
+        assert!(r[k].as_f64().unwrap() > 0.0, "{k} in {r}");
+    }
+}
