@@ -65,19 +65,20 @@ fn updates(c: &mut Criterion) {
 }
 
 fn sparse_batch(c: &mut Criterion) {
-    let mut g = c.benchmark_group("sparse_batch_10k");
-    let n = 10_000usize;
-    let mut keys: Vec<u64> = (0..n as u64).map(|i| mix64(i) >> 20).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let mut s = shard(Storage::Sparse, u64::MAX, 1, UpdaterSpec::Sum);
-    let grads = vec![1.0f32; keys.len()];
-    s.push(KeyRun::List(&keys), &grads).unwrap();
-    let mut out = vec![0.0f32; keys.len()];
-    g.throughput(Throughput::Elements(keys.len() as u64));
-    g.bench_function("push", |b| b.iter(|| s.push(KeyRun::List(black_box(&keys)), &grads).unwrap()));
-    g.bench_function("pull", |b| b.iter(|| s.pull(KeyRun::List(black_box(&keys)), &mut out, None).unwrap()));
-    g.finish();
+    for n in [10_000usize, 100_000] {
+        let mut g = c.benchmark_group(format!("sparse_batch_{}k", n / 1000));
+        let mut keys: Vec<u64> = (0..n as u64).map(|i| mix64(i) >> 20).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut s = shard(Storage::Sparse, u64::MAX, 1, UpdaterSpec::Sum);
+        let grads = vec![1.0f32; keys.len()];
+        s.push(KeyRun::List(&keys), &grads).unwrap();
+        let mut out = vec![0.0f32; keys.len()];
+        g.throughput(Throughput::Elements(keys.len() as u64));
+        g.bench_function("push", |b| b.iter(|| s.push(KeyRun::List(black_box(&keys)), &grads).unwrap()));
+        g.bench_function("pull", |b| b.iter(|| s.pull(KeyRun::List(black_box(&keys)), &mut out, None).unwrap()));
+        g.finish();
+    }
 }
 
 criterion_group!(benches, validated_reads, updates, sparse_batch);

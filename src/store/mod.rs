@@ -4,6 +4,7 @@
 //! The store knows nothing about networks or workers' requests; servers own
 //! shards and transports expose their regions.
 
+pub mod index;
 pub mod region;
 pub mod shard;
 pub mod slot;

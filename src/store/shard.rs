@@ -19,9 +19,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
+use super::index::{KeyIndex, prefetch};
 use super::region::{CACHE_LINE, Region};
 use super::slot::{self, SlotLayout, Version};
 use crate::error::{Error, Result};
@@ -130,15 +130,22 @@ pub struct Shard {
     /// log2 of the slots per chunk.
     chunk_shift: u32,
     /// Sparse only: key -> slot index, and the key of each slot.
-    index: FxHashMap<Key, u32>,
+    index: KeyIndex,
     keys: Vec<Key>,
     /// Slots in use.
     len: usize,
     state: Vec<f32>,
     state_per_key: usize,
     scratch: Vec<f32>,
+    /// Scratch: slot numbers of a batch (`NO_SLOT` for absent keys).
+    slot_ids: Vec<u32>,
     workers: usize,
 }
+
+/// How many keys ahead batch loops prefetch.
+const PREFETCH_AHEAD: usize = 16;
+/// Marks a key without a slot in `slot_ids`.
+const NO_SLOT: u32 = u32::MAX;
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -192,7 +199,8 @@ impl Shard {
             header: Arc::new(header_region),
             chunks: Vec::new(),
             chunk_shift: 0,
-            index: FxHashMap::default(),
+            index: KeyIndex::default(),
+            slot_ids: Vec::new(),
             keys: Vec::new(),
             len: 0,
             state: Vec::new(),
@@ -252,7 +260,7 @@ impl Shard {
         self.header.len_bytes()
             + self.chunks.iter().map(|c| c.len_bytes()).sum::<usize>()
             + self.state.capacity() * 4
-            + self.index.capacity() * 12
+            + self.index.bytes()
             + self.keys.capacity() * 8
     }
 
@@ -280,7 +288,7 @@ impl Shard {
         }
         match self.storage {
             Storage::Dense => Some((key - self.range.start) as usize),
-            Storage::Sparse => self.index.get(&key).map(|&i| i as usize),
+            Storage::Sparse => self.index.get(key).map(|i| i as usize),
         }
     }
 
@@ -302,7 +310,7 @@ impl Shard {
     /// Creates the slot of `key`; `buf` is `dim` floats of scratch.
     fn insert(&mut self, key: Key, buf: &mut [f32]) -> Result<usize> {
         let idx = self.len;
-        if idx >= u32::MAX as usize {
+        if idx >= NO_SLOT as usize {
             return Err(Error::OutOfMemory(format!("table {}: shard {} has 2^32 keys", self.table, self.range)));
         }
         if idx >> self.chunk_shift >= self.chunks.len() {
@@ -310,7 +318,7 @@ impl Shard {
             self.chunks.push(Arc::new(Region::anon(bytes)?));
         }
         self.len += 1;
-        self.index.insert(key, idx as u32);
+        self.index.insert_new(key, idx as u32);
         self.keys.push(key);
         if self.state_per_key > 0 {
             let start = self.state.len();
@@ -370,17 +378,52 @@ impl Shard {
             }
             return Ok(());
         }
-        let mut scratch = [0.0f32];
-        for (i, &g) in values.iter().enumerate() {
-            let key = keys.get(i);
-            let idx = match self.locate(key) {
-                Some(idx) => idx,
-                None if self.storage == Storage::Sparse && self.range.contains(key) => {
-                    self.insert(key, &mut scratch)?
+        // Any other run: find (or create) every key's slot first, then apply,
+        // each loop prefetching a few keys ahead so cache misses overlap.
+        let mut ids = std::mem::take(&mut self.slot_ids);
+        let r = self.slot_ids_for(keys, true, &mut ids);
+        if r.is_ok() {
+            let words = self.layout.words();
+            for (i, &g) in values.iter().enumerate() {
+                if let Some(&ahead) = ids.get(i + PREFETCH_AHEAD) {
+                    prefetch(self.slot(ahead as usize).as_ptr().cast());
                 }
-                None => return Err(self.out_of_range(key)),
+                let slot = slot_in(&self.chunks, self.chunk_shift, words, ids[i] as usize);
+                slot::update_scalar(&slot[0], |v| rule.apply(v, g));
+            }
+        }
+        self.slot_ids = ids;
+        r
+    }
+
+    /// The slot numbers of `keys` into `ids`; with `create`, slots are made
+    /// for absent keys of a sparse shard, else they get `NO_SLOT`.
+    fn slot_ids_for(&mut self, keys: KeyRun, create: bool, ids: &mut Vec<u32>) -> Result<()> {
+        ids.clear();
+        let n = keys.len();
+        let mut scratch = vec![0.0f32; if create { self.layout.dim() } else { 0 }];
+        for i in 0..n {
+            let key = keys.get(i);
+            let id = match self.storage {
+                Storage::Dense => {
+                    if !self.range.contains(key) {
+                        return Err(self.out_of_range(key));
+                    }
+                    (key - self.range.start) as u32
+                }
+                Storage::Sparse => {
+                    if i + PREFETCH_AHEAD < n {
+                        self.index.prefetch(keys.get(i + PREFETCH_AHEAD));
+                    }
+                    match self.index.get(key) {
+                        Some(id) => id,
+                        None if !self.range.contains(key) => return Err(self.out_of_range(key)),
+                        None if create => self.insert(key, &mut scratch)? as u32,
+                        None => NO_SLOT,
+                    }
+                }
             };
-            slot::update_scalar(&self.slot(idx)[0], |v| rule.apply(v, g));
+            ids.push(id);
         }
         Ok(())
     }
@@ -428,6 +471,27 @@ impl Shard {
             }
             return Ok(());
         }
+        if d == 1 && versions.is_none() {
+            // Batch lookups with prefetching (see `slot_ids_for`).
+            let mut ids = Vec::with_capacity(keys.len());
+            self.lookup_ids(keys, &mut ids)?;
+            for (i, o) in out.iter_mut().enumerate() {
+                if let Some(&ahead) = ids.get(i + PREFETCH_AHEAD)
+                    && ahead != NO_SLOT
+                {
+                    prefetch(self.slot(ahead as usize).as_ptr().cast());
+                }
+                *o = match ids[i] {
+                    NO_SLOT => {
+                        let mut v = [0.0f32];
+                        self.init.fill(keys.get(i), &mut v);
+                        v[0]
+                    }
+                    id => slot::load_scalar(&self.slot(id as usize)[0]),
+                };
+            }
+            return Ok(());
+        }
         for (i, o) in out.chunks_exact_mut(d).enumerate() {
             let key = keys.get(i);
             let v = match self.locate(key) {
@@ -440,6 +504,27 @@ impl Shard {
             if let Some(vs) = versions.as_deref_mut() {
                 vs[i] = v;
             }
+        }
+        Ok(())
+    }
+
+    /// Read-only lookup of slot numbers (`NO_SLOT` for absent keys).
+    fn lookup_ids(&self, keys: KeyRun, ids: &mut Vec<u32>) -> Result<()> {
+        let n = keys.len();
+        for i in 0..n {
+            let key = keys.get(i);
+            if !self.range.contains(key) {
+                return Err(self.out_of_range(key));
+            }
+            ids.push(match self.storage {
+                Storage::Dense => (key - self.range.start) as u32,
+                Storage::Sparse => {
+                    if i + PREFETCH_AHEAD < n {
+                        self.index.prefetch(keys.get(i + PREFETCH_AHEAD));
+                    }
+                    self.index.get(key).unwrap_or(NO_SLOT)
+                }
+            });
         }
         Ok(())
     }
