@@ -70,6 +70,25 @@ pub struct DataHeader {
     pub flags: u32,
     /// Per-worker request sequence number.
     pub seq: u64,
+    /// Maximal delay: the request completes once every shard it touches has
+    /// applied all workers' pushes of clocks `< clock - tau`.
+    /// [`TAU_EVENTUAL`] never waits.
+    pub tau: u32,
+    pub reserved: u32,
+}
+
+/// `DataHeader::tau` of an eventual-consistency request.
+pub const TAU_EVENTUAL: u32 = u32::MAX;
+
+impl DataHeader {
+    /// The progress every touched shard must have reached, if any.
+    pub fn needed_progress(&self) -> Option<u64> {
+        if self.tau == TAU_EVENTUAL {
+            return None;
+        }
+        let need = u64::from(self.clock).checked_sub(u64::from(self.tau))?;
+        (need > 0).then_some(need)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -87,6 +106,9 @@ pub struct RunHeader {
 pub struct ReplyHeader {
     pub table: u32,
     pub runs: u32,
+    /// The smallest shard progress this reply was served at: every worker's
+    /// pushes of clocks `< progress` were applied (`u64::MAX`: no shard).
+    pub progress: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -194,7 +216,7 @@ mod tests {
 
     #[test]
     fn meta_round_trips_and_wrong_sizes_are_refused() {
-        let h = DataHeader { table: 1, worker: 2, clock: 3, epoch: 4, runs: 2, flags: 0, seq: 5 };
+        let h = DataHeader { table: 1, worker: 2, clock: 3, epoch: 4, runs: 2, flags: 0, seq: 5, tau: 1, reserved: 0 };
         let runs = [
             RunHeader { run: 0, form: run_form::RANGE, first: 10, count: 5 },
             RunHeader { run: 3, form: run_form::LIST, first: 99, count: 1 },
@@ -207,6 +229,26 @@ mod tests {
         lying.runs = u32::MAX;
         assert!(parse_meta::<DataHeader, RunHeader>(&build_meta(&lying, &runs), |h| h.runs).is_none());
         assert!(parse_meta::<DataHeader, RunHeader>(&[0u8; 3], |h| h.runs).is_none());
+    }
+
+    #[test]
+    fn needed_progress_follows_clock_and_tau() {
+        let h = |clock, tau| DataHeader {
+            table: 0,
+            worker: 0,
+            clock,
+            epoch: 0,
+            runs: 0,
+            flags: 0,
+            seq: 0,
+            tau,
+            reserved: 0,
+        };
+        assert_eq!(h(5, 0).needed_progress(), Some(5));
+        assert_eq!(h(5, 2).needed_progress(), Some(3));
+        assert_eq!(h(2, 2).needed_progress(), None);
+        assert_eq!(h(1, 5).needed_progress(), None);
+        assert_eq!(h(9, TAU_EVENTUAL).needed_progress(), None);
     }
 
     #[test]

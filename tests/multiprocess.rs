@@ -272,3 +272,39 @@ fn bench_runs_as_launched_workers_and_prints_json() {
         assert!(r[k].as_f64().unwrap() > 0.0, "{k} in {r}");
     }
 }
+
+/// Runs `tools/launch` with the real binary; returns (exit status, stdout).
+fn launch(args: &[&str], deadline: Instant) -> (ExitStatus, String) {
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/launch");
+    let dir = tempdir("launch");
+    let out = dir.join("stdout");
+    let mut p = Proc::spawn(
+        "tools/launch",
+        Command::new(&tool).args(args).env("PSERVER_BIN", BIN).stdout(std::fs::File::create(&out).unwrap()),
+    );
+    let st = p.wait(deadline);
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    (st, text)
+}
+
+#[test]
+fn tools_launch_runs_a_real_job_locally() {
+    let deadline = Instant::now() + DEADLINE;
+    let (st, out) = launch(&["-s", "2", "-w", "3", "--", BIN, "check", "--keys", "3000"], deadline);
+    assert!(st.success(), "launch failed: {st}\n{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("check passed on worker")).count(), 3, "{out}");
+}
+
+#[test]
+fn tools_launch_runs_a_real_job_through_mpirun() {
+    if Command::new("mpirun").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: mpirun not installed (apt-get install openmpi-bin)");
+        return;
+    }
+    let deadline = Instant::now() + DEADLINE;
+    let (st, out) =
+        launch(&["-s", "1", "-w", "2", "--launcher", "mpi", "--", BIN, "check", "--keys", "2000"], deadline);
+    assert!(st.success(), "launch failed: {st}\n{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("check passed on worker")).count(), 2, "{out}");
+}

@@ -9,6 +9,15 @@
 //! instead, so that the delivering thread (a transport's receive loop) goes
 //! back to receiving while it is applied.
 //!
+//! Consistency (DESIGN section 3): a request issued at clock `t` with delay
+//! `tau` may complete only once every shard it touches has applied every
+//! worker's pushes of clocks `< t - tau`. Its pushes are applied at once (so
+//! that the progress a worker's clock reports is always true); its reads and
+//! its reply are *parked* in the lane until the shards' progress allows them,
+//! and re-examined whenever a clock advances progress. Nothing spins, and a
+//! parked request never holds up the requests behind it, whose clocks may be
+//! exactly what it waits for.
+//!
 //! Being the runner is what makes the lane's shards single-writer: slot
 //! stores never race, and readers (local, shared memory, RDMA) never lock.
 //! Jobs run in the order they were queued, and one connection's requests are
@@ -45,13 +54,24 @@ pub(super) struct Request {
     pub id: u64,
     pub kind: u16,
     pub table: u32,
+    /// Progress every touched shard must reach before completing.
+    pub need: Option<u64>,
     pending: AtomicUsize,
     out: Mutex<Output>,
 }
 
 impl Request {
-    pub fn new(net: Arc<dyn Messenger>, peer: PeerId, id: u64, kind: u16, table: u32, lanes: usize) -> Request {
-        Request { net, peer, id, kind, table, pending: AtomicUsize::new(lanes), out: Mutex::default() }
+    pub fn new(
+        net: Arc<dyn Messenger>,
+        peer: PeerId,
+        id: u64,
+        kind: u16,
+        table: u32,
+        need: Option<u64>,
+        lanes: usize,
+    ) -> Request {
+        let out = Mutex::new(Output { progress: u64::MAX, ..Output::default() });
+        Request { net, peer, id, kind, table, need, pending: AtomicUsize::new(lanes), out }
     }
 
     /// Adds one lane's part; returns the reply when it was the last part.
@@ -61,12 +81,14 @@ impl Request {
             out.replies.extend(part.replies);
             out.values.extend(part.values);
             out.errors.extend(part.errors);
+            out.progress = out.progress.min(part.progress);
         }
         if self.pending.fetch_sub(1, Ordering::AcqRel) != 1 {
             return None;
         }
         let out = std::mem::take(&mut *self.out.lock());
-        let meta = proto::build_meta(&ReplyHeader { table: self.table, runs: out.replies.len() as u32 }, &out.replies);
+        let header = ReplyHeader { table: self.table, runs: out.replies.len() as u32, progress: out.progress };
+        let meta = proto::build_meta(&header, &out.replies);
         let mut reply = Frame::new(kind::REPLY, self.id, meta);
         reply.segments = out.values;
         reply.segments.extend(out.errors);
@@ -81,6 +103,16 @@ struct Output {
     replies: Vec<RunReply>,
     values: Vec<Bytes>,
     errors: Vec<Bytes>,
+    /// Smallest progress of the shards served.
+    progress: u64,
+}
+
+/// A request part whose pushes are applied and whose reads and reply wait
+/// for progress.
+struct Parked {
+    req: Arc<Request>,
+    runs: Vec<LaneRun>,
+    pushed: Vec<Result<(), String>>,
 }
 
 pub(super) enum Job {
@@ -94,6 +126,73 @@ struct LaneState {
     shards: HashMap<u32, Shard>,
     /// Latest clock per worker, so shards created later start from it.
     clocks: Vec<u64>,
+    /// Requests waiting for progress, in arrival order.
+    parked: Vec<Parked>,
+}
+
+impl LaneState {
+    /// Applies a request's pushes, then completes it or parks it.
+    fn start(&mut self, req: Arc<Request>, runs: Vec<LaneRun>) -> Option<Frame> {
+        let pushed: Vec<Result<(), String>> = if req.kind == kind::PULL {
+            runs.iter().map(|_| Ok(())).collect()
+        } else {
+            runs.iter().map(|r| push_run(&mut self.shards, r)).collect()
+        };
+        if self.ready(&req, &runs) {
+            self.finish(req, runs, pushed)
+        } else {
+            self.parked.push(Parked { req, runs, pushed });
+            None
+        }
+    }
+
+    fn ready(&self, req: &Request, runs: &[LaneRun]) -> bool {
+        let Some(need) = req.need else { return true };
+        runs.iter().all(|r| self.shards.get(&r.shard).is_none_or(|s| s.min_progress() >= need))
+    }
+
+    /// Reads (for pulls), builds this lane's part of the reply.
+    fn finish(&self, req: Arc<Request>, runs: Vec<LaneRun>, pushed: Vec<Result<(), String>>) -> Option<Frame> {
+        let mut out = Output { progress: u64::MAX, ..Output::default() };
+        for (r, res) in runs.iter().zip(pushed) {
+            let res =
+                res.and_then(|()| if req.kind == kind::PUSH { Ok(None) } else { pull_run(&self.shards, r).map(Some) });
+            let count = r.header.count;
+            match res {
+                Ok(v) => {
+                    out.replies.push(RunReply { run: r.header.run, status: status::OK, count });
+                    if let Some(v) = v {
+                        out.values.push(bytes_of_vec(v));
+                    }
+                }
+                Err(msg) => {
+                    out.replies.push(RunReply { run: r.header.run, status: status::ERROR, count });
+                    out.errors.push(Bytes::from(msg));
+                }
+            }
+            if let Some(s) = self.shards.get(&r.shard) {
+                out.progress = out.progress.min(s.min_progress());
+            }
+        }
+        req.finish_part(out)
+    }
+
+    /// Completes the parked requests that progress now allows, in order.
+    fn release_parked(&mut self, replies: &mut Vec<(Arc<Request>, Frame)>) {
+        if self.parked.is_empty() {
+            return;
+        }
+        for p in std::mem::take(&mut self.parked) {
+            if self.ready(&p.req, &p.runs) {
+                let req = p.req.clone();
+                if let Some(reply) = self.finish(p.req, p.runs, p.pushed) {
+                    replies.push((req, reply));
+                }
+            } else {
+                self.parked.push(p);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -140,8 +239,7 @@ impl Lane {
                     let Some(job) = job else { break };
                     match job {
                         Job::Runs { req, runs } => {
-                            let part = apply(&mut st.shards, req.kind, &runs);
-                            if let Some(reply) = req.finish_part(part) {
+                            if let Some(reply) = st.start(req.clone(), runs) {
                                 replies.push((req, reply));
                             }
                         }
@@ -154,6 +252,7 @@ impl Lane {
                             for s in st.shards.values_mut() {
                                 let _ = s.record_progress(w, clock);
                             }
+                            st.release_parked(&mut replies);
                         }
                         Job::Install { id, shard } => {
                             let mut shard = *shard;
@@ -206,44 +305,30 @@ impl Lane {
     }
 }
 
-fn apply(shards: &mut HashMap<u32, Shard>, op: u16, runs: &[LaneRun]) -> Output {
-    let mut out = Output::default();
-    for r in runs {
-        let count = r.header.count;
-        match apply_run(shards, op, r) {
-            Ok(v) => {
-                out.replies.push(RunReply { run: r.header.run, status: status::OK, count });
-                if let Some(v) = v {
-                    out.values.push(bytes_of_vec(v));
-                }
-            }
-            Err(msg) => {
-                out.replies.push(RunReply { run: r.header.run, status: status::ERROR, count });
-                out.errors.push(Bytes::from(msg));
-            }
-        }
-    }
-    out
-}
-
-fn apply_run(shards: &mut HashMap<u32, Shard>, op: u16, r: &LaneRun) -> Result<Option<Vec<f32>>, String> {
-    let shard = shards.get_mut(&r.shard).ok_or_else(|| format!("shard {} is not on this lane", r.shard))?;
-    let keys_view = r.keys.as_ref().map(pod_slice::<u64>);
-    let keys = match (&keys_view, r.header.form) {
+/// The keys of a run, checked sorted and unique when spelled out.
+fn run_keys<'a>(r: &LaneRun, view: &'a Option<std::borrow::Cow<'a, [u64]>>) -> Result<KeyRun<'a>, String> {
+    match (view, r.header.form) {
         (Some(k), run_form::LIST) => {
             if let Some(i) = k.windows(2).position(|w| w[0] >= w[1]) {
                 return Err(format!("keys must be sorted and unique: key[{}] = {} follows {}", i + 1, k[i + 1], k[i]));
             }
-            KeyRun::List(k)
+            Ok(KeyRun::List(k))
         }
-        _ => KeyRun::Range { first: r.header.first, count: r.header.count as usize },
-    };
-    if op != kind::PULL {
-        let vals = pod_slice::<f32>(r.vals.as_ref().expect("checked by the handler"));
-        shard.push(keys, &vals).map_err(|e| e.to_string())?;
+        _ => Ok(KeyRun::Range { first: r.header.first, count: r.header.count as usize }),
     }
-    if op == kind::PUSH {
-        return Ok(None);
-    }
-    Ok(Some(shard.pull_vec(keys).map_err(|e| e.to_string())?))
+}
+
+fn push_run(shards: &mut HashMap<u32, Shard>, r: &LaneRun) -> Result<(), String> {
+    let shard = shards.get_mut(&r.shard).ok_or_else(|| format!("shard {} is not on this lane", r.shard))?;
+    let view = r.keys.as_ref().map(pod_slice::<u64>);
+    let keys = run_keys(r, &view)?;
+    let vals = pod_slice::<f32>(r.vals.as_ref().expect("checked by the handler"));
+    shard.push(keys, &vals).map_err(|e| e.to_string())
+}
+
+fn pull_run(shards: &HashMap<u32, Shard>, r: &LaneRun) -> Result<Vec<f32>, String> {
+    let shard = shards.get(&r.shard).ok_or_else(|| format!("shard {} is not on this lane", r.shard))?;
+    let view = r.keys.as_ref().map(pod_slice::<u64>);
+    let keys = run_keys(r, &view)?;
+    shard.pull_vec(keys).map_err(|e| e.to_string())
 }

@@ -23,7 +23,7 @@ use rustc_hash::FxHashMap;
 use crate::error::{Error, Result};
 use crate::proto::{self, Control, DataHeader, ReplyHeader, Role, RunHeader, RunReply, kind, run_form, status};
 use crate::scheduler::ring::{RangeMap, Ring, Run};
-use crate::table::{Key, TableId, TableSpec};
+use crate::table::{Consistency, Key, TableId, TableSpec};
 use crate::transport::{Frame, Handler, Messenger, PeerId, Transport, bytes_of_vec, pod_slice};
 
 use op::{Op, OpRun};
@@ -177,12 +177,30 @@ impl Pull {
         self.ts
     }
 
+    /// The worker clock this pull was issued at.
+    pub fn clock(&self) -> u32 {
+        self.op.clock
+    }
+
+    /// Once done: the smallest shard progress the pull was served at (every
+    /// worker's pushes of clocks below it were applied); `None` before.
+    pub fn observed_progress(&self) -> Option<u64> {
+        self.op.observed_progress()
+    }
+
     /// Waits for the values: `keys x dim`, in key order.
     pub fn wait(self) -> Result<Vec<f32>> {
         let r = self.op.wait();
         self.shared.failed.lock().remove(&self.ts.0);
         r?;
         Ok(self.op.take_values())
+    }
+
+    /// Waits; returns the values and the shard progress they were served at.
+    pub fn wait_observed(self) -> Result<(Vec<f32>, u64)> {
+        let op = self.op.clone();
+        let vals = self.wait()?;
+        Ok((vals, op.observed_progress().unwrap_or(u64::MAX)))
     }
 
     /// Waits and copies the values into `out` (`keys x dim` long).
@@ -280,42 +298,33 @@ impl Worker {
 
     /// Pushes `vals` (`keys x dim`) for sorted, unique `keys`; copies both.
     pub fn push(&self, table: TableId, keys: &[Key], vals: &[f32]) -> Result<Timestamp> {
-        check_sorted(keys)?;
-        let keys = Bytes::copy_from_slice(bytemuck::cast_slice(keys));
-        let vals = Bytes::copy_from_slice(bytemuck::cast_slice(vals));
-        self.inner.issue(kind::PUSH, table, keys, Some(vals), None).map(|op| Timestamp(op.ts))
+        self.scoped(None).push(table, keys, vals)
     }
 
-    /// Pushes without copying: the key list and the values move into the
-    /// request.
+    /// Pushes without copying: the key list and the values are shared with
+    /// the request (a `Vec<f32>` converts into [`Values`] without a copy).
     pub fn push_with(&self, table: TableId, keys: &KeyList, vals: impl Into<Values>) -> Result<Timestamp> {
-        let vals = vals.into().bytes;
-        self.inner.issue(kind::PUSH, table, keys.bytes.clone(), Some(vals), None).map(|op| Timestamp(op.ts))
+        self.scoped(None).push_with(table, keys, vals)
     }
 
     /// Pulls the values of sorted, unique `keys`.
     pub fn pull(&self, table: TableId, keys: &[Key]) -> Result<Pull> {
-        check_sorted(keys)?;
-        let keys = Bytes::copy_from_slice(bytemuck::cast_slice(keys));
-        self.pull_bytes(kind::PULL, table, keys, None, Vec::new())
+        self.scoped(None).pull(table, keys)
     }
 
     /// Pulls into `buf` (resized to `keys x dim`, its allocation reused).
     pub fn pull_with(&self, table: TableId, keys: &KeyList, buf: Vec<f32>) -> Result<Pull> {
-        self.pull_bytes(kind::PULL, table, keys.bytes.clone(), None, buf)
+        self.scoped(None).pull_with(table, keys, buf)
     }
 
     /// Pulls and waits, writing the values into `out` (`keys x dim` long).
     pub fn pull_into(&self, table: TableId, keys: &[Key], out: &mut [f32]) -> Result<()> {
-        self.pull(table, keys)?.wait_into(out)
+        self.scoped(None).pull_into(table, keys, out)
     }
 
     /// Pushes, then pulls the same keys in one round trip.
     pub fn push_pull(&self, table: TableId, keys: &[Key], vals: &[f32]) -> Result<Pull> {
-        check_sorted(keys)?;
-        let keys = Bytes::copy_from_slice(bytemuck::cast_slice(keys));
-        let vals = Bytes::copy_from_slice(bytemuck::cast_slice(vals));
-        self.pull_bytes(kind::PUSH_PULL, table, keys, Some(vals), Vec::new())
+        self.scoped(None).push_pull(table, keys, vals)
     }
 
     /// `push_pull` without copying; the results land in `buf`.
@@ -326,12 +335,17 @@ impl Worker {
         vals: impl Into<Values>,
         buf: Vec<f32>,
     ) -> Result<Pull> {
-        self.pull_bytes(kind::PUSH_PULL, table, keys.bytes.clone(), Some(vals.into().bytes), buf)
+        self.scoped(None).push_pull_with(table, keys, vals, buf)
     }
 
-    fn pull_bytes(&self, k: u16, table: TableId, keys: Bytes, vals: Option<Bytes>, buf: Vec<f32>) -> Result<Pull> {
-        let op = self.inner.issue(k, table, keys, vals, Some(buf))?;
-        Ok(Pull { ts: Timestamp(op.ts), op, shared: self.inner.shared.clone() })
+    /// The same operations under another consistency model than the table's,
+    /// for the calls made through the returned view.
+    pub fn with_consistency(&self, c: Consistency) -> Scoped<'_> {
+        self.scoped(Some(c))
+    }
+
+    fn scoped(&self, consistency: Option<Consistency>) -> Scoped<'_> {
+        Scoped { w: self, consistency }
     }
 
     /// Blocks until operation `ts` is acknowledged; its error if it failed.
@@ -395,6 +409,8 @@ impl Worker {
             runs: 0,
             flags: 0,
             seq: self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
+            tau: proto::TAU_EVENTUAL,
+            reserved: 0,
         };
         let meta = proto::build_meta::<DataHeader, RunHeader>(&h, &[]);
         for &p in self.inner.shared.servers.read().iter() {
@@ -430,6 +446,75 @@ impl Worker {
     }
 }
 
+/// Data operations with a per-call consistency model; see
+/// [`Worker::with_consistency`].
+#[derive(Clone, Copy)]
+pub struct Scoped<'a> {
+    w: &'a Worker,
+    consistency: Option<Consistency>,
+}
+
+impl Scoped<'_> {
+    pub fn push(&self, table: TableId, keys: &[Key], vals: &[f32]) -> Result<Timestamp> {
+        check_sorted(keys)?;
+        let keys = Bytes::copy_from_slice(bytemuck::cast_slice(keys));
+        let vals = Bytes::copy_from_slice(bytemuck::cast_slice(vals));
+        self.issue(kind::PUSH, table, keys, Some(vals), None).map(|op| Timestamp(op.ts))
+    }
+
+    pub fn push_with(&self, table: TableId, keys: &KeyList, vals: impl Into<Values>) -> Result<Timestamp> {
+        let vals = vals.into().bytes;
+        self.issue(kind::PUSH, table, keys.bytes.clone(), Some(vals), None).map(|op| Timestamp(op.ts))
+    }
+
+    pub fn pull(&self, table: TableId, keys: &[Key]) -> Result<Pull> {
+        check_sorted(keys)?;
+        let keys = Bytes::copy_from_slice(bytemuck::cast_slice(keys));
+        self.pull_bytes(kind::PULL, table, keys, None, Vec::new())
+    }
+
+    pub fn pull_with(&self, table: TableId, keys: &KeyList, buf: Vec<f32>) -> Result<Pull> {
+        self.pull_bytes(kind::PULL, table, keys.bytes.clone(), None, buf)
+    }
+
+    pub fn pull_into(&self, table: TableId, keys: &[Key], out: &mut [f32]) -> Result<()> {
+        self.pull(table, keys)?.wait_into(out)
+    }
+
+    pub fn push_pull(&self, table: TableId, keys: &[Key], vals: &[f32]) -> Result<Pull> {
+        check_sorted(keys)?;
+        let keys = Bytes::copy_from_slice(bytemuck::cast_slice(keys));
+        let vals = Bytes::copy_from_slice(bytemuck::cast_slice(vals));
+        self.pull_bytes(kind::PUSH_PULL, table, keys, Some(vals), Vec::new())
+    }
+
+    pub fn push_pull_with(
+        &self,
+        table: TableId,
+        keys: &KeyList,
+        vals: impl Into<Values>,
+        buf: Vec<f32>,
+    ) -> Result<Pull> {
+        self.pull_bytes(kind::PUSH_PULL, table, keys.bytes.clone(), Some(vals.into().bytes), buf)
+    }
+
+    fn issue(
+        &self,
+        k: u16,
+        table: TableId,
+        keys: Bytes,
+        vals: Option<Bytes>,
+        out: Option<Vec<f32>>,
+    ) -> Result<Arc<Op>> {
+        self.w.inner.issue(k, table, keys, vals, out, self.consistency)
+    }
+
+    fn pull_bytes(&self, k: u16, table: TableId, keys: Bytes, vals: Option<Bytes>, buf: Vec<f32>) -> Result<Pull> {
+        let op = self.issue(k, table, keys, vals, Some(buf))?;
+        Ok(Pull { ts: Timestamp(op.ts), op, shared: self.w.inner.shared.clone() })
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.net.shutdown();
@@ -460,6 +545,7 @@ impl Inner {
         keys: Bytes,
         vals: Option<Bytes>,
         out: Option<Vec<f32>>,
+        consistency: Option<Consistency>,
     ) -> Result<Arc<Op>> {
         if self.finished.load(Ordering::Acquire) || self.shared.shutdown.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
@@ -493,8 +579,10 @@ impl Inner {
             b
         });
         let ts = self.next_ts.fetch_add(1, Ordering::AcqRel);
-        let op =
-            Arc::new(Op::new(ts, dim, runs.iter().map(|r| OpRun::new(r.lo, r.hi - r.lo, r.server)).collect(), out));
+        let clock = self.clock.load(Ordering::Acquire);
+        let tau = consistency.unwrap_or(info.spec.consistency).tau().unwrap_or(proto::TAU_EVENTUAL);
+        let op_runs = runs.iter().map(|r| OpRun::new(r.lo, r.hi - r.lo, r.server)).collect();
+        let op = Arc::new(Op::new(ts, clock, dim, op_runs, out));
         {
             let mut ops = self.shared.ops.lock();
             while ops.len() >= self.max_inflight {
@@ -513,7 +601,6 @@ impl Inner {
             by_server[r.server as usize].push((i, r));
         }
         let peers = self.shared.servers.read().clone();
-        let clock = self.clock.load(Ordering::Acquire);
         for (server, rs) in by_server.iter().enumerate().filter(|(_, rs)| !rs.is_empty()) {
             let mut headers = Vec::with_capacity(rs.len());
             let mut segments = Vec::with_capacity(rs.len() * 2);
@@ -537,6 +624,8 @@ impl Inner {
                 runs: headers.len() as u32,
                 flags: 0,
                 seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+                tau,
+                reserved: 0,
             };
             let mut frame = Frame::new(k, ts, proto::build_meta(&h, &headers));
             frame.segments = segments;
@@ -620,8 +709,9 @@ impl Shared {
         let server = self.server_index(from).ok_or_else(|| Error::protocol(peer(), "reply from a non-server"))?;
         let op = self.ops.lock().get(&frame.id).cloned();
         let op = op.ok_or_else(|| Error::protocol(peer(), format!("reply for unknown operation {}", frame.id)))?;
-        let (_h, runs) = proto::parse_meta::<ReplyHeader, RunReply>(&frame.meta, |h| h.runs)
+        let (h, runs) = proto::parse_meta::<ReplyHeader, RunReply>(&frame.meta, |h| h.runs)
             .ok_or_else(|| Error::protocol(peer(), "malformed reply meta"))?;
+        op.note_progress(h.progress);
         let with_values = op.has_output();
         let n_vals = if with_values { runs.iter().filter(|r| r.status == status::OK).count() } else { 0 };
         let n_errs = runs.iter().filter(|r| r.status != status::OK).count();

@@ -7,7 +7,7 @@
 //! assembles the output from the parked segments: the transport's receive
 //! loop never spends its time copying large results.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
@@ -41,6 +41,10 @@ struct OpState {
 
 pub(super) struct Op {
     pub ts: u64,
+    /// The worker's clock when the operation was issued.
+    pub clock: u32,
+    /// Smallest shard progress any reply reported (u64::MAX: none yet).
+    progress: AtomicU64,
     dim: usize,
     runs: Vec<OpRun>,
     remaining: AtomicUsize,
@@ -50,12 +54,24 @@ pub(super) struct Op {
 }
 
 impl Op {
-    pub fn new(ts: u64, dim: usize, runs: Vec<OpRun>, out: Option<Vec<f32>>) -> Op {
+    pub fn new(ts: u64, clock: u32, dim: usize, runs: Vec<OpRun>, out: Option<Vec<f32>>) -> Op {
         let remaining = AtomicUsize::new(runs.len());
         let has_output = out.is_some();
         let parts = if has_output { vec![None; runs.len()] } else { Vec::new() };
         let state = OpState { done: false, error: None, parts, out };
-        Op { ts, dim, runs, remaining, has_output, state: Mutex::new(state), cv: Condvar::new() }
+        let progress = AtomicU64::new(u64::MAX);
+        Op { ts, clock, progress, dim, runs, remaining, has_output, state: Mutex::new(state), cv: Condvar::new() }
+    }
+
+    pub fn note_progress(&self, p: u64) {
+        self.progress.fetch_min(p, Ordering::Relaxed);
+    }
+
+    /// The smallest progress reported, once done.
+    pub fn observed_progress(&self) -> Option<u64> {
+        let done = self.state.lock().done;
+        let p = self.progress.load(Ordering::Relaxed);
+        (done && p != u64::MAX).then_some(p)
     }
 
     pub fn runs(&self) -> &[OpRun] {

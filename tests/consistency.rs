@@ -1,0 +1,232 @@
+//! Consistency models (DESIGN section 3), over inproc and TCP. Workers are
+//! slowed at random; every pull records the shard progress it was served at
+//! and the values it saw, and the tests check the invariant: an operation
+//! issued at clock t completes only when every worker's pushes of clocks
+//! < t - tau have been applied. No assertion depends on timing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use pserver::transport::Transport;
+use pserver::transport::inproc::Inproc;
+use pserver::transport::tcp::{IoMode, Tcp};
+use pserver::{Consistency, JobConfig, TableSpec, job};
+
+type T = Arc<dyn Transport>;
+
+fn transports() -> Vec<(&'static str, T)> {
+    vec![("inproc", Arc::new(Inproc::new())), ("tcp", Arc::new(Tcp::new(IoMode::Auto, Default::default())))]
+}
+
+/// Sets a flag when dropped, so a panicking worker still releases the
+/// others (a failing test must fail, not hang).
+struct SetOnDrop(Arc<AtomicBool>);
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// A deterministic pseudo-random sleep in 0..max_ms, skewed by rank.
+fn nap(rank: u32, t: u32, max_ms: u64) {
+    let h = (u64::from(rank) * 0x9E37_79B9 + u64::from(t) * 0x85EB_CA6B).wrapping_mul(0xC2B2_AE35) >> 17;
+    let ms = (h % max_ms) * u64::from(rank + 1) / 2;
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+#[test]
+fn staleness_never_exceeds_tau() {
+    let (workers, clocks, keys) = (3u32, 10u32, 64u64);
+    for (name, t) in transports() {
+        for (tau, c) in
+            [(0, Consistency::Sequential), (1, Consistency::BoundedDelay(1)), (3, Consistency::BoundedDelay(3))]
+        {
+            let cfg = JobConfig::default().servers(2).workers(workers).transport(t.clone());
+            job::run(cfg, |w| {
+                w.create_table(TableSpec::dense(1, keys, 1).consistency(c))?;
+                w.barrier()?;
+                let all: Vec<u64> = (0..keys).collect();
+                for clock in 0..clocks {
+                    nap(w.rank(), clock, 8);
+                    let p = w.pull(1, &all)?;
+                    assert_eq!(p.clock(), clock);
+                    let vals = p.wait()?;
+                    // Pushes of clocks < clock - tau from every worker are in.
+                    let need = u64::from(clock.saturating_sub(tau));
+                    let min_seen = vals.iter().cloned().fold(f32::INFINITY, f32::min);
+                    assert!(
+                        min_seen >= (need * u64::from(workers)) as f32,
+                        "{name} tau {tau}: worker {} at clock {clock} saw {min_seen}, needed >= {}",
+                        w.rank(),
+                        need * u64::from(workers)
+                    );
+                    w.push(1, &all, &vec![1.0; keys as usize])?;
+                    nap(w.rank(), clock + 100, 5);
+                    w.clock()?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        }
+    }
+}
+
+#[test]
+fn observed_progress_is_reported_and_respects_tau() {
+    for (name, t) in transports() {
+        let tau = 2u32;
+        let cfg = JobConfig::default().servers(2).workers(3).transport(t.clone());
+        job::run(cfg, |w| {
+            w.create_table(TableSpec::dense(1, 16, 1).consistency(Consistency::BoundedDelay(tau)))?;
+            let keys: Vec<u64> = (0..16).collect();
+            for clock in 0..8u32 {
+                nap(w.rank(), clock, 10);
+                let (_, progress) = w.pull(1, &keys)?.wait_observed()?;
+                let need = u64::from(clock.saturating_sub(tau));
+                assert!(progress >= need, "{name}: clock {clock} served at progress {progress} < {need}");
+                w.push(1, &keys, &[1.0; 16])?;
+                w.clock()?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+}
+
+/// The values a worker `r` pushes at clock `t` to key `k`: integers, so
+/// every sum is exact in f32.
+fn f(r: u32, t: u32, k: u64) -> f32 {
+    ((r + 1) * (t + 1) * (k as u32 % 5 + 1)) as f32
+}
+
+#[test]
+fn sequential_matches_a_single_process_run_exactly() {
+    let (workers, clocks, keys) = (3u32, 8u32, 40u64);
+    // The single-process result: every push of every worker and clock.
+    let exact = |upto: u32, k: u64| -> f32 { (0..upto).flat_map(|t| (0..workers).map(move |r| f(r, t, k))).sum() };
+    for (name, t) in transports() {
+        let cfg = JobConfig::default().servers(2).workers(workers).transport(t.clone());
+        let finals = job::run(cfg, |w| {
+            w.create_table(TableSpec::dense(1, keys, 1).consistency(Consistency::Sequential))?;
+            w.barrier()?;
+            let all: Vec<u64> = (0..keys).collect();
+            for clock in 0..clocks {
+                nap(w.rank(), clock, 6);
+                let vals = w.pull(1, &all)?.wait()?;
+                for (k, &v) in all.iter().zip(&vals) {
+                    // All of the previous clocks, plus some subset of this
+                    // clock's pushes (of workers that already pushed).
+                    let extra = v - exact(clock, *k);
+                    let ok = (0..1u32 << workers).any(|m| {
+                        (0..workers).filter(|r| m >> r & 1 == 1).map(|r| f(r, clock, *k)).sum::<f32>() == extra
+                    });
+                    assert!(
+                        ok,
+                        "{name}: worker {} clock {clock} key {k}: {v} is not the state after clock {}",
+                        w.rank(),
+                        clock
+                    );
+                }
+                let push: Vec<f32> = all.iter().map(|&k| f(w.rank(), clock, k)).collect();
+                w.push(1, &all, &push)?;
+                w.clock()?;
+            }
+            w.wait_all()?;
+            w.barrier()?;
+            w.pull(1, &all)?.wait()
+        })
+        .unwrap();
+        for fin in finals {
+            for (k, v) in fin.iter().enumerate() {
+                assert_eq!(*v, exact(clocks, k as u64), "{name}: final model differs from the single-process run");
+            }
+        }
+    }
+}
+
+#[test]
+fn eventual_never_blocks_even_on_a_stalled_worker() {
+    for (name, t) in transports() {
+        let released = Arc::new(AtomicBool::new(false));
+        let cfg = JobConfig::default().servers(2).workers(2).transport(t.clone());
+        job::run(cfg, |w| {
+            w.create_table(TableSpec::dense(1, 8, 1).consistency(Consistency::Eventual))?;
+            w.barrier()?;
+            if w.rank() == 1 {
+                // Stalled at clock 0 until worker 0 has run far ahead.
+                while !released.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                return Ok(());
+            }
+            let _release = SetOnDrop(released.clone());
+            for _ in 0..30 {
+                let p = w.pull(1, &[0, 1])?;
+                p.wait()?;
+                w.push(1, &[0], &[1.0])?;
+                w.clock()?;
+            }
+            // And a per-call override makes the same table wait-free too.
+            let _ = w.with_consistency(Consistency::Eventual).pull(1, &[0])?.wait()?;
+            released.store(true, Ordering::Release);
+            let _ = name;
+            Ok(())
+        })
+        .unwrap();
+    }
+}
+
+#[test]
+fn bounded_delay_holds_acks_and_pulls_until_the_slow_worker_catches_up() {
+    for (name, t) in transports() {
+        let slow_clock = Arc::new(AtomicU32::new(0));
+        let go = Arc::new(AtomicBool::new(false));
+        let cfg = JobConfig::default().servers(1).workers(2).transport(t.clone());
+        job::run(cfg, |w| {
+            w.create_table(TableSpec::dense(1, 4, 1).consistency(Consistency::BoundedDelay(1)))?;
+            w.barrier()?;
+            if w.rank() == 1 {
+                while !go.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                for c in 1..=3 {
+                    w.push(1, &[1], &[1.0])?;
+                    w.clock()?;
+                    slow_clock.store(c, Ordering::Release);
+                }
+                return Ok(());
+            }
+            let _release = SetOnDrop(go.clone());
+            // Worker 0 runs ahead to clock 3 (eventual calls don't wait).
+            for _ in 0..3 {
+                w.with_consistency(Consistency::Eventual).push(1, &[0], &[1.0])?;
+                w.clock()?;
+            }
+            // At clock 3 with tau 1 a pull needs progress >= 2 from worker 1,
+            // which is still at clock 0: it must not complete yet.
+            let p = w.pull(1, &[0, 1])?;
+            let ts = w.push(1, &[0], &[1.0])?;
+            let done = Arc::new(AtomicBool::new(false));
+            std::thread::scope(|s| -> pserver::Result<()> {
+                let d2 = done.clone();
+                let waiter = s.spawn(move || {
+                    let v = p.wait();
+                    d2.store(true, Ordering::Release);
+                    v
+                });
+                std::thread::sleep(Duration::from_millis(300));
+                assert!(!done.load(Ordering::Acquire), "{name}: a pull completed while a worker was 2 clocks behind");
+                go.store(true, Ordering::Release);
+                let vals = waiter.join().unwrap()?;
+                // Served only after worker 1 finished clocks 0 and 1.
+                assert!(slow_clock.load(Ordering::Acquire) >= 2, "{name}");
+                assert!(vals[1] >= 2.0, "{name}: saw {vals:?}");
+                Ok(())
+            })?;
+            w.wait(ts)?;
+            Ok(())
+        })
+        .unwrap();
+    }
+}
