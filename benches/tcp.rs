@@ -21,8 +21,12 @@ struct Job {
 
 fn job() -> Job {
     let t: Arc<dyn Transport> = Arc::new(Tcp::from_env().unwrap());
-    let sched = SchedulerNode::start(t.as_ref(), "127.0.0.1:0", SchedulerConfig { servers: 1, workers: 1, vnodes: 64 })
-        .unwrap();
+    let sched = SchedulerNode::start(
+        t.as_ref(),
+        "127.0.0.1:0",
+        SchedulerConfig { servers: 1, workers: 1, ..SchedulerConfig::default() },
+    )
+    .unwrap();
     let server = ServerNode::start(t.as_ref(), "127.0.0.1:0", &sched.addr(), ServerConfig::default()).unwrap();
     let w = Worker::connect(t.as_ref(), &sched.addr(), WorkerConfig::default()).unwrap();
     Job { w, _server: server, _sched: sched }

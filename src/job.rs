@@ -76,7 +76,12 @@ where
     F: Fn(&Worker) -> Result<T> + Sync,
 {
     let t = cfg.transport.as_ref();
-    let sched_cfg = SchedulerConfig { servers: cfg.servers, workers: cfg.workers, vnodes: cfg.vnodes };
+    let sched_cfg = SchedulerConfig {
+        servers: cfg.servers,
+        workers: cfg.workers,
+        vnodes: cfg.vnodes,
+        ..SchedulerConfig::default()
+    };
     let sched = SchedulerNode::start(t, &cfg.scheduler_addr, sched_cfg)?;
     let saddr = sched.addr();
     let server_cfg =

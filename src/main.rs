@@ -178,7 +178,8 @@ fn run(cli: Cli) -> Result<()> {
 
 fn scheduler_cmd(a: SchedulerArgs) -> Result<()> {
     let t = Tcp::from_env()?;
-    let cfg = SchedulerConfig { servers: a.servers, workers: a.workers, vnodes: a.vnodes };
+    let cfg =
+        SchedulerConfig { servers: a.servers, workers: a.workers, vnodes: a.vnodes, ..SchedulerConfig::default() };
     let node =
         SchedulerNode::start(&t, &a.bind, cfg).with_context(|| format!("starting the scheduler on {}", a.bind))?;
     let addr = node.addr();

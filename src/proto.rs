@@ -189,6 +189,8 @@ pub enum Control {
     WorkerDone { worker: u32, error: Option<String> },
     /// Scheduler -> all: the job is over.
     Shutdown,
+    /// Node -> scheduler: still alive.
+    Heartbeat,
     /// A refused control request.
     Error(String),
 }

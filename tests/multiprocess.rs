@@ -308,3 +308,57 @@ fn tools_launch_runs_a_real_job_through_mpirun() {
     assert!(st.success(), "launch failed: {st}\n{out}");
     assert_eq!(out.lines().filter(|l| l.starts_with("check passed on worker")).count(), 2, "{out}");
 }
+
+#[test]
+fn a_hung_worker_is_detected_by_missed_heartbeats_and_fails_the_job() {
+    let deadline = Instant::now() + DEADLINE;
+    let dir = tempdir("hang");
+    let af = dir.join("scheduler.addr");
+    let fast = |c: &mut Command| {
+        c.env("PSERVER_HEARTBEAT_MS", "100").env("PSERVER_HEARTBEAT_TIMEOUT_MS", "1500").env("PSERVER_IO", "std");
+    };
+    let mut sched_cmd = Command::new(BIN);
+    sched_cmd.args(["scheduler", "--bind", "127.0.0.1:0", "--servers", "1", "--workers", "2", "--addr-file"]).arg(&af);
+    fast(&mut sched_cmd);
+    let mut scheduler = Proc::spawn("scheduler", &mut sched_cmd);
+    let addr = read_addr(&af, &mut scheduler, deadline);
+    let mut server_cmd = Command::new(BIN);
+    server_cmd.args(["server", "--scheduler", &addr]);
+    fast(&mut server_cmd);
+    let mut server = Proc::spawn("server", &mut server_cmd);
+    let worker = |rank: u32, log: &Path| {
+        let mut c = Command::new(BIN);
+        c.args(["check", "--keys", "1000", "--rounds", "100000"])
+            .env("PSERVER_ROLE", "worker")
+            .env("PSERVER_RANK", rank.to_string())
+            .env("PSERVER_SCHEDULER", &addr)
+            .env("RUST_LOG", "pserver=debug")
+            .stderr(std::fs::File::create(log).unwrap());
+        fast(&mut c);
+        Proc::spawn(&format!("worker {rank}"), &mut c)
+    };
+    let mut w0 = worker(0, &dir.join("w0.log"));
+    let w1_log = dir.join("w1.log");
+    let w1 = worker(1, &w1_log);
+    // Freeze worker 1 once it has joined: its connection stays open, its
+    // heartbeats stop.
+    loop {
+        if std::fs::read_to_string(&w1_log).unwrap_or_default().contains("worker joined the job") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "worker 1 never joined");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(w1.child.id() as i32, libc::SIGSTOP) }, 0);
+    let st0 = w0.wait(deadline);
+    assert!(!st0.success(), "worker 0 must fail once worker 1 is declared dead");
+    let log0 = std::fs::read_to_string(dir.join("w0.log")).unwrap_or_default();
+    assert!(log0.contains("worker 1") || log0.contains("heartbeat"), "worker 0 should say why: {log0}");
+    assert!(!scheduler.wait(deadline).success(), "the scheduler reports the failed job");
+    server.wait(deadline); // it must exit; its status does not matter here
+    // SAFETY: resuming our own child so that it can be killed cleanly.
+    unsafe { libc::kill(w1.child.id() as i32, libc::SIGCONT) };
+    drop(w1);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -7,6 +7,7 @@
 //! that does not yet know the ring. The job ends when every worker has said
 //! it is done; the scheduler then tells every node to shut down.
 
+pub mod heartbeat;
 pub mod ring;
 
 use std::collections::HashSet;
@@ -25,11 +26,13 @@ pub struct SchedulerConfig {
     pub workers: u32,
     /// Ring tokens per server.
     pub vnodes: u32,
+    /// A node not heard from for this long is declared dead.
+    pub heartbeat_timeout: std::time::Duration,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { servers: 2, workers: 2, vnodes: 64 }
+        SchedulerConfig { servers: 2, workers: 2, vnodes: 64, heartbeat_timeout: heartbeat::timeout() }
     }
 }
 
@@ -54,6 +57,8 @@ struct State {
     barrier: Vec<(PeerId, u64)>,
     failure: Option<String>,
     finished: bool,
+    /// When each node was last heard from.
+    last_seen: std::collections::HashMap<PeerId, std::time::Instant>,
 }
 
 struct Shared {
@@ -66,6 +71,7 @@ struct Shared {
 pub struct SchedulerNode {
     shared: Arc<Shared>,
     net: Arc<dyn Messenger>,
+    monitor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl SchedulerNode {
@@ -78,7 +84,12 @@ impl SchedulerNode {
         }
         let shared = Arc::new(Shared { cfg, state: Mutex::new(State::default()), changed: Condvar::new() });
         let net = transport.bind(bind, Arc::new(SchedulerHandler { shared: shared.clone() }))?;
-        Ok(SchedulerNode { shared, net })
+        let (sh, n2) = (shared.clone(), net.clone());
+        let monitor = std::thread::Builder::new()
+            .name("pserver-monitor".into())
+            .spawn(move || monitor(&sh, &n2))
+            .map_err(|e| Error::io("spawning the heartbeat monitor", e))?;
+        Ok(SchedulerNode { shared, net, monitor: Some(monitor) })
     }
 
     /// The address nodes register at.
@@ -102,7 +113,52 @@ impl SchedulerNode {
 
 impl Drop for SchedulerNode {
     fn drop(&mut self) {
+        {
+            let mut st = self.shared.state.lock();
+            st.finished = true;
+        }
+        self.shared.changed.notify_all();
+        if let Some(m) = self.monitor.take() {
+            let _ = m.join();
+        }
         self.net.shutdown();
+    }
+}
+
+/// Declares nodes dead when their heartbeats stop.
+fn monitor(shared: &Shared, net: &Arc<dyn Messenger>) {
+    let timeout = shared.cfg.heartbeat_timeout;
+    let tick = (timeout / 4).clamp(std::time::Duration::from_millis(20), std::time::Duration::from_secs(1));
+    let mut st = shared.state.lock();
+    while !st.finished {
+        shared.changed.wait_for(&mut st, tick);
+        if st.finished {
+            break;
+        }
+        let now = std::time::Instant::now();
+        let silent = |p: &PeerId, st: &State| st.last_seen.get(p).is_some_and(|t| now.duration_since(*t) > timeout);
+        let mut out = Vec::new();
+        let dead_workers: Vec<usize> = (0..st.worker_peers.len())
+            .filter(|&r| !st.done[r] && st.worker_peers[r].is_some_and(|p| silent(&p, &st)))
+            .collect();
+        for r in dead_workers {
+            let msg = format!("no heartbeat for {timeout:?}");
+            SchedulerHandler::worker_done_in(shared, &mut st, r, Some(msg), &mut out);
+        }
+        if let Some(rank) = st.server_peers.iter().position(|p| silent(p, &st))
+            && st.failure.is_none()
+        {
+            tracing::error!(server = rank, "server missed its heartbeats");
+            st.failure = Some(format!("server {rank} sent no heartbeat for {timeout:?}"));
+        }
+        if !out.is_empty() {
+            drop(st);
+            shared.changed.notify_all();
+            for (p, f) in out {
+                let _ = net.send(p, f);
+            }
+            st = shared.state.lock();
+        }
     }
 }
 
@@ -146,6 +202,7 @@ impl Handler for SchedulerHandler {
         let mut out: Vec<(PeerId, Frame)> = Vec::new();
         {
             let mut st = self.shared.state.lock();
+            st.last_seen.insert(from, std::time::Instant::now());
             self.handle(&mut st, net, from, frame.id, msg, &mut out);
         }
         self.shared.changed.notify_all();
@@ -226,6 +283,7 @@ impl SchedulerHandler {
                     }
                 }
             }
+            Control::Heartbeat => {}
             Control::WorkerDone { worker, error } => {
                 let rank = worker as usize;
                 if st.worker_peers.get(rank) != Some(&Some(from)) {
@@ -288,6 +346,16 @@ impl SchedulerHandler {
     }
 
     fn worker_done(&self, st: &mut State, rank: usize, error: Option<String>, out: &mut Vec<(PeerId, Frame)>) {
+        Self::worker_done_in(&self.shared, st, rank, error, out)
+    }
+
+    fn worker_done_in(
+        _shared: &Shared,
+        st: &mut State,
+        rank: usize,
+        error: Option<String>,
+        out: &mut Vec<(PeerId, Frame)>,
+    ) {
         st.done[rank] = true;
         if let Some(e) = error {
             tracing::error!(worker = rank, error = %e, "worker failed");

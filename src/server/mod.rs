@@ -96,6 +96,7 @@ pub struct ServerNode {
     shared: Arc<Shared>,
     net: Arc<dyn Messenger>,
     helpers: Vec<std::thread::JoinHandle<()>>,
+    heartbeat: Option<crate::scheduler::heartbeat::Heartbeat>,
 }
 
 impl ServerNode {
@@ -126,13 +127,15 @@ impl ServerNode {
             memory: Mutex::new(0),
         });
         let net = transport.bind(bind, Arc::new(ServerHandler { shared: shared.clone() }))?;
-        let node = ServerNode { shared, net, helpers };
+        let mut node = ServerNode { shared, net, helpers, heartbeat: None };
         let sched = node.net.connect(scheduler)?;
         node.shared.membership.lock().scheduler = Some(sched);
         // Tell the job the address it can reach us at (a wildcard bind is
         // advertised as the interface that reaches the scheduler).
         let reg = Control::Register { role: Role::Server, addr: node.net.advertised_addr(sched), rank: cfg_rank };
         node.net.send(sched, reg.to_frame(0))?;
+        let every = crate::scheduler::heartbeat::interval();
+        node.heartbeat = Some(crate::scheduler::heartbeat::Heartbeat::start(node.net.clone(), sched, every));
         Ok(node)
     }
 
@@ -171,6 +174,7 @@ impl ServerNode {
 impl Drop for ServerNode {
     fn drop(&mut self) {
         self.stop();
+        self.heartbeat.take();
         self.net.shutdown();
         for l in &self.shared.lanes {
             l.stop();

@@ -156,6 +156,7 @@ struct Inner {
     clock: AtomicU32,
     max_inflight: usize,
     finished: std::sync::atomic::AtomicBool,
+    heartbeat: Mutex<Option<crate::scheduler::heartbeat::Heartbeat>>,
 }
 
 /// A key-value client. Cheap to clone; clones share one connection set and
@@ -249,7 +250,6 @@ impl Worker {
         Ok(Worker {
             inner: Arc::new(Inner {
                 shared,
-                net,
                 rank,
                 workers,
                 ring: Ring::new(servers, vnodes, epoch),
@@ -260,6 +260,12 @@ impl Worker {
                 clock: AtomicU32::new(0),
                 max_inflight: cfg.max_inflight.max(1),
                 finished: Default::default(),
+                heartbeat: Mutex::new(Some(crate::scheduler::heartbeat::Heartbeat::start(
+                    net.clone(),
+                    sched,
+                    crate::scheduler::heartbeat::interval(),
+                ))),
+                net,
             }),
         })
     }
@@ -438,6 +444,7 @@ impl Worker {
         }
         let pending = self.wait_all();
         let error = error.or_else(|| pending.as_ref().err().map(|e| e.to_string()));
+        self.inner.heartbeat.lock().take();
         if let Some(sched) = *self.inner.shared.scheduler.lock() {
             let _ = self.inner.net.send(sched, Control::WorkerDone { worker: self.inner.rank, error }.to_frame(0));
         }
@@ -517,6 +524,7 @@ impl Scoped<'_> {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        self.heartbeat.lock().take();
         self.net.shutdown();
     }
 }
