@@ -197,7 +197,13 @@ impl Endpoint {
         let local = stream.local_addr()?;
         let id = PeerId(self.next_peer.fetch_add(1, Ordering::Relaxed));
         let conn = Arc::new(Conn { id, stream, peer, local, send: Mutex::default(), closed: AtomicBool::new(false) });
-        self.conns.write().insert(id.0, conn.clone());
+        let mut conns = self.conns.write();
+        // Checked under the lock `shutdown` takes its snapshot with: a
+        // connection is either in that snapshot (and closed by it) or refused.
+        if self.closed.load(Ordering::Acquire) {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "endpoint is shutting down"));
+        }
+        conns.insert(id.0, conn.clone());
         Ok(conn)
     }
 
@@ -341,7 +347,7 @@ impl Messenger for Endpoint {
         // Deliver what is queued (a goodbye such as the scheduler's Shutdown
         // is typically the last frame) before closing, within a bound.
         self.drain_queues(Duration::from_secs(5));
-        let conns: Vec<Arc<Conn>> = self.conns.read().values().cloned().collect();
+        let conns: Vec<Arc<Conn>> = self.conns.write().values().cloned().collect();
         for c in conns {
             self.drop_conn(&c, "endpoint shut down");
         }

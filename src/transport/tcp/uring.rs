@@ -38,6 +38,18 @@ fn user_data(token: u64, op: u64) -> u64 {
     token << 8 | op
 }
 
+/// A ring for the loop thread: single issuer with deferred task work (the
+/// kernel runs completions when the loop asks for them, which is cheaper per
+/// wake-up), falling back to a plain ring on kernels without those flags.
+fn new_ring() -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(RING_ENTRIES)
+        .or_else(|_| IoUring::builder().setup_coop_taskrun().build(RING_ENTRIES))
+        .or_else(|_| IoUring::new(RING_ENTRIES))
+}
+
 /// Whether io_uring can be set up here with every operation the loop uses.
 pub(super) fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
@@ -82,7 +94,6 @@ pub(super) struct Loop {
 
 impl Loop {
     pub fn start(ep: Arc<Endpoint>, listener: TcpListener) -> Result<Loop> {
-        let ring = IoUring::new(RING_ENTRIES).map_err(|e| Error::io("setting up io_uring", e))?;
         // SAFETY: plain syscall; the result is checked before use.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -92,10 +103,22 @@ impl Loop {
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
         let cmds = Arc::new(Commands { queue: SegQueue::new(), eventfd });
         let cmds2 = cmds.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
         let thread = std::thread::Builder::new()
             .name("pserver-uring".into())
             .spawn(move || {
-                // Built on the loop thread, which it never leaves.
+                // Built on the loop thread, which it never leaves (the ring
+                // may be single-issuer: only its creator submits).
+                let ring = match new_ring() {
+                    Ok(r) => {
+                        let _ = ready_tx.send(Ok(()));
+                        r
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
                 let state = LoopState {
                     ring,
                     ep,
@@ -110,6 +133,11 @@ impl Loop {
                 state.run()
             })
             .map_err(|e| Error::io("spawning the io_uring loop", e))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::io("setting up io_uring", e)),
+            Err(_) => return Err(Error::Config("the io_uring loop thread died at start".into())),
+        }
         Ok(Loop { cmds, thread: Some(thread) })
     }
 
