@@ -9,7 +9,11 @@
 //! connection and is applied in order, so a pull issued after a push observes
 //! it.
 
+mod filter;
 mod op;
+
+use filter::TableFilter;
+pub use filter::{FilterStats, Filters, Kkt, Significant};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -150,6 +154,7 @@ struct Inner {
     workers: u32,
     ring: Ring,
     tables: RwLock<HashMap<TableId, Arc<TableInfo>>>,
+    filters: RwLock<HashMap<TableId, Arc<Mutex<TableFilter>>>>,
     next_ts: AtomicU64,
     next_control: AtomicU64,
     next_seq: AtomicU64,
@@ -171,6 +176,8 @@ pub struct Pull {
     ts: Timestamp,
     op: Arc<Op>,
     shared: Arc<Shared>,
+    /// Filters that learn the pulled weights, with the keys.
+    observe: Option<(Arc<Mutex<TableFilter>>, Bytes)>,
 }
 
 impl Pull {
@@ -194,7 +201,11 @@ impl Pull {
         let r = self.op.wait();
         self.shared.failed.lock().remove(&self.ts.0);
         r?;
-        Ok(self.op.take_values())
+        let vals = self.op.take_values();
+        if let Some((filter, keys)) = &self.observe {
+            filter.lock().observe(bytemuck::cast_slice(keys), &vals);
+        }
+        Ok(vals)
     }
 
     /// Waits; returns the values and the shard progress they were served at.
@@ -254,6 +265,7 @@ impl Worker {
                 workers,
                 ring: Ring::new(servers, vnodes, epoch),
                 tables: RwLock::new(HashMap::new()),
+                filters: RwLock::new(HashMap::new()),
                 next_ts: AtomicU64::new(1),
                 next_control: AtomicU64::new(CONTROL_ID_BASE + 1),
                 next_seq: AtomicU64::new(1),
@@ -342,6 +354,52 @@ impl Worker {
         buf: Vec<f32>,
     ) -> Result<Pull> {
         self.scoped(None).push_pull_with(table, keys, vals, buf)
+    }
+
+    /// Sets this worker's push filters for `table` (see [`Filters`]); an empty
+    /// set removes them (after flushing what they held).
+    pub fn set_filters(&self, table: TableId, filters: Filters) -> Result<()> {
+        let info = self.inner.table(table)?;
+        if let Some(s) = filters.significant
+            && !(s.threshold >= 0.0
+                && s.threshold.is_finite()
+                && s.decay > 0.0
+                && s.decay <= 1.0
+                && s.min_threshold >= 0.0)
+        {
+            return Err(Error::Config(format!(
+                "significant filter {s:?}: need threshold >= 0, 0 < decay <= 1, min >= 0"
+            )));
+        }
+        if let Some(k) = filters.kkt
+            && !(k.lambda >= 0.0 && k.delta >= 0.0 && k.lambda.is_finite() && k.delta.is_finite())
+        {
+            return Err(Error::Config(format!("kkt filter {k:?}: lambda and delta must be finite and >= 0")));
+        }
+        self.flush(table)?;
+        let mut fs = self.inner.filters.write();
+        if filters.is_empty() {
+            fs.remove(&table);
+        } else {
+            fs.insert(table, Arc::new(Mutex::new(TableFilter::new(filters, info.spec.dim as usize))));
+        }
+        Ok(())
+    }
+
+    /// Sends everything the table's filters hold back.
+    pub fn flush(&self, table: TableId) -> Result<Timestamp> {
+        let (keys, vals) = match self.inner.filter(table) {
+            Some(f) => f.lock().drain(),
+            None => (Vec::new(), Vec::new()),
+        };
+        self.inner
+            .issue(kind::PUSH, table, bytes_of_vec(keys), Some(bytes_of_vec(vals)), None, None)
+            .map(|op| Timestamp(op.ts))
+    }
+
+    /// What the filters of `table` did on this worker.
+    pub fn filter_stats(&self, table: TableId) -> FilterStats {
+        self.inner.filter(table).map(|f| f.lock().stats).unwrap_or_default()
     }
 
     /// The same operations under another consistency model than the table's,
@@ -439,10 +497,14 @@ impl Worker {
     /// Waits for everything in flight, tells the scheduler this worker is
     /// done (with `error` if the application failed) and leaves the job.
     pub fn finish(&self, error: Option<String>) -> Result<()> {
-        if self.inner.finished.swap(true, Ordering::AcqRel) {
+        if self.inner.finished.load(Ordering::Acquire) {
             return Ok(());
         }
-        let pending = self.wait_all();
+        // Nothing a filter holds back is lost at the end.
+        let tables: Vec<TableId> = self.inner.filters.read().keys().copied().collect();
+        let flushed: Result<()> = tables.into_iter().try_for_each(|t| self.flush(t).map(|_| ()));
+        self.inner.finished.store(true, Ordering::Release);
+        let pending = self.wait_all().and(flushed);
         let error = error.or_else(|| pending.as_ref().err().map(|e| e.to_string()));
         self.inner.heartbeat.lock().take();
         if let Some(sched) = *self.inner.shared.scheduler.lock() {
@@ -466,12 +528,11 @@ impl Scoped<'_> {
         check_sorted(keys)?;
         let keys = Bytes::copy_from_slice(bytemuck::cast_slice(keys));
         let vals = Bytes::copy_from_slice(bytemuck::cast_slice(vals));
-        self.issue(kind::PUSH, table, keys, Some(vals), None).map(|op| Timestamp(op.ts))
+        self.push_filtered(table, keys, vals)
     }
 
     pub fn push_with(&self, table: TableId, keys: &KeyList, vals: impl Into<Values>) -> Result<Timestamp> {
-        let vals = vals.into().bytes;
-        self.issue(kind::PUSH, table, keys.bytes.clone(), Some(vals), None).map(|op| Timestamp(op.ts))
+        self.push_filtered(table, keys.bytes.clone(), vals.into().bytes)
     }
 
     pub fn pull(&self, table: TableId, keys: &[Key]) -> Result<Pull> {
@@ -517,8 +578,57 @@ impl Scoped<'_> {
     }
 
     fn pull_bytes(&self, k: u16, table: TableId, keys: Bytes, vals: Option<Bytes>, buf: Vec<f32>) -> Result<Pull> {
+        let vals = match vals {
+            Some(v) => Some(self.filtered(table, &keys, v)?.1),
+            None => None,
+        };
+        let observe = self.w.inner.filter(table).filter(|f| f.lock().needs_weights()).map(|f| (f, keys.clone()));
         let op = self.issue(k, table, keys, vals, Some(buf))?;
-        Ok(Pull { ts: Timestamp(op.ts), op, shared: self.w.inner.shared.clone() })
+        Ok(Pull { ts: Timestamp(op.ts), op, shared: self.w.inner.shared.clone(), observe })
+    }
+
+    /// Pushed values after the table's filters. A push-pull's keys stay as
+    /// they are (their values are wanted back); filtered-out keys push zeros.
+    fn filtered(&self, table: TableId, keys: &Bytes, vals: Bytes) -> Result<(Bytes, Bytes)> {
+        let Some(f) = self.w.inner.filter(table) else { return Ok((keys.clone(), vals)) };
+        let k: &[Key] = &pod_slice::<Key>(keys);
+        let (sk, sv) = f.lock().filter_push(k, &pod_slice::<f32>(&vals), self.w.current_clock());
+        if sk.len() == k.len() {
+            return Ok((keys.clone(), bytes_of_vec(sv)));
+        }
+        // Spread the sent values back over all keys (zeros elsewhere).
+        let dim = self.w.inner.table(table)?.spec.dim as usize;
+        let mut full = vec![0.0f32; k.len() * dim];
+        let mut j = 0;
+        for (i, key) in k.iter().enumerate() {
+            if j < sk.len() && sk[j] == *key {
+                full[i * dim..(i + 1) * dim].copy_from_slice(&sv[j * dim..(j + 1) * dim]);
+                j += 1;
+            }
+        }
+        Ok((keys.clone(), bytes_of_vec(full)))
+    }
+
+    /// A push through the table's filters.
+    fn push_filtered(&self, table: TableId, keys: Bytes, vals: Bytes) -> Result<Timestamp> {
+        let Some(f) = self.w.inner.filter(table) else {
+            return self.issue(kind::PUSH, table, keys, Some(vals), None).map(|op| Timestamp(op.ts));
+        };
+        let (sk, sv) = {
+            let k: &[Key] = &pod_slice::<Key>(&keys);
+            let dim = self.w.inner.table(table)?.spec.dim as usize;
+            if vals.len() != k.len() * dim * 4 {
+                return Err(Error::LengthMismatch {
+                    table,
+                    keys: k.len(),
+                    dim: dim as u32,
+                    expected: k.len() * dim,
+                    got: vals.len() / 4,
+                });
+            }
+            f.lock().filter_push(k, &pod_slice::<f32>(&vals), self.w.current_clock())
+        };
+        self.issue(kind::PUSH, table, bytes_of_vec(sk), Some(bytes_of_vec(sv)), None).map(|op| Timestamp(op.ts))
     }
 }
 
@@ -538,6 +648,10 @@ impl Inner {
             return Err(e);
         }
         Ok(id)
+    }
+
+    fn filter(&self, id: TableId) -> Option<Arc<Mutex<TableFilter>>> {
+        self.filters.read().get(&id).cloned()
     }
 
     fn table(&self, id: TableId) -> Result<Arc<TableInfo>> {
