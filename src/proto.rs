@@ -11,10 +11,17 @@
 //! segments  per run, in order: keys (u64, only for RunForm::List), then
 //!           values (f32, keys x dim, only for push and push-pull)
 //! ```
+//! A version-filtered pull (`flags::VERSIONED`) adds, per run after its keys,
+//! the versions the worker last saw (u32 per key; [`VERSION_UNKNOWN`] for a
+//! key it never saw).
+//!
 //! A reply names the runs it answers:
 //! ```text
 //! meta      ReplyHeader, then ReplyHeader.runs x RunReply
-//! segments  per run with status OK that returns values: values (f32)
+//! segments  per run, in the order of the RunReply records:
+//!             status OK with values: values (f32)
+//!             status CHANGED: bitmap of changed keys (1 bit per key, LSB
+//!               first), values of the changed keys, their versions (u32)
 //!           then, after all runs, one UTF-8 message per run with an error
 //! ```
 //! Control messages (registration, tables, barriers) are small and rare:
@@ -54,7 +61,19 @@ pub mod run_form {
 pub mod status {
     pub const OK: u32 = 0;
     pub const ERROR: u32 = 1;
+    /// A version-filtered pull: only the changed keys are returned.
+    pub const CHANGED: u32 = 2;
 }
+
+/// `DataHeader::flags` bits.
+pub mod flags {
+    /// A pull that carries known versions and wants only changed keys.
+    pub const VERSIONED: u32 = 1;
+}
+
+/// The version a worker sends for a key it never saw: odd, so it never equals
+/// a published version.
+pub const VERSION_UNKNOWN: u32 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 #[repr(C)]

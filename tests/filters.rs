@@ -53,7 +53,7 @@ fn run(t: &Arc<dyn Transport>, filters: Option<Filters>) -> (Vec<f32>, Vec<Filte
 fn significantly_modified_filter_ends_with_the_unfiltered_model_exactly() {
     for (name, t) in transports() {
         let (plain, _) = run(&t, None);
-        let f = Filters { significant: Some(Significant::absolute(3.0).decaying(0.8, 0.5)), kkt: None };
+        let f = Filters { significant: Some(Significant::absolute(3.0).decaying(0.8, 0.5)), ..Filters::default() };
         let (filtered, stats) = run(&t, Some(f));
         assert_eq!(filtered, plain, "{name}: the flushed model differs from the unfiltered one");
         let total: u64 = stats.iter().map(|s| s.significant_keys_held).sum();
@@ -96,7 +96,7 @@ fn kkt_filter_leaves_an_l1_proximal_model_unchanged() {
             .remove(0)
         };
         let (plain, _) = run(None);
-        let (filtered, stats) = run(Some(Filters { significant: None, kkt: Some(Kkt { lambda, delta: 0.0 }) }));
+        let (filtered, stats) = run(Some(Filters { kkt: Some(Kkt { lambda, delta: 0.0 }), ..Filters::default() }));
         assert_eq!(filtered, plain, "{name}: KKT changed the model");
         assert!(stats.kkt_keys_skipped > 0, "{name}: nothing was skipped ({stats:?})");
         assert!(plain.iter().any(|&x| x != 0.0) && plain.contains(&0.0), "{name}: a degenerate model");
@@ -109,7 +109,7 @@ fn nothing_held_back_is_lost_when_a_worker_finishes_without_flushing() {
     let cfg = JobConfig::default().servers(2).workers(1);
     job::run(cfg, |w| {
         w.create_table(TableSpec::dense(1, 100, 1))?;
-        w.set_filters(1, Filters { significant: Some(Significant::absolute(1e9)), kkt: None })?;
+        w.set_filters(1, Filters { significant: Some(Significant::absolute(1e9)), ..Filters::default() })?;
         w.push(1, &keys, &[1.0; 100])?;
         w.push(1, &keys, &[2.0; 100])?;
         assert_eq!(w.filter_stats(1).push_keys_sent, 0);
@@ -122,7 +122,7 @@ fn nothing_held_back_is_lost_when_a_worker_finishes_without_flushing() {
     job::run(cfg, |w| {
         w.create_table(TableSpec::dense(1, 100, 1))?;
         if w.rank() == 0 {
-            w.set_filters(1, Filters { significant: Some(Significant::absolute(1e9)), kkt: None })?;
+            w.set_filters(1, Filters { significant: Some(Significant::absolute(1e9)), ..Filters::default() })?;
             w.push(1, &keys, &[1.5; 100])?;
             w.finish(None)?; // flushes, then leaves the job
             return Ok(());
@@ -137,4 +137,47 @@ fn nothing_held_back_is_lost_when_a_worker_finishes_without_flushing() {
         panic!("worker 0's held-back values never arrived");
     })
     .unwrap();
+}
+
+#[test]
+fn version_filtered_pulls_return_exactly_what_plain_pulls_return() {
+    for (name, t) in transports() {
+        let cfg = JobConfig::default().servers(2).workers(2).transport(t.clone());
+        let stats = job::run(cfg, |w| {
+            w.create_table(TableSpec::sparse(1, u64::MAX, 3))?;
+            let keys: Vec<u64> = (0..300u64).map(|i| i * 7919).collect();
+            if w.rank() == 0 {
+                w.set_filters(1, Filters { version_pull: true, ..Filters::default() })?;
+            }
+            let mut last = Vec::new();
+            for round in 0..6u64 {
+                // Worker 1 changes a different tenth of the keys each round.
+                if w.rank() == 1 {
+                    let some: Vec<u64> = keys.iter().copied().filter(|k| (k / 7919) % 10 == round).collect();
+                    let vals: Vec<f32> = some.iter().flat_map(|&k| [k as f32, round as f32, 1.0]).collect();
+                    w.wait(w.push(1, &some, &vals)?)?;
+                }
+                w.barrier()?;
+                // Both pull the same keys (worker 0 version-filtered, worker 1
+                // plainly) and must agree; a subset of keys too.
+                let got = w.pull(1, &keys)?.wait()?;
+                let sub: Vec<u64> = keys.iter().copied().step_by(3).collect();
+                let got_sub = w.pull(1, &sub)?.wait()?;
+                for (i, k) in keys.iter().enumerate() {
+                    if k % 3 == 0 && (k / 7919) % 3 == 0 {
+                        let j = (k / 7919 / 3) as usize;
+                        assert_eq!(&got[i * 3..i * 3 + 3], &got_sub[j * 3..j * 3 + 3], "{name}");
+                    }
+                }
+                last = got;
+                w.barrier()?;
+            }
+            Ok((last, w.filter_stats(1)))
+        })
+        .unwrap();
+        assert_eq!(stats[0].0, stats[1].0, "{name}: version-filtered and plain pulls disagree");
+        let s = stats[0].1;
+        assert!(s.version_keys_unchanged > 0, "{name}: nothing was saved ({s:?})");
+        assert!(s.bytes_saved() > 0, "{name}: the scheme cost more than it saved ({s:?})");
+    }
 }

@@ -44,6 +44,15 @@ pub(super) struct LaneRun {
     pub shard: u32,
     pub keys: Option<Bytes>,
     pub vals: Option<Bytes>,
+    /// Versions the worker last saw (version-filtered pulls).
+    pub known: Option<Bytes>,
+}
+
+/// What a run returns.
+enum RunOut {
+    Ack,
+    Values(Vec<f32>),
+    Changed { bitmap: Vec<u8>, values: Vec<f32>, versions: Vec<u32> },
 }
 
 /// A data request being answered: the lanes it waits for and what they
@@ -156,13 +165,20 @@ impl LaneState {
         let mut out = Output { progress: u64::MAX, ..Output::default() };
         for (r, res) in runs.iter().zip(pushed) {
             let res =
-                res.and_then(|()| if req.kind == kind::PUSH { Ok(None) } else { pull_run(&self.shards, r).map(Some) });
+                res.and_then(|()| if req.kind == kind::PUSH { Ok(RunOut::Ack) } else { pull_run(&self.shards, r) });
             let count = r.header.count;
             match res {
-                Ok(v) => {
-                    out.replies.push(RunReply { run: r.header.run, status: status::OK, count });
-                    if let Some(v) = v {
-                        out.values.push(bytes_of_vec(v));
+                Ok(o) => {
+                    let status = if matches!(o, RunOut::Changed { .. }) { status::CHANGED } else { status::OK };
+                    out.replies.push(RunReply { run: r.header.run, status, count });
+                    match o {
+                        RunOut::Ack => {}
+                        RunOut::Values(v) => out.values.push(bytes_of_vec(v)),
+                        RunOut::Changed { bitmap, values, versions } => {
+                            out.values.push(Bytes::from(bitmap));
+                            out.values.push(bytes_of_vec(values));
+                            out.values.push(bytes_of_vec(versions));
+                        }
                     }
                 }
                 Err(msg) => {
@@ -326,9 +342,16 @@ fn push_run(shards: &mut HashMap<u32, Shard>, r: &LaneRun) -> Result<(), String>
     shard.push(keys, &vals).map_err(|e| e.to_string())
 }
 
-fn pull_run(shards: &HashMap<u32, Shard>, r: &LaneRun) -> Result<Vec<f32>, String> {
+fn pull_run(shards: &HashMap<u32, Shard>, r: &LaneRun) -> Result<RunOut, String> {
     let shard = shards.get(&r.shard).ok_or_else(|| format!("shard {} is not on this lane", r.shard))?;
     let view = r.keys.as_ref().map(pod_slice::<u64>);
     let keys = run_keys(r, &view)?;
-    shard.pull_vec(keys).map_err(|e| e.to_string())
+    match &r.known {
+        Some(known) => {
+            let (bitmap, values, versions) =
+                shard.pull_changed(keys, &pod_slice::<u32>(known)).map_err(|e| e.to_string())?;
+            Ok(RunOut::Changed { bitmap, values, versions })
+        }
+        None => shard.pull_vec(keys).map(RunOut::Values).map_err(|e| e.to_string()),
+    }
 }

@@ -314,8 +314,17 @@ impl ServerHandler {
         let table = self.shared.tables.read().get(&h.table).cloned().ok_or(Error::UnknownTable(h.table))?;
         let with_values = frame.kind != kind::PULL;
         let dim = u64::from(table.spec.dim);
-        let expected_segments: usize =
-            runs.iter().map(|r| usize::from(r.form == run_form::LIST) + usize::from(with_values)).sum();
+        let versioned = h.flags & proto::flags::VERSIONED != 0;
+        if versioned && frame.kind != kind::PULL {
+            return Err(bad("only pulls can be version-filtered".into()));
+        }
+        if h.flags & !proto::flags::VERSIONED != 0 {
+            return Err(bad(format!("unknown request flags {:#x}", h.flags)));
+        }
+        let expected_segments: usize = runs
+            .iter()
+            .map(|r| usize::from(r.form == run_form::LIST) + usize::from(with_values) + usize::from(versioned))
+            .sum();
         if frame.segments.len() != expected_segments {
             return Err(bad(format!("{} segments, the runs need {expected_segments}", frame.segments.len())));
         }
@@ -352,6 +361,15 @@ impl ServerHandler {
             if last >= table.spec.keys {
                 return Err(Error::KeyOutOfRange { table: h.table, key: last, len: table.spec.keys });
             }
+            let known = if versioned {
+                let v = segs.next().expect("segment count checked");
+                if v.len() as u64 != r.count * 4 {
+                    return Err(bad(format!("run {}: {} version bytes for {} keys", r.run, v.len(), r.count)));
+                }
+                Some(v)
+            } else {
+                None
+            };
             let vals = if with_values {
                 let v = segs.next().expect("segment count checked");
                 if v.len() as u64 != r.count * dim * 4 {
@@ -372,7 +390,7 @@ impl ServerHandler {
                 .filter(|(range, _, _)| range.contains(last))
                 .ok_or_else(|| Error::NotOwned { table: h.table, key: r.first, range: "no shard here".into() })?;
             let _ = range;
-            per_lane[lane].push(LaneRun { header: r, shard, keys, vals });
+            per_lane[lane].push(LaneRun { header: r, shard, keys, vals, known });
         }
         let lanes = per_lane.iter().filter(|r| !r.is_empty()).count();
         if lanes == 0 {

@@ -544,6 +544,37 @@ impl Shard {
         Ok(out)
     }
 
+    /// A version-filtered pull: compares each key's version with `known` and
+    /// returns a bitmap of the keys that changed (bit i of byte i/8), their
+    /// values and their versions. A key without a slot has version 0.
+    pub fn pull_changed(&self, keys: KeyRun, known: &[Version]) -> Result<(Vec<u8>, Vec<f32>, Vec<Version>)> {
+        let n = keys.len();
+        if known.len() != n {
+            return Err(Error::LengthMismatch { table: self.table, keys: n, dim: 1, expected: n, got: known.len() });
+        }
+        self.check_run(&keys)?;
+        let d = self.layout.dim();
+        let mut bitmap = vec![0u8; n.div_ceil(8)];
+        let (mut vals, mut vers) = (Vec::new(), Vec::new());
+        let mut buf = vec![0.0f32; d];
+        for (i, &k) in known.iter().enumerate() {
+            let key = keys.get(i);
+            let v = match self.locate(key) {
+                Some(idx) => slot::load(self.layout, self.slot(idx), &mut buf),
+                None => {
+                    self.init.fill(key, &mut buf);
+                    0
+                }
+            };
+            if v != k {
+                bitmap[i / 8] |= 1 << (i % 8);
+                vals.extend_from_slice(&buf);
+                vers.push(v);
+            }
+        }
+        Ok((bitmap, vals, vers))
+    }
+
     /// Versions only (for version-filtered pulls).
     pub fn versions(&self, keys: KeyRun, out: &mut [Version]) -> Result<()> {
         self.check_run(&keys)?;

@@ -66,14 +66,17 @@ pub struct Kkt {
 pub struct Filters {
     pub significant: Option<Significant>,
     pub kkt: Option<Kkt>,
+    /// Version-filtered pulls: the worker keeps the values and versions it
+    /// last pulled, and a pull transfers only the keys whose version advanced.
+    pub version_pull: bool,
 }
 
 impl Filters {
     pub fn is_empty(&self) -> bool {
-        self.significant.is_none() && self.kkt.is_none()
+        self.significant.is_none() && self.kkt.is_none() && !self.version_pull
     }
     fn needs_weights(&self) -> bool {
-        self.kkt.is_some() || self.significant.is_some_and(|s| s.relative)
+        self.kkt.is_some() || self.significant.is_some_and(|s| s.relative) || self.version_pull
     }
 }
 
@@ -93,6 +96,13 @@ pub struct FilterStats {
     /// bytes that saved.
     pub significant_keys_held: u64,
     pub significant_bytes_saved: u64,
+    /// Version-filtered pulls: keys not transferred because they had not
+    /// changed, the value bytes that saved, and the bytes the scheme costs
+    /// (4 per requested key for its version, plus the changed-keys bitmap and
+    /// 4 per changed key).
+    pub version_keys_unchanged: u64,
+    pub version_bytes_saved: u64,
+    pub version_bytes_overhead: u64,
 }
 
 impl FilterStats {
@@ -104,10 +114,14 @@ impl FilterStats {
         self.kkt_bytes_saved += o.kkt_bytes_saved;
         self.significant_keys_held += o.significant_keys_held;
         self.significant_bytes_saved += o.significant_bytes_saved;
+        self.version_keys_unchanged += o.version_keys_unchanged;
+        self.version_bytes_saved += o.version_bytes_saved;
+        self.version_bytes_overhead += o.version_bytes_overhead;
     }
-    /// Bytes all filters saved.
-    pub fn bytes_saved(&self) -> u64 {
-        self.kkt_bytes_saved + self.significant_bytes_saved
+    /// Bytes all filters saved, net of what version filtering costs.
+    pub fn bytes_saved(&self) -> i64 {
+        (self.kkt_bytes_saved + self.significant_bytes_saved + self.version_bytes_saved) as i64
+            - self.version_bytes_overhead as i64
     }
 }
 
@@ -141,8 +155,10 @@ pub(super) struct TableFilter {
     /// Accumulated, not yet sent changes, and which entries hold any.
     acc: KeyedArrays,
     pending: Vec<bool>,
-    /// The last weights pulled (for KKT and relative thresholds).
+    /// The last weights pulled (for KKT, relative thresholds and version
+    /// filtering), and their versions (parallel to `weights`' entries).
     weights: KeyedArrays,
+    versions: Vec<u32>,
     pub stats: FilterStats,
 }
 
@@ -154,6 +170,7 @@ impl TableFilter {
             acc: KeyedArrays::default(),
             pending: Vec::new(),
             weights: KeyedArrays::default(),
+            versions: Vec::new(),
             stats: FilterStats::default(),
         }
     }
@@ -162,15 +179,75 @@ impl TableFilter {
         self.cfg.needs_weights()
     }
 
-    /// Remembers pulled weights.
+    /// Remembers pulled weights (of a pull that did not report versions:
+    /// the cached versions stay, so a later version-filtered pull may fetch
+    /// an unchanged key once more, never miss a change).
     pub fn observe(&mut self, keys: &[Key], vals: &[f32]) {
         if !self.needs_weights() {
             return;
         }
         let d = self.dim;
         for (k, v) in keys.iter().zip(vals.chunks_exact(d)) {
-            self.weights.entry(*k, d).1.copy_from_slice(v);
+            let (idx, w) = self.weights.entry(*k, d);
+            w.copy_from_slice(v);
+            if self.versions.len() <= idx {
+                self.versions.resize(idx + 1, crate::proto::VERSION_UNKNOWN);
+            }
         }
+    }
+
+    pub fn version_pull(&self) -> bool {
+        self.cfg.version_pull
+    }
+
+    /// The versions to send with a version-filtered pull of `keys`.
+    pub fn known_versions(&mut self, keys: &[Key]) -> Vec<u32> {
+        self.stats.version_bytes_overhead += 4 * keys.len() as u64;
+        keys.iter()
+            .map(|k| self.weights.index.get(k).map_or(crate::proto::VERSION_UNKNOWN, |&i| self.versions[i as usize]))
+            .collect()
+    }
+
+    /// Fills `out` for `keys` from a version-filtered reply: changed keys
+    /// from the reply (and into the cache), the others from the cache.
+    pub fn apply_changed(
+        &mut self,
+        keys: &[Key],
+        bitmap: &[u8],
+        values: &[f32],
+        versions: &[u32],
+        out: &mut [f32],
+    ) -> Result<(), String> {
+        let d = self.dim;
+        let mut j = 0;
+        let changed = versions.len();
+        if bitmap.len() != keys.len().div_ceil(8) || values.len() != changed * d || out.len() != keys.len() * d {
+            return Err("malformed version-filtered reply".into());
+        }
+        for (i, (&key, o)) in keys.iter().zip(out.chunks_exact_mut(d)).enumerate() {
+            if bitmap[i / 8] >> (i % 8) & 1 == 1 {
+                let v = values.get(j * d..(j + 1) * d).ok_or("more changed keys than values")?;
+                o.copy_from_slice(v);
+                let (idx, w) = self.weights.entry(key, d);
+                w.copy_from_slice(v);
+                if self.versions.len() <= idx {
+                    self.versions.resize(idx + 1, crate::proto::VERSION_UNKNOWN);
+                }
+                self.versions[idx] = versions[j];
+                j += 1;
+            } else {
+                let w =
+                    self.weights.get(key, d).ok_or_else(|| format!("key {key} reported unchanged but never pulled"))?;
+                o.copy_from_slice(w);
+                self.stats.version_keys_unchanged += 1;
+                self.stats.version_bytes_saved += 4 * d as u64;
+            }
+        }
+        if j != changed {
+            return Err("fewer changed keys than values".into());
+        }
+        self.stats.version_bytes_overhead += bitmap.len() as u64 + 4 * changed as u64;
+        Ok(())
     }
 
     /// Filters one push: returns the keys and values to send now (sorted,
@@ -257,7 +334,8 @@ mod tests {
 
     #[test]
     fn small_changes_accumulate_until_significant_and_drain_returns_the_rest() {
-        let mut f = TableFilter::new(Filters { significant: Some(Significant::absolute(2.5)), kkt: None }, 1);
+        let mut f =
+            TableFilter::new(Filters { significant: Some(Significant::absolute(2.5)), ..Filters::default() }, 1);
         assert_eq!(f.filter_push(&[1, 2], &[1.0, 3.0], 0), (vec![2], vec![3.0]));
         assert_eq!(f.filter_push(&[1, 2], &[1.0, 1.0], 0), (vec![], vec![]));
         assert_eq!(f.filter_push(&[1], &[1.0], 0), (vec![1], vec![3.0]));
@@ -275,7 +353,8 @@ mod tests {
 
     #[test]
     fn relative_thresholds_use_the_last_pulled_weight() {
-        let mut f = TableFilter::new(Filters { significant: Some(Significant::relative(0.1)), kkt: None }, 1);
+        let mut f =
+            TableFilter::new(Filters { significant: Some(Significant::relative(0.1)), ..Filters::default() }, 1);
         f.observe(&[1, 2], &[100.0, 1.0]);
         // 5 is 5% of 100: held; 0.5 is 50% of 1: sent; key 3 has no weight: sent.
         assert_eq!(f.filter_push(&[1, 2, 3], &[5.0, 0.5, 0.01], 0), (vec![2, 3], vec![0.5, 0.01]));
@@ -284,7 +363,7 @@ mod tests {
 
     #[test]
     fn kkt_skips_zero_weights_with_small_gradients_only() {
-        let mut f = TableFilter::new(Filters { significant: None, kkt: Some(Kkt { lambda: 1.0, delta: 0.1 }) }, 1);
+        let mut f = TableFilter::new(Filters { kkt: Some(Kkt { lambda: 1.0, delta: 0.1 }), ..Filters::default() }, 1);
         f.observe(&[1, 2, 3], &[0.0, 0.0, 0.5]);
         // key 1: w=0, |g|=0.5 <= 0.9 skipped; key 2: w=0, |g|=0.95 sent;
         // key 3: w!=0 sent; key 4: weight unknown, sent.

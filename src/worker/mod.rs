@@ -30,7 +30,7 @@ use crate::scheduler::ring::{RangeMap, Ring, Run};
 use crate::table::{Consistency, Key, TableId, TableSpec};
 use crate::transport::{Frame, Handler, Messenger, PeerId, Transport, bytes_of_vec, pod_slice};
 
-use op::{Op, OpRun};
+use op::{Op, OpRun, Part};
 
 /// Identifies an operation of one worker; increases with every operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -201,11 +201,32 @@ impl Pull {
         let r = self.op.wait();
         self.shared.failed.lock().remove(&self.ts.0);
         r?;
-        let vals = self.op.take_values();
-        if let Some((filter, keys)) = &self.observe {
-            filter.lock().observe(bytemuck::cast_slice(keys), &vals);
+        match &self.observe {
+            Some((filter, keys)) => {
+                let keys: &[Key] = bytemuck::cast_slice(keys);
+                let mut f = filter.lock();
+                let mut versioned = false;
+                let vals = self.op.take_values(&mut |lo, count, part, out| {
+                    versioned = true;
+                    let Part::Changed { bitmap, values, versions } = part else { return Ok(()) };
+                    f.apply_changed(
+                        &keys[lo..lo + count],
+                        bitmap,
+                        &pod_slice::<f32>(values),
+                        &pod_slice::<u32>(versions),
+                        out,
+                    )
+                    .map_err(|m| Error::protocol("server", m))
+                })?;
+                if !versioned {
+                    f.observe(keys, &vals);
+                }
+                Ok(vals)
+            }
+            None => {
+                self.op.take_values(&mut |_, _, _, _| Err(Error::protocol("server", "unrequested changed-keys reply")))
+            }
         }
-        Ok(vals)
     }
 
     /// Waits; returns the values and the shard progress they were served at.
@@ -393,7 +414,7 @@ impl Worker {
             None => (Vec::new(), Vec::new()),
         };
         self.inner
-            .issue(kind::PUSH, table, bytes_of_vec(keys), Some(bytes_of_vec(vals)), None, None)
+            .issue(kind::PUSH, table, bytes_of_vec(keys), Some(bytes_of_vec(vals)), None, None, None)
             .map(|op| Timestamp(op.ts))
     }
 
@@ -574,7 +595,7 @@ impl Scoped<'_> {
         vals: Option<Bytes>,
         out: Option<Vec<f32>>,
     ) -> Result<Arc<Op>> {
-        self.w.inner.issue(k, table, keys, vals, out, self.consistency)
+        self.w.inner.issue(k, table, keys, vals, out, self.consistency, None)
     }
 
     fn pull_bytes(&self, k: u16, table: TableId, keys: Bytes, vals: Option<Bytes>, buf: Vec<f32>) -> Result<Pull> {
@@ -582,8 +603,16 @@ impl Scoped<'_> {
             Some(v) => Some(self.filtered(table, &keys, v)?.1),
             None => None,
         };
-        let observe = self.w.inner.filter(table).filter(|f| f.lock().needs_weights()).map(|f| (f, keys.clone()));
-        let op = self.issue(k, table, keys, vals, Some(buf))?;
+        let filter = self.w.inner.filter(table).filter(|f| f.lock().needs_weights());
+        // A plain pull of a version-filtered table sends the versions it knows.
+        let known = match &filter {
+            Some(f) if k == kind::PULL && f.lock().version_pull() => {
+                Some(bytes_of_vec(f.lock().known_versions(&pod_slice::<Key>(&keys))))
+            }
+            _ => None,
+        };
+        let observe = filter.map(|f| (f, keys.clone()));
+        let op = self.w.inner.issue(k, table, keys, vals, Some(buf), self.consistency, known)?;
         Ok(Pull { ts: Timestamp(op.ts), op, shared: self.w.inner.shared.clone(), observe })
     }
 
@@ -668,6 +697,7 @@ impl Inner {
         vals: Option<Bytes>,
         out: Option<Vec<f32>>,
         consistency: Option<Consistency>,
+        known: Option<Bytes>,
     ) -> Result<Arc<Op>> {
         if self.finished.load(Ordering::Acquire) || self.shared.shutdown.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
@@ -734,6 +764,9 @@ impl Inner {
                 if form == run_form::LIST {
                     segments.push(keys.slice(r.lo * 8..r.hi * 8));
                 }
+                if let Some(kv) = &known {
+                    segments.push(kv.slice(r.lo * 4..r.hi * 4));
+                }
                 if let Some(v) = &vals {
                     segments.push(v.slice(r.lo * dim * 4..r.hi * dim * 4));
                 }
@@ -744,7 +777,7 @@ impl Inner {
                 clock,
                 epoch: self.ring.epoch(),
                 runs: headers.len() as u32,
-                flags: 0,
+                flags: if known.is_some() { proto::flags::VERSIONED } else { 0 },
                 seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
                 tau,
                 reserved: 0,
@@ -800,7 +833,7 @@ impl Shared {
     }
 
     /// Run `i` of `op` is finished (claimed by the caller).
-    fn finish_run(&self, op: &Arc<Op>, i: usize, values: Option<Bytes>, err: Option<Error>) {
+    fn finish_run(&self, op: &Arc<Op>, i: usize, values: Option<Part>, err: Option<Error>) {
         if op.finish_run(i, values, err) {
             self.complete(op);
         }
@@ -835,9 +868,14 @@ impl Shared {
             .ok_or_else(|| Error::protocol(peer(), "malformed reply meta"))?;
         op.note_progress(h.progress);
         let with_values = op.has_output();
-        let n_vals = if with_values { runs.iter().filter(|r| r.status == status::OK).count() } else { 0 };
-        let n_errs = runs.iter().filter(|r| r.status != status::OK).count();
-        if frame.segments.len() != n_vals + n_errs {
+        let segs_of = |st: u32| match st {
+            status::OK => usize::from(with_values),
+            status::CHANGED => 3,
+            _ => 0,
+        };
+        let n_vals: usize = runs.iter().map(|r| segs_of(r.status)).sum();
+        let n_errs = runs.iter().filter(|r| r.status == status::ERROR).count();
+        if frame.segments.len() != n_vals + n_errs || runs.iter().any(|r| r.status > status::CHANGED) {
             return Err(Error::protocol(peer(), "reply segment count does not match its runs"));
         }
         let (mut vals, mut errs) = (frame.segments[..n_vals].iter(), frame.segments[n_vals..].iter());
@@ -859,10 +897,28 @@ impl Shared {
                     if seg.len() != run.count * op.dim() * 4 {
                         err = Some(Error::protocol(peer(), format!("run {i}: {} value bytes", seg.len())));
                     } else {
-                        values = Some(seg.clone());
+                        values = Some(Part::Values(seg.clone()));
                     }
                 }
                 self.finish_run(&op, i, values, err);
+            } else if r.status == status::CHANGED {
+                let (bitmap, values, versions) =
+                    (vals.next().expect("counted"), vals.next().expect("counted"), vals.next().expect("counted"));
+                let changed = versions.len() / 4;
+                let ones: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
+                let ok = with_values
+                    && bitmap.len() == run.count.div_ceil(8)
+                    && versions.len() % 4 == 0
+                    && ones == changed
+                    && values.len() == changed * op.dim() * 4;
+                if ok {
+                    let part =
+                        Part::Changed { bitmap: bitmap.clone(), values: values.clone(), versions: versions.clone() };
+                    self.finish_run(&op, i, Some(part), None);
+                } else {
+                    let e = Error::protocol(peer(), format!("run {i}: malformed changed-keys reply"));
+                    self.finish_run(&op, i, None, Some(e));
+                }
             } else {
                 let msg = errs.next().map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
                 self.finish_run(&op, i, None, Some(Error::Remote { peer: peer(), message: msg }));

@@ -29,12 +29,20 @@ impl OpRun {
     }
 }
 
+/// A run's reply data, as received.
+pub(super) enum Part {
+    /// All values of the run.
+    Values(Bytes),
+    /// Version-filtered: which keys changed, their values and versions.
+    Changed { bitmap: Bytes, values: Bytes, versions: Bytes },
+}
+
 #[derive(Default)]
 struct OpState {
     done: bool,
     error: Option<Error>,
-    /// Values of each run, as received (pulls only).
-    parts: Vec<Option<Bytes>>,
+    /// Reply data of each run (pulls only).
+    parts: Vec<Option<Part>>,
     /// The caller's output buffer, until the result is taken.
     out: Option<Vec<f32>>,
 }
@@ -57,7 +65,7 @@ impl Op {
     pub fn new(ts: u64, clock: u32, dim: usize, runs: Vec<OpRun>, out: Option<Vec<f32>>) -> Op {
         let remaining = AtomicUsize::new(runs.len());
         let has_output = out.is_some();
-        let parts = if has_output { vec![None; runs.len()] } else { Vec::new() };
+        let parts = if has_output { (0..runs.len()).map(|_| None).collect() } else { Vec::new() };
         let state = OpState { done: false, error: None, parts, out };
         let progress = AtomicU64::new(u64::MAX);
         Op { ts, clock, progress, dim, runs, remaining, has_output, state: Mutex::new(state), cv: Condvar::new() }
@@ -92,7 +100,7 @@ impl Op {
 
     /// Finishes claimed run `i` with its values (pulls), or an error; true
     /// when it was the last run.
-    pub fn finish_run(&self, i: usize, values: Option<Bytes>, err: Option<Error>) -> bool {
+    pub fn finish_run(&self, i: usize, values: Option<Part>, err: Option<Error>) -> bool {
         if values.is_some() || err.is_some() {
             let mut st = self.state.lock();
             if let Some(v) = values
@@ -131,19 +139,25 @@ impl Op {
     }
 
     /// The result of a finished pull: the output buffer filled from the
-    /// parked run values (empty for pushes or a second call).
-    pub fn take_values(&self) -> Vec<f32> {
+    /// parked run data; `changed` fills a version-filtered run (its keys are
+    /// `lo..lo+count` of the request) into its slice of the output.
+    pub fn take_values(
+        &self,
+        changed: &mut dyn FnMut(usize, usize, &Part, &mut [f32]) -> Result<()>,
+    ) -> Result<Vec<f32>> {
         let (mut out, parts) = {
             let mut st = self.state.lock();
             assert!(st.done, "take_values before the operation finished");
             (st.out.take().unwrap_or_default(), std::mem::take(&mut st.parts))
         };
         for (run, part) in self.runs.iter().zip(parts) {
-            if let Some(bytes) = part {
-                let (start, n) = (run.lo * self.dim, run.count * self.dim);
-                out[start..start + n].copy_from_slice(&pod_slice::<f32>(&bytes));
+            let (start, n) = (run.lo * self.dim, run.count * self.dim);
+            match part {
+                Some(Part::Values(bytes)) => out[start..start + n].copy_from_slice(&pod_slice::<f32>(&bytes)),
+                Some(p @ Part::Changed { .. }) => changed(run.lo, run.count, &p, &mut out[start..start + n])?,
+                None => {}
             }
         }
-        out
+        Ok(out)
     }
 }
