@@ -147,6 +147,26 @@ struct Shared {
 
 const CONTROL_ID_BASE: u64 = 1 << 63;
 
+/// One operation to send.
+struct Issue {
+    kind: u16,
+    table: TableId,
+    keys: Bytes,
+    vals: Option<Bytes>,
+    /// The output buffer of a pull.
+    out: Option<Vec<f32>>,
+    /// Overrides the table's consistency.
+    consistency: Option<Consistency>,
+    /// Known versions, for a version-filtered pull.
+    known: Option<Bytes>,
+}
+
+impl Issue {
+    fn new(kind: u16, table: TableId, keys: Bytes, vals: Option<Bytes>) -> Issue {
+        Issue { kind, table, keys, vals, out: None, consistency: None, known: None }
+    }
+}
+
 struct Inner {
     shared: Arc<Shared>,
     net: Arc<dyn Messenger>,
@@ -414,7 +434,7 @@ impl Worker {
             None => (Vec::new(), Vec::new()),
         };
         self.inner
-            .issue(kind::PUSH, table, bytes_of_vec(keys), Some(bytes_of_vec(vals)), None, None, None)
+            .issue(Issue::new(kind::PUSH, table, bytes_of_vec(keys), Some(bytes_of_vec(vals))))
             .map(|op| Timestamp(op.ts))
     }
 
@@ -595,7 +615,7 @@ impl Scoped<'_> {
         vals: Option<Bytes>,
         out: Option<Vec<f32>>,
     ) -> Result<Arc<Op>> {
-        self.w.inner.issue(k, table, keys, vals, out, self.consistency, None)
+        self.w.inner.issue(Issue { out, consistency: self.consistency, ..Issue::new(k, table, keys, vals) })
     }
 
     fn pull_bytes(&self, k: u16, table: TableId, keys: Bytes, vals: Option<Bytes>, buf: Vec<f32>) -> Result<Pull> {
@@ -612,7 +632,8 @@ impl Scoped<'_> {
             _ => None,
         };
         let observe = filter.map(|f| (f, keys.clone()));
-        let op = self.w.inner.issue(k, table, keys, vals, Some(buf), self.consistency, known)?;
+        let req = Issue { out: Some(buf), consistency: self.consistency, known, ..Issue::new(k, table, keys, vals) };
+        let op = self.w.inner.issue(req)?;
         Ok(Pull { ts: Timestamp(op.ts), op, shared: self.w.inner.shared.clone(), observe })
     }
 
@@ -689,16 +710,8 @@ impl Inner {
 
     /// Checks, splits and sends one operation. `keys` are sorted and unique
     /// (checked by the caller or by `KeyList`).
-    fn issue(
-        &self,
-        k: u16,
-        table: TableId,
-        keys: Bytes,
-        vals: Option<Bytes>,
-        out: Option<Vec<f32>>,
-        consistency: Option<Consistency>,
-        known: Option<Bytes>,
-    ) -> Result<Arc<Op>> {
+    fn issue(&self, req: Issue) -> Result<Arc<Op>> {
+        let Issue { kind: k, table, keys, vals, out, consistency, known } = req;
         if self.finished.load(Ordering::Acquire) || self.shared.shutdown.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }

@@ -29,6 +29,10 @@ impl OpRun {
     }
 }
 
+/// Fills a version-filtered run: (first key index, key count, reply data,
+/// output slice).
+pub(super) type FillChanged<'a> = dyn FnMut(usize, usize, &Part, &mut [f32]) -> Result<()> + 'a;
+
 /// A run's reply data, as received.
 pub(super) enum Part {
     /// All values of the run.
@@ -143,7 +147,7 @@ impl Op {
     /// `lo..lo+count` of the request) into its slice of the output.
     pub fn take_values(
         &self,
-        changed: &mut dyn FnMut(usize, usize, &Part, &mut [f32]) -> Result<()>,
+        changed: &mut FillChanged<'_>,
     ) -> Result<Vec<f32>> {
         let (mut out, parts) = {
             let mut st = self.state.lock();
