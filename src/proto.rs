@@ -47,6 +47,13 @@ pub mod kind {
     pub const REPLY: u16 = 32;
     /// The request as a whole was refused; segment 0 is the message.
     pub const REFUSED: u16 = 33;
+    /// Server -> worker: digests this connection's cache lacks (segment 0,
+    /// u64 each); the server holds the connection's data requests, in order,
+    /// until a KEYS frame supplies them.
+    pub const NEED_KEYS: u16 = 34;
+    /// Worker -> server: key lists for a cache; meta is their digests (u64
+    /// each), one keys segment per digest.
+    pub const KEYS: u16 = 20;
 }
 
 /// How a run's keys are spelled.
@@ -55,7 +62,21 @@ pub mod run_form {
     pub const LIST: u32 = 0;
     /// `first, first+1, ..., first+count-1`; no keys segment.
     pub const RANGE: u32 = 1;
+    /// A keys segment lists them; the server keeps the list under the run's
+    /// digest for later requests on this connection.
+    pub const LIST_CACHE: u32 = 2;
+    /// No keys segment: the keys are the list kept under the run's digest.
+    pub const CACHED: u32 = 3;
+
+    /// Whether a run of this form carries a keys segment.
+    pub fn has_keys(form: u32) -> bool {
+        form == LIST || form == LIST_CACHE
+    }
 }
+
+/// Bytes of key lists a worker may ask one server to keep for it; the
+/// server accepts twice that before it treats the peer as misbehaving.
+pub const KEY_CACHE_BUDGET: usize = 64 << 20;
 
 /// Reply status of one run.
 pub mod status {
@@ -118,6 +139,8 @@ pub struct RunHeader {
     pub form: u32,
     pub first: u64,
     pub count: u64,
+    /// Names the run's key list (`run_form::LIST_CACHE` and `CACHED`).
+    pub digest: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -239,8 +262,8 @@ mod tests {
     fn meta_round_trips_and_wrong_sizes_are_refused() {
         let h = DataHeader { table: 1, worker: 2, clock: 3, epoch: 4, runs: 2, flags: 0, seq: 5, tau: 1, reserved: 0 };
         let runs = [
-            RunHeader { run: 0, form: run_form::RANGE, first: 10, count: 5 },
-            RunHeader { run: 3, form: run_form::LIST, first: 99, count: 1 },
+            RunHeader { run: 0, form: run_form::RANGE, first: 10, count: 5, digest: 0 },
+            RunHeader { run: 3, form: run_form::LIST, first: 99, count: 1, digest: 7 },
         ];
         let meta = build_meta(&h, &runs);
         let (h2, r2) = parse_meta::<DataHeader, RunHeader>(&meta, |h| h.runs).unwrap();

@@ -181,3 +181,77 @@ fn version_filtered_pulls_return_exactly_what_plain_pulls_return() {
         assert!(s.bytes_saved() > 0, "{name}: the scheme cost more than it saved ({s:?})");
     }
 }
+
+#[test]
+fn key_caching_sends_each_list_once_and_changes_no_result() {
+    for (name, t) in transports() {
+        let run = |cache: bool| {
+            let cfg = JobConfig::default().servers(2).workers(2).transport(t.clone());
+            job::run(cfg, |w| {
+                w.create_table(TableSpec::sparse(1, u64::MAX, 1))?;
+                if cache {
+                    w.set_filters(1, Filters { key_cache: true, ..Filters::default() })?;
+                }
+                let keys = pserver::KeyList::new((0..2000u64).map(|i| i * 104_729 + u64::from(w.rank())).collect())?;
+                for round in 0..5u32 {
+                    w.push_with(1, &keys, vec![round as f32 + 1.0; 2000])?;
+                    let _ = w.pull_with(1, &keys, Vec::new())?.wait()?;
+                }
+                w.wait_all()?;
+                w.barrier()?;
+                Ok((w.pull_with(1, &keys, Vec::new())?.wait()?, w.filter_stats(1)))
+            })
+            .unwrap()
+        };
+        let plain = run(false);
+        let cached = run(true);
+        for (p, c) in plain.iter().zip(&cached) {
+            assert_eq!(p.0, c.0, "{name}: key caching changed a result");
+            assert!(c.1.key_cache_bytes_saved >= 8 * 2000 * 8, "{name}: little was saved ({:?})", c.1);
+        }
+    }
+}
+
+#[test]
+fn a_server_that_lost_its_key_cache_asks_again_and_order_is_kept() {
+    use pserver::scheduler::{SchedulerConfig, SchedulerNode};
+    use pserver::server::{ServerConfig, ServerNode};
+    use pserver::worker::{Worker, WorkerConfig};
+    for (name, t) in transports() {
+        let sched = SchedulerNode::start(
+            t.as_ref(),
+            "",
+            SchedulerConfig { servers: 2, workers: 1, ..SchedulerConfig::default() },
+        )
+        .unwrap();
+        let servers: Vec<ServerNode> = (0..2)
+            .map(|_| ServerNode::start(t.as_ref(), "", &sched.addr(), ServerConfig::default()).unwrap())
+            .collect();
+        let w = Worker::connect(t.as_ref(), &sched.addr(), WorkerConfig::default()).unwrap();
+        w.create_table(TableSpec::sparse(1, u64::MAX, 1)).unwrap();
+        w.set_filters(1, Filters { key_cache: true, ..Filters::default() }).unwrap();
+        let keys = pserver::KeyList::new((0..5000u64).map(|i| i * 15_485_863).collect()).unwrap();
+        for _ in 0..3 {
+            w.push_with(1, &keys, vec![1.0; 5000]).unwrap();
+        }
+        w.wait_all().unwrap();
+        let hits: u64 =
+            servers.iter().map(|s| s.stats().key_cache_hits.load(std::sync::atomic::Ordering::Relaxed)).sum();
+        assert!(hits > 0, "{name}: the lists were never named by digest");
+        for s in &servers {
+            s.forget_key_caches();
+        }
+        // Pushes naming lost lists, each followed at once by a pull: every
+        // pull must see the pushes before it.
+        for round in 1..=3 {
+            w.push_with(1, &keys, vec![1.0; 5000]).unwrap();
+            let got = w.pull_with(1, &keys, Vec::new()).unwrap().wait().unwrap();
+            assert!(got.iter().all(|&v| v == 3.0 + round as f32), "{name}: round {round} saw {}", got[0]);
+        }
+        let misses: u64 =
+            servers.iter().map(|s| s.stats().key_cache_misses.load(std::sync::atomic::Ordering::Relaxed)).sum();
+        assert!(misses > 0, "{name}: no server asked for the lists again");
+        w.finish(None).unwrap();
+        sched.wait().unwrap();
+    }
+}

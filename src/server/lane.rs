@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
-use crate::proto::{self, ReplyHeader, RunHeader, RunReply, kind, run_form, status};
+use crate::proto::{self, ReplyHeader, RunHeader, RunReply, kind, status};
 use crate::store::{KeyRun, Shard};
 use crate::transport::{Frame, Messenger, PeerId, bytes_of_vec, pod_slice};
 
@@ -324,7 +324,7 @@ impl Lane {
 /// The keys of a run, checked sorted and unique when spelled out.
 fn run_keys<'a>(r: &LaneRun, view: &'a Option<std::borrow::Cow<'a, [u64]>>) -> Result<KeyRun<'a>, String> {
     match (view, r.header.form) {
-        (Some(k), run_form::LIST) => {
+        (Some(k), _) => {
             if let Some(i) = k.windows(2).position(|w| w[0] >= w[1]) {
                 return Err(format!("keys must be sorted and unique: key[{}] = {} follows {}", i + 1, k[i + 1], k[i]));
             }

@@ -76,8 +76,37 @@ struct Membership {
     stopping: bool,
 }
 
+/// Per-connection state: the key lists a worker asked us to keep, and the
+/// requests held while we wait for lists we lost.
+#[derive(Default)]
+struct ConnState {
+    lists: HashMap<u64, Bytes>,
+    bytes: usize,
+    blocked: bool,
+    parked: std::collections::VecDeque<Frame>,
+}
+
+/// Requests a connection may have held while it resupplies key lists.
+const MAX_PARKED_FRAMES: usize = 4096;
+
+/// Counters of one server.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub requests: std::sync::atomic::AtomicU64,
+    pub keys: std::sync::atomic::AtomicU64,
+    /// Runs whose keys came from the key cache, and the key bytes not sent.
+    pub key_cache_hits: std::sync::atomic::AtomicU64,
+    pub key_cache_bytes_saved: std::sync::atomic::AtomicU64,
+    /// Times a worker had to resupply key lists.
+    pub key_cache_misses: std::sync::atomic::AtomicU64,
+}
+
 struct Shared {
     cfg: ServerConfig,
+    conns: Mutex<HashMap<PeerId, ConnState>>,
+    /// Connections currently blocked (skip the lock when 0).
+    blocked: std::sync::atomic::AtomicUsize,
+    stats: ServerStats,
     lanes: Vec<Arc<Lane>>,
     membership: Mutex<Membership>,
     changed: Condvar,
@@ -119,6 +148,9 @@ impl ServerNode {
             .collect::<Result<Vec<_>>>()?;
         let shared = Arc::new(Shared {
             cfg,
+            conns: Mutex::new(HashMap::new()),
+            blocked: Default::default(),
+            stats: ServerStats::default(),
             lanes,
             membership: Mutex::new(Membership::default()),
             changed: Condvar::new(),
@@ -164,6 +196,20 @@ impl ServerNode {
         }
     }
 
+    /// This server's counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.shared.stats
+    }
+
+    /// Drops every key list workers asked this server to keep, as a restart
+    /// would; workers resupply them when next used.
+    pub fn forget_key_caches(&self) {
+        for c in self.shared.conns.lock().values_mut() {
+            c.lists.clear();
+            c.bytes = 0;
+        }
+    }
+
     /// Stops serving now.
     pub fn stop(&self) {
         self.shared.membership.lock().stopping = true;
@@ -187,6 +233,11 @@ impl Drop for ServerNode {
 
 impl Handler for ServerHandler {
     fn on_disconnect(&self, _net: &Arc<dyn Messenger>, peer: PeerId) {
+        if let Some(c) = self.shared.conns.lock().remove(&peer)
+            && c.blocked
+        {
+            self.shared.blocked.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
         let mut m = self.shared.membership.lock();
         if m.scheduler == Some(peer) && !m.stopping {
             tracing::warn!("lost the connection to the scheduler; stopping");
@@ -200,8 +251,8 @@ impl Handler for ServerHandler {
         let id = frame.id;
         let result = match frame.kind {
             kind::CONTROL => self.on_control(net, from, &frame),
-            kind::PUSH | kind::PULL | kind::PUSH_PULL => self.on_data(net, from, frame),
-            kind::CLOCK => self.on_clock(net, from, &frame),
+            kind::PUSH | kind::PULL | kind::PUSH_PULL | kind::CLOCK => self.on_ordered(net, from, frame),
+            kind::KEYS => self.on_keys(net, from, &frame),
             other => Err(Error::protocol(net.peer_addr(from), format!("unknown frame kind {other}"))),
         };
         if let Err(e) = result {
@@ -306,6 +357,66 @@ impl ServerHandler {
         Ok(spec.id)
     }
 
+    /// Data and clock frames: held, in order, while the connection waits
+    /// for key lists.
+    fn on_ordered(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) -> Result<()> {
+        use std::sync::atomic::Ordering::Acquire;
+        if self.shared.blocked.load(Acquire) > 0 {
+            let mut conns = self.shared.conns.lock();
+            if let Some(c) = conns.get_mut(&from)
+                && c.blocked
+            {
+                if c.parked.len() >= MAX_PARKED_FRAMES {
+                    return Err(Error::LimitExceeded(format!(
+                        "{MAX_PARKED_FRAMES} requests held waiting for key lists the worker does not resupply"
+                    )));
+                }
+                c.parked.push_back(frame);
+                return Ok(());
+            }
+        }
+        match frame.kind {
+            kind::CLOCK => self.on_clock(net, from, &frame),
+            _ => self.on_data(net, from, frame),
+        }
+    }
+
+    /// Key lists resupplied by a worker; releases its held requests.
+    fn on_keys(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: &Frame) -> Result<()> {
+        use std::sync::atomic::Ordering::AcqRel;
+        let bad = |d: &str| Error::protocol(net.peer_addr(from), d.to_string());
+        if !frame.meta.len().is_multiple_of(8) || frame.meta.len() / 8 != frame.segments.len() {
+            return Err(bad("KEYS frame: digests and key lists do not match"));
+        }
+        let parked = {
+            let mut conns = self.shared.conns.lock();
+            let c = conns.entry(from).or_default();
+            for (d, keys) in frame.meta.chunks_exact(8).zip(&frame.segments) {
+                if !keys.len().is_multiple_of(8) {
+                    return Err(bad("KEYS frame: a key list is not a whole number of keys"));
+                }
+                let digest = u64::from_le_bytes(d.try_into().expect("8 bytes"));
+                if c.lists.insert(digest, keys.clone()).is_none() {
+                    c.bytes += keys.len();
+                }
+            }
+            if c.bytes > 2 * proto::KEY_CACHE_BUDGET {
+                return Err(Error::LimitExceeded(format!("key cache of {} bytes for one connection", c.bytes)));
+            }
+            if c.blocked {
+                c.blocked = false;
+                self.shared.blocked.fetch_sub(1, AcqRel);
+            }
+            std::mem::take(&mut c.parked)
+        };
+        // Replayed in order on this (the connection's) thread; a frame that
+        // blocks again holds the ones after it.
+        for f in parked {
+            self.on_frame(net, from, f);
+        }
+        Ok(())
+    }
+
     fn on_data(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) -> Result<()> {
         let peer = || net.peer_addr(from);
         let bad = |detail: String| Error::protocol(peer(), detail);
@@ -323,15 +434,49 @@ impl ServerHandler {
         }
         let expected_segments: usize = runs
             .iter()
-            .map(|r| usize::from(r.form == run_form::LIST) + usize::from(with_values) + usize::from(versioned))
+            .map(|r| usize::from(run_form::has_keys(r.form)) + usize::from(with_values) + usize::from(versioned))
             .sum();
         if frame.segments.len() != expected_segments {
             return Err(bad(format!("{} segments, the runs need {expected_segments}", frame.segments.len())));
         }
+        // Key lists named by digest: all must be here, or the connection
+        // waits (with this request first) until the worker resupplies them.
+        let cached: Vec<Option<Bytes>> = {
+            let mut conns = self.shared.conns.lock();
+            let c = conns.entry(from).or_default();
+            let mut missing = Vec::new();
+            let cached = runs
+                .iter()
+                .map(|r| {
+                    if r.form != run_form::CACHED {
+                        return None;
+                    }
+                    let hit = c.lists.get(&r.digest).cloned();
+                    if hit.is_none() {
+                        missing.push(r.digest);
+                    }
+                    hit
+                })
+                .collect();
+            if !missing.is_empty() {
+                c.blocked = true;
+                c.parked.push_back(frame);
+                self.shared.blocked.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                self.shared.stats.key_cache_misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                drop(conns);
+                let id = missing.len(); // for the log
+                tracing::debug!(peer = %peer(), lists = id, "asking for key lists");
+                let f =
+                    Frame::new(kind::NEED_KEYS, 0, Bytes::new()).with_segment(crate::transport::bytes_of_vec(missing));
+                return net.send(from, f);
+            }
+            cached
+        };
         let mut total = 0u64;
         let mut per_lane: Vec<Vec<LaneRun>> = (0..self.shared.lanes.len()).map(|_| Vec::new()).collect();
+        self.shared.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut segs = frame.segments.into_iter();
-        for r in runs {
+        for (i, r) in runs.into_iter().enumerate() {
             total = total.saturating_add(r.count);
             if r.count == 0 || total > MAX_KEYS_PER_REQUEST {
                 return Err(bad(format!(
@@ -344,8 +489,19 @@ impl ServerHandler {
                     let last = r.first.checked_add(r.count - 1).ok_or_else(|| bad("key range overflows".into()))?;
                     (None, last)
                 }
-                run_form::LIST => {
-                    let k = segs.next().expect("segment count checked");
+                run_form::LIST | run_form::LIST_CACHE | run_form::CACHED => {
+                    let k = match r.form {
+                        run_form::CACHED => {
+                            let k = cached[i].clone().expect("resolved above");
+                            self.shared.stats.key_cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            self.shared
+                                .stats
+                                .key_cache_bytes_saved
+                                .fetch_add(k.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                            k
+                        }
+                        _ => segs.next().expect("segment count checked"),
+                    };
                     if k.len() as u64 != r.count * 8 {
                         return Err(bad(format!("run {}: {} key bytes for {} keys", r.run, k.len(), r.count)));
                     }
@@ -353,6 +509,15 @@ impl ServerHandler {
                     let last = u64::from_le_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
                     if first != r.first {
                         return Err(bad(format!("run {}: first key {first} != declared {}", r.run, r.first)));
+                    }
+                    if r.form == run_form::LIST_CACHE {
+                        let mut conns = self.shared.conns.lock();
+                        let c = conns.entry(from).or_default();
+                        if c.bytes + k.len() <= 2 * proto::KEY_CACHE_BUDGET
+                            && c.lists.insert(r.digest, k.clone()).is_none()
+                        {
+                            c.bytes += k.len();
+                        }
                     }
                     (Some(k), last)
                 }
@@ -392,6 +557,7 @@ impl ServerHandler {
             let _ = range;
             per_lane[lane].push(LaneRun { header: r, shard, keys, vals, known });
         }
+        self.shared.stats.keys.fetch_add(total, std::sync::atomic::Ordering::Relaxed);
         let lanes = per_lane.iter().filter(|r| !r.is_empty()).count();
         if lanes == 0 {
             return Err(bad("a data request without runs".into()));

@@ -69,11 +69,14 @@ pub struct Filters {
     /// Version-filtered pulls: the worker keeps the values and versions it
     /// last pulled, and a pull transfers only the keys whose version advanced.
     pub version_pull: bool,
+    /// Key caching: a key list sent before to a server is named by a 64-bit
+    /// digest instead of being sent again.
+    pub key_cache: bool,
 }
 
 impl Filters {
     pub fn is_empty(&self) -> bool {
-        self.significant.is_none() && self.kkt.is_none() && !self.version_pull
+        self.significant.is_none() && self.kkt.is_none() && !self.version_pull && !self.key_cache
     }
     fn needs_weights(&self) -> bool {
         self.kkt.is_some() || self.significant.is_some_and(|s| s.relative) || self.version_pull
@@ -103,6 +106,8 @@ pub struct FilterStats {
     pub version_keys_unchanged: u64,
     pub version_bytes_saved: u64,
     pub version_bytes_overhead: u64,
+    /// Key bytes not sent because the server kept the list (key caching).
+    pub key_cache_bytes_saved: u64,
 }
 
 impl FilterStats {
@@ -117,10 +122,12 @@ impl FilterStats {
         self.version_keys_unchanged += o.version_keys_unchanged;
         self.version_bytes_saved += o.version_bytes_saved;
         self.version_bytes_overhead += o.version_bytes_overhead;
+        self.key_cache_bytes_saved += o.key_cache_bytes_saved;
     }
     /// Bytes all filters saved, net of what version filtering costs.
     pub fn bytes_saved(&self) -> i64 {
-        (self.kkt_bytes_saved + self.significant_bytes_saved + self.version_bytes_saved) as i64
+        (self.kkt_bytes_saved + self.significant_bytes_saved + self.version_bytes_saved + self.key_cache_bytes_saved)
+            as i64
             - self.version_bytes_overhead as i64
     }
 }
@@ -198,6 +205,15 @@ impl TableFilter {
 
     pub fn version_pull(&self) -> bool {
         self.cfg.version_pull
+    }
+
+    pub fn key_cache(&self) -> bool {
+        self.cfg.key_cache
+    }
+
+    /// Whether pushes go through `filter_push` at all.
+    pub fn filters_pushes(&self) -> bool {
+        self.cfg.significant.is_some() || self.cfg.kkt.is_some()
     }
 
     /// The versions to send with a version-filtered pull of `keys`.

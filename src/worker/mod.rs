@@ -130,8 +130,54 @@ struct TableInfo {
     map: RangeMap,
 }
 
+/// Key lists this worker asked servers to keep (see `proto::run_form`).
+#[derive(Default)]
+struct KeyCache {
+    /// Every list announced to some server, by digest (kept to resupply).
+    lists: HashMap<u64, Bytes>,
+    /// Per server index: digests it keeps for us, and their bytes.
+    announced: Vec<std::collections::HashSet<u64>>,
+    bytes: Vec<usize>,
+}
+
+impl KeyCache {
+    /// How to send `keys` to `server`: (form, digest, key bytes saved).
+    fn form_for(&mut self, server: usize, keys: &Bytes) -> (u32, u64, usize) {
+        let digest = xxhash_rust::xxh3::xxh3_64(keys);
+        if let Some(known) = self.lists.get(&digest) {
+            let same = (known.as_ptr() == keys.as_ptr() && known.len() == keys.len()) || known == keys;
+            if !same {
+                return (run_form::LIST, 0, 0); // a digest collision: never name this list
+            }
+        }
+        if self.announced.len() <= server {
+            self.announced.resize_with(server + 1, Default::default);
+            self.bytes.resize(server + 1, 0);
+        }
+        if self.announced[server].contains(&digest) {
+            return (run_form::CACHED, digest, keys.len());
+        }
+        if self.bytes[server] + keys.len() > proto::KEY_CACHE_BUDGET {
+            return (run_form::LIST, 0, 0);
+        }
+        self.announced[server].insert(digest);
+        self.bytes[server] += keys.len();
+        self.lists.entry(digest).or_insert_with(|| keys.clone());
+        (run_form::LIST_CACHE, digest, 0)
+    }
+
+    /// The server forgot everything (it restarted or the connection dropped).
+    fn forget(&mut self, server: usize) {
+        if let Some(a) = self.announced.get_mut(server) {
+            a.clear();
+            self.bytes[server] = 0;
+        }
+    }
+}
+
 /// State shared with the transport's handler.
 struct Shared {
+    key_cache: Mutex<KeyCache>,
     ops: Mutex<FxHashMap<u64, Arc<Op>>>,
     ops_changed: Condvar,
     /// Failed operations nobody has waited for yet.
@@ -273,6 +319,7 @@ impl Worker {
     /// server.
     pub fn connect(transport: &dyn Transport, scheduler: &str, cfg: WorkerConfig) -> Result<Worker> {
         let shared = Arc::new(Shared {
+            key_cache: Mutex::new(KeyCache::default()),
             ops: Mutex::new(FxHashMap::default()),
             ops_changed: Condvar::new(),
             failed: Mutex::new(HashMap::new()),
@@ -640,7 +687,9 @@ impl Scoped<'_> {
     /// Pushed values after the table's filters. A push-pull's keys stay as
     /// they are (their values are wanted back); filtered-out keys push zeros.
     fn filtered(&self, table: TableId, keys: &Bytes, vals: Bytes) -> Result<(Bytes, Bytes)> {
-        let Some(f) = self.w.inner.filter(table) else { return Ok((keys.clone(), vals)) };
+        let Some(f) = self.w.inner.filter(table).filter(|f| f.lock().filters_pushes()) else {
+            return Ok((keys.clone(), vals));
+        };
         let k: &[Key] = &pod_slice::<Key>(keys);
         let (sk, sv) = f.lock().filter_push(k, &pod_slice::<f32>(&vals), self.w.current_clock());
         if sk.len() == k.len() {
@@ -661,7 +710,7 @@ impl Scoped<'_> {
 
     /// A push through the table's filters.
     fn push_filtered(&self, table: TableId, keys: Bytes, vals: Bytes) -> Result<Timestamp> {
-        let Some(f) = self.w.inner.filter(table) else {
+        let Some(f) = self.w.inner.filter(table).filter(|f| f.lock().filters_pushes()) else {
             return self.issue(kind::PUSH, table, keys, Some(vals), None).map(|op| Timestamp(op.ts));
         };
         let (sk, sv) = {
@@ -766,16 +815,29 @@ impl Inner {
             by_server[r.server as usize].push((i, r));
         }
         let peers = self.shared.servers.read().clone();
+        let filter = self.filter(table);
+        let key_cache = filter.as_ref().is_some_and(|f| f.lock().key_cache());
         for (server, rs) in by_server.iter().enumerate().filter(|(_, rs)| !rs.is_empty()) {
             let mut headers = Vec::with_capacity(rs.len());
             let mut segments = Vec::with_capacity(rs.len() * 2);
             for &(i, r) in rs {
                 let (first, last) = (keys_s[r.lo], keys_s[r.hi - 1]);
                 let count = (r.hi - r.lo) as u64;
-                let form = if last - first + 1 == count { run_form::RANGE } else { run_form::LIST };
-                headers.push(RunHeader { run: i as u32, form, first, count });
-                if form == run_form::LIST {
-                    segments.push(keys.slice(r.lo * 8..r.hi * 8));
+                let run_keys = keys.slice(r.lo * 8..r.hi * 8);
+                let (form, digest) = if last - first + 1 == count {
+                    (run_form::RANGE, 0)
+                } else if key_cache {
+                    let (form, digest, saved) = self.shared.key_cache.lock().form_for(server, &run_keys);
+                    if let (true, Some(f)) = (saved > 0, &filter) {
+                        f.lock().stats.key_cache_bytes_saved += saved as u64;
+                    }
+                    (form, digest)
+                } else {
+                    (run_form::LIST, 0)
+                };
+                headers.push(RunHeader { run: i as u32, form, first, count, digest });
+                if run_form::has_keys(form) {
+                    segments.push(run_keys);
                 }
                 if let Some(kv) = &known {
                     segments.push(kv.slice(r.lo * 4..r.hi * 4));
@@ -950,6 +1012,19 @@ impl Handler for WorkerHandler {
         let sh = &self.shared;
         let result = match frame.kind {
             kind::REPLY => sh.on_reply(net, from, frame),
+            kind::NEED_KEYS => {
+                let digests = frame.segments.first().map(|d| pod_slice::<u64>(d).into_owned()).unwrap_or_default();
+                let kc = sh.key_cache.lock();
+                let mut reply = Frame::new(kind::KEYS, 0, bytes_of_vec(digests.clone()));
+                for d in &digests {
+                    // An unknown digest gets an empty list: the server then
+                    // fails that request instead of waiting forever.
+                    reply.segments.push(kc.lists.get(d).cloned().unwrap_or_default());
+                }
+                drop(kc);
+                tracing::debug!(lists = digests.len(), "resupplying key lists");
+                net.send(from, reply)
+            }
             kind::REFUSED => {
                 let msg = frame.segments.first().map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
                 let e = Error::Remote { peer: net.peer_addr(from), message: msg };
@@ -985,6 +1060,7 @@ impl Handler for WorkerHandler {
     fn on_disconnect(&self, _net: &Arc<dyn Messenger>, peer: PeerId) {
         let sh = &self.shared;
         if let Some(server) = sh.server_index(peer) {
+            sh.key_cache.lock().forget(server as usize);
             let ops: Vec<Arc<Op>> = sh.ops.lock().values().cloned().collect();
             let e = Error::Disconnected(format!("server {server}"));
             for op in ops {

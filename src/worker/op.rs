@@ -145,10 +145,7 @@ impl Op {
     /// The result of a finished pull: the output buffer filled from the
     /// parked run data; `changed` fills a version-filtered run (its keys are
     /// `lo..lo+count` of the request) into its slice of the output.
-    pub fn take_values(
-        &self,
-        changed: &mut FillChanged<'_>,
-    ) -> Result<Vec<f32>> {
+    pub fn take_values(&self, changed: &mut FillChanged<'_>) -> Result<Vec<f32>> {
         let (mut out, parts) = {
             let mut st = self.state.lock();
             assert!(st.done, "take_values before the operation finished");
