@@ -40,4 +40,4 @@ pub use error::{Error, Result};
 
 pub use job::JobConfig;
 pub use table::{Consistency, Init, Key, Storage, TableId, TableSpec, UpdaterSpec};
-pub use worker::{KeyList, Pull, Scoped, Timestamp, Values, Worker};
+pub use worker::{KeyList, Pull, Scoped, Timestamp, Traffic, Values, Worker};

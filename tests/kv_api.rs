@@ -51,7 +51,26 @@ kv_tests!(
     clocks_advance_and_barriers_hold_everyone,
     a_failing_worker_fails_the_job_without_hanging_the_others,
     stateful_updaters_and_init_work_end_to_end,
+    traffic_counts_what_was_sent_and_received,
 );
+
+fn traffic_counts_what_was_sent_and_received(t: &T) {
+    job::run(cfg(t, 2, 1), |w| {
+        w.create_table(TableSpec::sparse(1, u64::MAX, 2))?;
+        let before = w.traffic();
+        let keys: Vec<u64> = (0..1000).map(|k| k * 3).collect();
+        w.wait(w.push(1, &keys, &vec![1.0; 2000])?)?;
+        let _ = w.pull(1, &keys)?.wait()?;
+        let after = w.traffic();
+        assert_eq!(after.keys_sent - before.keys_sent, 2000);
+        // Pushed keys and values, pulled keys; pulled values back.
+        assert_eq!(after.bytes_sent - before.bytes_sent, 1000 * 8 + 2000 * 4 + 1000 * 8);
+        assert_eq!(after.bytes_received - before.bytes_received, 2000 * 4);
+        assert!(after.requests - before.requests >= 2);
+        Ok(())
+    })
+    .unwrap();
+}
 
 fn pull_after_push_sees_it(t: &T) {
     job::run(cfg(t, 2, 1), |w| {

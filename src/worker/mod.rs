@@ -130,6 +130,24 @@ struct TableInfo {
     map: RangeMap,
 }
 
+/// Bytes and keys a worker moved: payload bytes (keys, values, versions and
+/// bitmaps), not counting frame headers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    pub requests: u64,
+    pub keys_sent: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+#[derive(Default)]
+struct TrafficCounters {
+    requests: AtomicU64,
+    keys_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
 /// Key lists this worker asked servers to keep (see `proto::run_form`).
 #[derive(Default)]
 struct KeyCache {
@@ -178,6 +196,7 @@ impl KeyCache {
 /// State shared with the transport's handler.
 struct Shared {
     key_cache: Mutex<KeyCache>,
+    traffic: TrafficCounters,
     ops: Mutex<FxHashMap<u64, Arc<Op>>>,
     ops_changed: Condvar,
     /// Failed operations nobody has waited for yet.
@@ -320,6 +339,7 @@ impl Worker {
     pub fn connect(transport: &dyn Transport, scheduler: &str, cfg: WorkerConfig) -> Result<Worker> {
         let shared = Arc::new(Shared {
             key_cache: Mutex::new(KeyCache::default()),
+            traffic: TrafficCounters::default(),
             ops: Mutex::new(FxHashMap::default()),
             ops_changed: Condvar::new(),
             failed: Mutex::new(HashMap::new()),
@@ -483,6 +503,17 @@ impl Worker {
         self.inner
             .issue(Issue::new(kind::PUSH, table, bytes_of_vec(keys), Some(bytes_of_vec(vals))))
             .map(|op| Timestamp(op.ts))
+    }
+
+    /// What this worker has sent and received so far.
+    pub fn traffic(&self) -> Traffic {
+        let t = &self.inner.shared.traffic;
+        Traffic {
+            requests: t.requests.load(Ordering::Relaxed),
+            keys_sent: t.keys_sent.load(Ordering::Relaxed),
+            bytes_sent: t.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: t.bytes_received.load(Ordering::Relaxed),
+        }
     }
 
     /// What the filters of `table` did on this worker.
@@ -859,6 +890,10 @@ impl Inner {
             };
             let mut frame = Frame::new(k, ts, proto::build_meta(&h, &headers));
             frame.segments = segments;
+            let t = &self.shared.traffic;
+            t.requests.fetch_add(1, Ordering::Relaxed);
+            t.keys_sent.fetch_add(headers.iter().map(|r| r.count).sum(), Ordering::Relaxed);
+            t.bytes_sent.fetch_add(frame.segments.iter().map(|s| s.len() as u64).sum(), Ordering::Relaxed);
             if let Err(e) = self.net.send(peers[server], frame) {
                 self.shared.fail_server_runs(&op, server as u32, &e);
             }
@@ -941,6 +976,8 @@ impl Shared {
         let op = op.ok_or_else(|| Error::protocol(peer(), format!("reply for unknown operation {}", frame.id)))?;
         let (h, runs) = proto::parse_meta::<ReplyHeader, RunReply>(&frame.meta, |h| h.runs)
             .ok_or_else(|| Error::protocol(peer(), "malformed reply meta"))?;
+        let received = frame.segments.iter().map(|s| s.len() as u64).sum();
+        self.traffic.bytes_received.fetch_add(received, Ordering::Relaxed);
         op.note_progress(h.progress);
         let with_values = op.has_output();
         let segs_of = |st: u32| match st {
