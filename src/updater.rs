@@ -34,6 +34,58 @@ pub trait Updater: Send + Sync + 'static {
     fn scalar(&self) -> Option<ScalarRule> {
         None
     }
+
+    /// Aggregating rules (DESIGN section 1's "server aggregates, then
+    /// updates"): a push only folds into the key's state ([`Updater::accumulate`]);
+    /// the value changes once every worker has finished the clock the pushes
+    /// belong to ([`Updater::finalize`]). `apply` is not used for them.
+    fn aggregates(&self) -> bool {
+        false
+    }
+
+    /// Folds one push into the key's accumulator (aggregating rules).
+    fn accumulate(&self, state: &mut [f32], push: &[f32]) {
+        for (a, p) in state.iter_mut().zip(push) {
+            *a += p;
+        }
+    }
+
+    /// Applies what was accumulated and resets the accumulator (aggregating
+    /// rules).
+    fn finalize(&self, key: Key, value: &mut [f32], state: &mut [f32]) {
+        let _ = (key, value, state);
+    }
+}
+
+/// Proximal Newton step for L1/L2-regularized problems, aggregated over all
+/// workers per clock. A table of dim 2 holds `[w, h]` per key; workers push
+/// `[g, h]` (their gradient and curvature for the key); once every worker has
+/// finished the clock, `w <- soft_threshold(h*w - g, l1) / (h + l2)` with the
+/// summed `g` and `h`, and the value's second slot keeps that `h`.
+struct ProximalNewton {
+    l1: f32,
+    l2: f32,
+}
+impl Updater for ProximalNewton {
+    fn state_per_value(&self) -> usize {
+        1
+    }
+    fn apply(&self, _: Key, _: &mut [f32], _: &mut [f32], _: &[f32]) {}
+    fn aggregates(&self) -> bool {
+        true
+    }
+    fn finalize(&self, _: Key, value: &mut [f32], state: &mut [f32]) {
+        let (g, h) = (state[0], state[1]);
+        state.fill(0.0);
+        if g == 0.0 && h == 0.0 {
+            return;
+        }
+        // A curvature of zero (every example of the feature saturated)
+        // still gets a finite, small step.
+        let h = h.max(1e-12);
+        value[0] = soft_threshold(h * value[0] - g, self.l1) / (h + self.l2);
+        value[1] = h;
+    }
 }
 
 /// A stateless per-coordinate rule `w' = f(w, g)`.
@@ -217,6 +269,7 @@ impl Rules {
             UpdaterSpec::AdaGrad { lr, eps, initial_accumulator } => Arc::new(AdaGrad { lr, eps, initial_accumulator }),
             UpdaterSpec::Ftrl { alpha, beta, l1, l2 } => Arc::new(Ftrl { alpha, beta, l1, l2 }),
             UpdaterSpec::Proximal { eta, l1, l2 } => Arc::new(Proximal { eta, l1, l2 }),
+            UpdaterSpec::ProximalNewton { l1, l2 } => Arc::new(ProximalNewton { l1, l2 }),
             UpdaterSpec::Custom(ref name) => {
                 self.custom.get(name).cloned().ok_or_else(|| Error::UnknownUpdater(name.clone()))?
             }
@@ -295,6 +348,24 @@ mod tests {
         let spec = UpdaterSpec::Proximal { eta: 0.5, l1: 1.0, l2: 1.0 };
         close(&run(spec, &[2.0, 0.2, -2.0], &[&[1.0, 0.0, -1.0]]).0, &[0.666_666_7, 0.0, -0.666_666_7]);
         assert_eq!(soft_threshold(0.5, 0.5), 0.0);
+    }
+
+    #[test]
+    fn proximal_newton_aggregates_then_steps() {
+        let rule = Rules::default().resolve(&UpdaterSpec::ProximalNewton { l1: 1.0, l2: 0.0 }).unwrap();
+        assert!(rule.aggregates());
+        let (mut value, mut state) = ([0.5f32, 0.0], [0.0f32; 2]);
+        rule.accumulate(&mut state, &[1.0, 2.0]);
+        rule.accumulate(&mut state, &[2.0, 2.0]);
+        assert_eq!(state, [3.0, 4.0]);
+        // soft(4*0.5 - 3, 1) / 4 = soft(-1, 1) / 4 = 0
+        rule.finalize(0, &mut value, &mut state);
+        assert_eq!(value, [0.0, 4.0]);
+        assert_eq!(state, [0.0, 0.0]);
+        // soft(2*0 + 5, 1) / 2 = 2
+        rule.accumulate(&mut state, &[-5.0, 2.0]);
+        rule.finalize(0, &mut value, &mut state);
+        assert_eq!(value, [2.0, 2.0]);
     }
 
     #[test]

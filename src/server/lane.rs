@@ -65,6 +65,8 @@ pub(super) struct Request {
     pub table: u32,
     /// Progress every touched shard must reach before completing.
     pub need: Option<u64>,
+    /// The worker clock the request was issued at.
+    pub clock: u64,
     pending: AtomicUsize,
     out: Mutex<Output>,
 }
@@ -75,12 +77,12 @@ impl Request {
         peer: PeerId,
         id: u64,
         kind: u16,
-        table: u32,
-        need: Option<u64>,
+        h: &proto::DataHeader,
         lanes: usize,
     ) -> Request {
         let out = Mutex::new(Output { progress: u64::MAX, ..Output::default() });
-        Request { net, peer, id, kind, table, need, pending: AtomicUsize::new(lanes), out }
+        let (table, need, clock) = (h.table, h.needed_progress(), u64::from(h.clock));
+        Request { net, peer, id, kind, table, need, clock, pending: AtomicUsize::new(lanes), out }
     }
 
     /// Adds one lane's part; returns the reply when it was the last part.
@@ -145,7 +147,7 @@ impl LaneState {
         let pushed: Vec<Result<(), String>> = if req.kind == kind::PULL {
             runs.iter().map(|_| Ok(())).collect()
         } else {
-            runs.iter().map(|r| push_run(&mut self.shards, r)).collect()
+            runs.iter().map(|r| push_run(&mut self.shards, r, req.clock)).collect()
         };
         if self.ready(&req, &runs) {
             self.finish(req, runs, pushed)
@@ -334,12 +336,12 @@ fn run_keys<'a>(r: &LaneRun, view: &'a Option<std::borrow::Cow<'a, [u64]>>) -> R
     }
 }
 
-fn push_run(shards: &mut HashMap<u32, Shard>, r: &LaneRun) -> Result<(), String> {
+fn push_run(shards: &mut HashMap<u32, Shard>, r: &LaneRun, clock: u64) -> Result<(), String> {
     let shard = shards.get_mut(&r.shard).ok_or_else(|| format!("shard {} is not on this lane", r.shard))?;
     let view = r.keys.as_ref().map(pod_slice::<u64>);
     let keys = run_keys(r, &view)?;
     let vals = pod_slice::<f32>(r.vals.as_ref().expect("checked by the handler"));
-    shard.push(keys, &vals).map_err(|e| e.to_string())
+    shard.push_at(keys, &vals, clock).map_err(|e| e.to_string())
 }
 
 fn pull_run(shards: &HashMap<u32, Shard>, r: &LaneRun) -> Result<RunOut, String> {

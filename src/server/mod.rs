@@ -562,7 +562,7 @@ impl ServerHandler {
         if lanes == 0 {
             return Err(bad("a data request without runs".into()));
         }
-        let req = Arc::new(Request::new(net.clone(), from, frame.id, frame.kind, h.table, h.needed_progress(), lanes));
+        let req = Arc::new(Request::new(net.clone(), from, frame.id, frame.kind, &h, lanes));
         let inline = total <= INLINE_MAX_KEYS;
         for (lane, runs) in per_lane.into_iter().enumerate().filter(|(_, r)| !r.is_empty()) {
             self.shared.lanes[lane].submit(Job::Runs { req: req.clone(), runs }, inline);

@@ -139,6 +139,10 @@ pub struct Shard {
     scratch: Vec<f32>,
     /// Scratch: slot numbers of a batch (`NO_SLOT` for absent keys).
     slot_ids: Vec<u32>,
+    /// Aggregating rules: slots touched per clock, and the clock each slot
+    /// was last touched at (u64::MAX: not pending).
+    touched: std::collections::BTreeMap<u64, Vec<u32>>,
+    last_touched: Vec<u64>,
     workers: usize,
 }
 
@@ -201,6 +205,8 @@ impl Shard {
             chunk_shift: 0,
             index: KeyIndex::default(),
             slot_ids: Vec::new(),
+            touched: Default::default(),
+            last_touched: Vec::new(),
             keys: Vec::new(),
             len: 0,
             state: Vec::new(),
@@ -336,6 +342,12 @@ impl Shard {
     /// unique and inside the shard's range (an error otherwise, with nothing
     /// applied); `values` holds `dim` values per key.
     pub fn push(&mut self, keys: KeyRun, values: &[f32]) -> Result<()> {
+        self.push_at(keys, values, 0)
+    }
+
+    /// [`Shard::push`] of pushes issued at worker clock `clock` (aggregating
+    /// rules apply them once every worker has finished that clock).
+    pub fn push_at(&mut self, keys: KeyRun, values: &[f32], clock: u64) -> Result<()> {
         let d = self.layout.dim();
         if values.len() != keys.len() * d {
             return Err(Error::LengthMismatch {
@@ -347,6 +359,9 @@ impl Shard {
             });
         }
         self.check_run(&keys)?;
+        if self.rule.aggregates() {
+            return self.accumulate_run(keys, values, clock);
+        }
         if d == 1
             && let Some(rule) = self.rule.scalar()
         {
@@ -426,6 +441,55 @@ impl Shard {
             ids.push(id);
         }
         Ok(())
+    }
+
+    /// Aggregating rules: fold each push into its key's state and note the
+    /// key as touched at `clock`.
+    fn accumulate_run(&mut self, keys: KeyRun, values: &[f32], clock: u64) -> Result<()> {
+        let d = self.layout.dim();
+        let mut ids = std::mem::take(&mut self.slot_ids);
+        let r = self.slot_ids_for(keys, true, &mut ids);
+        if r.is_ok() {
+            let touched = self.touched.entry(clock).or_default();
+            if self.last_touched.len() < self.len {
+                self.last_touched.resize(self.len, u64::MAX);
+            }
+            for (&id, push) in ids.iter().zip(values.chunks_exact(d)) {
+                let i = id as usize;
+                self.rule.accumulate(&mut self.state[i * self.state_per_key..(i + 1) * self.state_per_key], push);
+                if self.last_touched[i] != clock {
+                    self.last_touched[i] = clock;
+                    touched.push(id);
+                }
+            }
+        }
+        self.slot_ids = ids;
+        r
+    }
+
+    /// Aggregating rules: apply what was accumulated for every key touched
+    /// at a clock below `progress` (every worker has finished those clocks).
+    fn finalize_below(&mut self, progress: u64) {
+        let mut cur = std::mem::take(&mut self.scratch);
+        while let Some(entry) = self.touched.first_entry() {
+            if *entry.key() >= progress {
+                break;
+            }
+            for id in entry.remove() {
+                let i = id as usize;
+                let key = match self.storage {
+                    Storage::Dense => self.range.start + i as u64,
+                    Storage::Sparse => self.keys[i],
+                };
+                let slot = slot_in(&self.chunks, self.chunk_shift, self.layout.words(), i);
+                slot::load(self.layout, slot, &mut cur);
+                let st = &mut self.state[i * self.state_per_key..(i + 1) * self.state_per_key];
+                self.rule.finalize(key, &mut cur, st);
+                slot::store(self.layout, slot, &cur);
+                self.last_touched[i] = u64::MAX;
+            }
+        }
+        self.scratch = cur;
     }
 
     fn apply_run(&mut self, keys: KeyRun, values: &[f32], cur: &mut [f32]) -> Result<()> {
@@ -593,7 +657,10 @@ impl Shard {
                 self.table, self.workers
             )));
         }
-        let h = self.header.words();
+        // A handle of our own, so that finalizing (which borrows the shard
+        // mutably) can happen while the progress words are in use.
+        let hdr = self.header.clone();
+        let h = hdr.words();
         let p = &h[header::PROGRESS..header::PROGRESS + self.workers];
         // Release: a reader that Acquire-loads the progress (or the minimum)
         // and sees `clock` also sees every slot store this thread made before,
@@ -601,6 +668,11 @@ impl Shard {
         if clock > p[worker].load(Ordering::Relaxed) {
             p[worker].store(clock, Ordering::Release);
             let min = p.iter().map(|w| w.load(Ordering::Relaxed)).min().unwrap_or(clock);
+            // Aggregated updates of the clocks everyone finished go in before
+            // the new minimum is published: a reader that sees it sees them.
+            if self.rule.aggregates() {
+                self.finalize_below(min);
+            }
             h[header::MIN_PROGRESS].store(min, Ordering::Release);
         }
         Ok(())
@@ -756,6 +828,24 @@ mod tests {
         // key 1: n=4, w=-1; n=8, w=-1-2/sqrt(8). key 2: n=16, w=-1.
         assert!((out[0] - (-1.0 - 2.0 / 8f32.sqrt())).abs() < 1e-6);
         assert_eq!(out[1], -1.0);
+    }
+
+    #[test]
+    fn aggregating_rules_apply_once_every_worker_finished_the_clock() {
+        let spec = UpdaterSpec::ProximalNewton { l1: 0.0, l2: 0.0 };
+        let mut s = shard(Storage::Sparse, KeyRange::new(0, 100), 2, spec, Init::Zeros);
+        // Clock 0: two of three workers push for key 5; nothing changes yet.
+        s.push_at(KeyRun::List(&[5]), &[-2.0, 1.0], 0).unwrap();
+        s.push_at(KeyRun::List(&[5]), &[-2.0, 1.0], 0).unwrap();
+        s.record_progress(0, 1).unwrap();
+        s.record_progress(1, 1).unwrap();
+        let mut out = [0.0; 2];
+        s.pull(KeyRun::List(&[5]), &mut out, None).unwrap();
+        assert_eq!(out, [0.0, 0.0]);
+        // The last worker finishes clock 0: w = (h*0 - g)/h = 4/2 = 2.
+        s.record_progress(2, 1).unwrap();
+        s.pull(KeyRun::List(&[5]), &mut out, None).unwrap();
+        assert_eq!(out, [2.0, 2.0]);
     }
 
     #[test]
