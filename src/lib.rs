@@ -23,8 +23,10 @@
 //! # Ok::<(), pserver::Error>(())
 //! ```
 
+pub mod apps;
 pub mod bench;
 pub mod check;
+pub mod data;
 pub mod error;
 pub mod job;
 pub mod proto;

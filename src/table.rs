@@ -122,9 +122,10 @@ pub enum UpdaterSpec {
     Ftrl { alpha: f32, beta: f32, l1: f32, l2: f32 },
     /// Proximal gradient step: w = soft_threshold(w - eta*g, eta*l1) / (1 + eta*l2).
     Proximal { eta: f32, l1: f32, l2: f32 },
-    /// Aggregated proximal Newton step (dim 2, values `[w, h]`, pushes
+    /// Aggregated proximal Newton step (dim 2, values `[w, g]`, pushes
     /// `[g, h]`): once every worker finished a clock,
-    /// w = soft_threshold(h*w - g, l1) / (h + l2) with the summed g and h.
+    /// w = soft_threshold(h*w - g, l1) / (h + l2) with the summed g and h;
+    /// the summed g stays beside w.
     ProximalNewton { l1: f32, l2: f32 },
     /// A rule registered under this name in the server's program.
     Custom(String),
@@ -223,7 +224,7 @@ impl TableSpec {
             }
             UpdaterSpec::ProximalNewton { l1, l2 } => {
                 if self.dim != 2 {
-                    return bad(format!("ProximalNewton needs dim 2 ([w, h]), not {}", self.dim));
+                    return bad(format!("ProximalNewton needs dim 2 ([w, g]), not {}", self.dim));
                 }
                 for (n, v) in [("l1", l1), ("l2", l2)] {
                     if !(*v >= 0.0 && v.is_finite()) {

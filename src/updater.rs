@@ -58,10 +58,11 @@ pub trait Updater: Send + Sync + 'static {
 }
 
 /// Proximal Newton step for L1/L2-regularized problems, aggregated over all
-/// workers per clock. A table of dim 2 holds `[w, h]` per key; workers push
+/// workers per clock. A table of dim 2 holds `[w, g]` per key; workers push
 /// `[g, h]` (their gradient and curvature for the key); once every worker has
 /// finished the clock, `w <- soft_threshold(h*w - g, l1) / (h + l2)` with the
-/// summed `g` and `h`, and the value's second slot keeps that `h`.
+/// summed `g` and `h`, and the value's second slot keeps that summed `g` (the
+/// KKT filter of L1 solvers reads it).
 struct ProximalNewton {
     l1: f32,
     l2: f32,
@@ -84,7 +85,7 @@ impl Updater for ProximalNewton {
         // still gets a finite, small step.
         let h = h.max(1e-12);
         value[0] = soft_threshold(h * value[0] - g, self.l1) / (h + self.l2);
-        value[1] = h;
+        value[1] = g;
     }
 }
 
@@ -360,12 +361,12 @@ mod tests {
         assert_eq!(state, [3.0, 4.0]);
         // soft(4*0.5 - 3, 1) / 4 = soft(-1, 1) / 4 = 0
         rule.finalize(0, &mut value, &mut state);
-        assert_eq!(value, [0.0, 4.0]);
+        assert_eq!(value, [0.0, 3.0]);
         assert_eq!(state, [0.0, 0.0]);
         // soft(2*0 + 5, 1) / 2 = 2
         rule.accumulate(&mut state, &[-5.0, 2.0]);
         rule.finalize(0, &mut value, &mut state);
-        assert_eq!(value, [2.0, 2.0]);
+        assert_eq!(value, [2.0, -5.0]);
     }
 
     #[test]

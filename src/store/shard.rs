@@ -845,7 +845,7 @@ mod tests {
         // The last worker finishes clock 0: w = (h*0 - g)/h = 4/2 = 2.
         s.record_progress(2, 1).unwrap();
         s.pull(KeyRun::List(&[5]), &mut out, None).unwrap();
-        assert_eq!(out, [2.0, 2.0]);
+        assert_eq!(out, [2.0, -4.0]);
     }
 
     #[test]

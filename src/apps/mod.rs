@@ -1,0 +1,30 @@
+//! Applications built on the public API only: L1-regularized logistic
+//! regression (`lr`) and Reconstruction ICA (`rica`). They are how users
+//! judge the framework; nothing in the core depends on them.
+
+pub mod lr;
+
+/// Rows of a sparse dataset in CSR form: row `i` has features
+/// `features[offsets[i]..offsets[i+1]]` (sorted) with their values, and a
+/// label of +1 or -1.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows<'a> {
+    pub labels: &'a [f32],
+    pub offsets: &'a [u64],
+    pub features: &'a [u64],
+    pub values: &'a [f32],
+}
+
+impl Rows<'_> {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+    /// Features and values of row `i`.
+    pub fn row(&self, i: usize) -> (&[u64], &[f32]) {
+        let (a, b) = (self.offsets[i] as usize, self.offsets[i + 1] as usize);
+        (&self.features[a..b], &self.values[a..b])
+    }
+}
