@@ -116,6 +116,8 @@ pub enum UpdaterSpec {
     Sum,
     /// w -= lr * g.
     Sgd { lr: f32 },
+    /// Heavy-ball momentum: v = momentum * v - lr * g; w += v.
+    Momentum { lr: f32, momentum: f32 },
     /// n += g^2; w -= lr * g / (sqrt(n) + eps).
     AdaGrad { lr: f32, eps: f32, initial_accumulator: f32 },
     /// FTRL-proximal (McMahan et al. 2013), per coordinate.
@@ -193,6 +195,12 @@ impl TableSpec {
             |name: &str, v: f32| if v.is_finite() { Ok(()) } else { bad(format!("{name} = {v} is not finite")) };
         match &self.updater {
             UpdaterSpec::Sgd { lr } => finite("lr", *lr)?,
+            UpdaterSpec::Momentum { lr, momentum } => {
+                finite("lr", *lr)?;
+                if !(*momentum >= 0.0 && *momentum < 1.0) {
+                    return bad(format!("momentum {momentum} must be in [0, 1)"));
+                }
+            }
             UpdaterSpec::AdaGrad { lr, eps, initial_accumulator } => {
                 finite("lr", *lr)?;
                 if !(*eps > 0.0 && eps.is_finite()) {

@@ -146,6 +146,23 @@ impl Updater for Sgd {
     }
 }
 
+/// Heavy-ball momentum: v = momentum * v - lr * g; w += v.
+struct Momentum {
+    lr: f32,
+    momentum: f32,
+}
+impl Updater for Momentum {
+    fn state_per_value(&self) -> usize {
+        1
+    }
+    fn apply(&self, _: Key, value: &mut [f32], state: &mut [f32], push: &[f32]) {
+        for ((w, v), g) in value.iter_mut().zip(state.iter_mut()).zip(push) {
+            *v = self.momentum * *v - self.lr * g;
+            *w += *v;
+        }
+    }
+}
+
 struct AdaGrad {
     lr: f32,
     eps: f32,
@@ -267,6 +284,7 @@ impl Rules {
             UpdaterSpec::Assign => Arc::new(Assign),
             UpdaterSpec::Sum => Arc::new(Sum),
             UpdaterSpec::Sgd { lr } => Arc::new(Sgd { lr }),
+            UpdaterSpec::Momentum { lr, momentum } => Arc::new(Momentum { lr, momentum }),
             UpdaterSpec::AdaGrad { lr, eps, initial_accumulator } => Arc::new(AdaGrad { lr, eps, initial_accumulator }),
             UpdaterSpec::Ftrl { alpha, beta, l1, l2 } => Arc::new(Ftrl { alpha, beta, l1, l2 }),
             UpdaterSpec::Proximal { eta, l1, l2 } => Arc::new(Proximal { eta, l1, l2 }),
@@ -310,6 +328,14 @@ mod tests {
     fn sgd_by_hand() {
         // w = 1 - 0.1*2 = 0.8, then 0.8 - 0.1*(-1) = 0.9
         close(&run(UpdaterSpec::Sgd { lr: 0.1 }, &[1.0], &[&[2.0], &[-1.0]]).0, &[0.9]);
+    }
+
+    #[test]
+    fn momentum_by_hand() {
+        // v = -0.1*2 = -0.2, w = 0.8; v = 0.5*-0.2 - 0.1*1 = -0.2, w = 0.6
+        let (w, v) = run(UpdaterSpec::Momentum { lr: 0.1, momentum: 0.5 }, &[1.0], &[&[2.0], &[1.0]]);
+        close(&w, &[0.6]);
+        close(&v, &[-0.2]);
     }
 
     #[test]

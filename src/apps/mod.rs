@@ -3,6 +3,7 @@
 //! judge the framework; nothing in the core depends on them.
 
 pub mod lr;
+pub mod rica;
 
 /// Rows of a sparse dataset in CSR form: row `i` has features
 /// `features[offsets[i]..offsets[i+1]]` (sorted) with their values, and a
