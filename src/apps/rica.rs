@@ -184,7 +184,7 @@ pub fn train(
 ) -> Result<RicaResult> {
     let n = cfg.patch * cfg.patch;
     let k = cfg.filters;
-    if k == 0 || n == 0 || patches.len() % n != 0 || total_patches == 0 {
+    if k == 0 || n == 0 || !patches.len().is_multiple_of(n) || total_patches == 0 {
         return Err(Error::Config("RICA needs filters, a patch size and patches".into()));
     }
     let m = patches.len() / n;
