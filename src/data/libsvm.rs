@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::table::mix64;
 
 /// Parses a whole file.
-pub fn read_file(path: &Path, mode: FeatureMode) -> Result<Dataset> {
+pub fn read_file(path: impl AsRef<Path>, mode: FeatureMode) -> Result<Dataset> {
     let mut data = Dataset::new();
     read_range(path, 0..u64::MAX, mode, &mut data)?;
     Ok(data)
@@ -36,8 +36,9 @@ pub fn parse(name: &str, input: impl BufRead, mode: FeatureMode) -> Result<Datas
 
 /// Appends to `data` the rows on the lines of `path` that start inside the
 /// byte `range` (a line belongs to the range it starts in).
-pub fn read_range(path: &Path, range: Range<u64>, mode: FeatureMode, data: &mut Dataset) -> Result<()> {
+pub fn read_range(path: impl AsRef<Path>, range: Range<u64>, mode: FeatureMode, data: &mut Dataset) -> Result<()> {
     mode.validate()?;
+    let path = path.as_ref();
     let io_err = |e: io::Error| Error::io(format!("reading {}", path.display()), e);
     let mut input = BufReader::with_capacity(1 << 20, File::open(path).map_err(io_err)?);
     // Back up one byte and skip through the next newline: a line starting
@@ -66,7 +67,10 @@ pub fn read_range(path: &Path, range: Range<u64>, mode: FeatureMode, data: &mut 
 enum LineError {
     Io(io::Error),
     /// `line` counts from 1 at the first line read.
-    Bad { line: u64, detail: String },
+    Bad {
+        line: u64,
+        detail: String,
+    },
 }
 
 /// Parses the lines of `input` that start within its first `limit` bytes.
@@ -199,8 +203,8 @@ fn parse_label(token: &[u8]) -> Result<f32, String> {
         _ => {}
     }
     match std::str::from_utf8(token).ok().and_then(|s| s.parse::<f64>().ok()) {
-        Some(v) if v == 1.0 => Ok(1.0),
-        Some(v) if v == -1.0 || v == 0.0 => Ok(-1.0),
+        Some(1.0) => Ok(1.0),
+        Some(-1.0 | 0.0) => Ok(-1.0),
         _ => Err(format!("label {} is not +1, -1, 1 or 0", show(token))),
     }
 }

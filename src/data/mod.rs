@@ -63,7 +63,12 @@ impl Dataset {
     pub fn from_parts(labels: Vec<f32>, offsets: Vec<u64>, features: Vec<u64>, values: Vec<f32>) -> Result<Self> {
         let bad = |detail: String| bad_data("dataset", detail);
         if offsets.len() != labels.len() + 1 {
-            return Err(bad(format!("{} labels need {} offsets, got {}", labels.len(), labels.len() + 1, offsets.len())));
+            return Err(bad(format!(
+                "{} labels need {} offsets, got {}",
+                labels.len(),
+                labels.len() + 1,
+                offsets.len()
+            )));
         }
         if features.len() != values.len() {
             return Err(bad(format!("{} features but {} values", features.len(), values.len())));
@@ -79,12 +84,16 @@ impl Dataset {
         }
         let mut max_feature = None;
         for (i, w) in offsets.windows(2).enumerate() {
-            if w[0] > w[1] {
-                return Err(bad(format!("row {i}: offsets decrease ({} then {})", w[0], w[1])));
+            if w[0] > w[1] || w[1] > features.len() as u64 {
+                return Err(bad(format!("row {i}: offsets {} to {} are not a range of the features", w[0], w[1])));
             }
             let row = &features[w[0] as usize..w[1] as usize];
             if let Some(j) = row.windows(2).position(|p| p[0] >= p[1]) {
-                return Err(bad(format!("row {i}: feature {} follows {}: not strictly increasing", row[j + 1], row[j])));
+                return Err(bad(format!(
+                    "row {i}: feature {} follows {}: not strictly increasing",
+                    row[j + 1],
+                    row[j]
+                )));
             }
             max_feature = max_feature.max(row.last().copied());
         }
@@ -274,7 +283,10 @@ impl Shard {
 
     pub(crate) fn validate(self) -> Result<()> {
         if self.rank >= self.workers {
-            return Err(Error::Config(format!("shard {}/{}: rank must be below the worker count", self.rank, self.workers)));
+            return Err(Error::Config(format!(
+                "shard {}/{}: rank must be below the worker count",
+                self.rank, self.workers
+            )));
         }
         Ok(())
     }
@@ -282,8 +294,8 @@ impl Shard {
     /// This shard's bytes of a `size`-byte file: it reads the lines that
     /// start in this range.
     pub fn byte_range(self, size: u64) -> Range<u64> {
-        let at = |r: u32| (u128::from(size) * u128::from(r) / u128::from(self.workers.max(1))) as u64;
-        at(self.rank)..at(self.rank + 1)
+        let at = |r: u64| (u128::from(size) * u128::from(r) / u128::from(self.workers.max(1))) as u64;
+        at(self.rank.into())..at(u64::from(self.rank) + 1)
     }
 
     /// This shard's files of a list: files rank, rank + workers, ...
@@ -337,7 +349,8 @@ pub(crate) fn write_atomically<T>(path: &Path, write: impl FnOnce(&mut dyn Write
         let value = write(&mut out)?;
         let file = out.into_inner().map_err(|e| Error::io(ctx("writing"), e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(ctx("syncing"), e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e))?;
         Ok(value)
     })();
     if result.is_err() {
