@@ -10,7 +10,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use pserver::apps::Rows;
+use pserver::apps::lr::{self, Iteration, LrConfig};
+use pserver::apps::rica::{self, RicaConfig};
 use pserver::bench::{self, Baseline, Case, Memcpy, Op, PlainTcp};
+use pserver::data::{CtrConfig, FeatureMode, LabelModel, Shard, Source};
 use pserver::job::{self, JobConfig, LaunchEnv, transport_named};
 use pserver::scheduler::{SchedulerConfig, SchedulerNode};
 use pserver::server::{ServerConfig, ServerNode};
@@ -33,6 +37,155 @@ enum Cmd {
     Bench(BenchArgs),
     /// Smoke-test a job: push known values from every worker and verify the sums.
     Check(CheckArgs),
+    /// Train a model (L1 logistic regression, Reconstruction ICA).
+    #[command(subcommand)]
+    Train(TrainApp),
+    /// Generate synthetic data.
+    #[command(subcommand)]
+    Gen(GenWhat),
+}
+
+#[derive(Subcommand)]
+enum GenWhat {
+    /// Click-through-like LIBSVM data: power-law features, a planted sparse model, label noise.
+    Ctr(GenCtrArgs),
+}
+
+#[derive(Args)]
+struct GenCtrArgs {
+    #[arg(long)]
+    rows: u64,
+    /// Size of the feature space.
+    #[arg(long)]
+    features: u64,
+    #[arg(long, default_value_t = 20)]
+    nnz_per_row: u32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output file (LIBSVM text).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also hold out this many rows of the same model into --test-out.
+    #[arg(long, requires = "test_out")]
+    test_rows: Option<u64>,
+    #[arg(long)]
+    test_out: Option<PathBuf>,
+    /// Power-law exponent of feature popularity.
+    #[arg(long, default_value_t = 1.1)]
+    alpha: f64,
+    /// Probability of flipping a label (noise).
+    #[arg(long, default_value_t = 0.05)]
+    flip: f64,
+}
+
+#[derive(Subcommand)]
+enum TrainApp {
+    /// L1-regularized logistic regression by delayed block proximal gradient.
+    Lr(TrainLrArgs),
+    /// Reconstruction ICA on natural image patches.
+    Rica(TrainRicaArgs),
+}
+
+#[derive(Args)]
+struct TrainLrArgs {
+    /// LIBSVM training data: one file (workers read byte ranges) or several (workers read whole files).
+    #[arg(long, num_args = 1.., required_unless_present = "synthetic")]
+    data: Vec<PathBuf>,
+    /// LIBSVM test data (accuracy and AUC each iteration).
+    #[arg(long)]
+    test: Option<PathBuf>,
+    /// Generate click-through-like data (train and held-out test) instead of reading files.
+    #[arg(long, conflicts_with = "data")]
+    synthetic: bool,
+    /// Synthetic rows (10% held out for testing).
+    #[arg(long, default_value_t = 200_000)]
+    rows: u64,
+    /// Synthetic feature space.
+    #[arg(long, default_value_t = 100_000)]
+    features: u64,
+    #[arg(long, default_value_t = 20)]
+    nnz_per_row: u32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where synthetic data goes (default: a temporary directory, removed afterwards).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 1.0)]
+    lambda: f32,
+    /// Maximal delay in clocks (0: sequential).
+    #[arg(long, default_value_t = 0)]
+    tau: u32,
+    /// Maximal passes over the data.
+    #[arg(long, default_value_t = 100)]
+    iters: u32,
+    /// Stop when a pass improves the objective by less than this (relative).
+    #[arg(long, default_value_t = 1e-5)]
+    tol: f64,
+    /// Features per block (one block per clock).
+    #[arg(long, default_value_t = 2048)]
+    block_size: u64,
+    /// Add a bias feature (regularized like the others, as liblinear -B 1 does).
+    #[arg(long)]
+    bias: bool,
+    /// Hash feature indices into 2^BITS ids.
+    #[arg(long)]
+    hash_bits: Option<u32>,
+    /// Keep a binary cache of parsed data here (much faster reloads).
+    #[arg(long, env = "PSERVER_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// KKT filter margin delta.
+    #[arg(long, default_value_t = 1e-3)]
+    kkt_delta: f32,
+    #[arg(long)]
+    no_kkt: bool,
+    #[arg(long)]
+    no_key_cache: bool,
+    /// Write the final figures as one JSON object.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+    /// Write objective against time as SVG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Write the weights (one per line, feature order; the bias last).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, env = "PSERVER_TRANSPORT")]
+    transport: Option<String>,
+    #[command(flatten)]
+    job: EmbeddedArgs,
+}
+
+#[derive(Args)]
+struct TrainRicaArgs {
+    /// JPEG or PNG images, or directories of them.
+    #[arg(long, num_args = 1.., required = true)]
+    images: Vec<PathBuf>,
+    /// Write the learned filters as a PNG grid.
+    #[arg(long)]
+    filters_png: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    patch: usize,
+    #[arg(long, default_value_t = 64)]
+    filters: usize,
+    /// Training patches per worker.
+    #[arg(long, default_value_t = 5000)]
+    patches: usize,
+    #[arg(long, default_value_t = 0.3)]
+    lambda: f32,
+    #[arg(long, default_value_t = 500)]
+    iters: u32,
+    #[arg(long, default_value_t = 0.05)]
+    learning_rate: f32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    #[arg(long, env = "PSERVER_TRANSPORT")]
+    transport: Option<String>,
+    #[command(flatten)]
+    job: EmbeddedArgs,
 }
 
 #[derive(Args)]
@@ -173,6 +326,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Server(a) => server_cmd(a),
         Cmd::Bench(a) => bench_cmd(a),
         Cmd::Check(a) => check_cmd(a),
+        Cmd::Train(TrainApp::Lr(a)) => train_lr_cmd(a),
+        Cmd::Train(TrainApp::Rica(a)) => train_rica_cmd(a),
+        Cmd::Gen(GenWhat::Ctr(a)) => gen_ctr_cmd(a),
     }
 }
 
@@ -197,6 +353,303 @@ fn write_atomically(path: &std::path::Path, line: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{line}\n")).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn gen_ctr_cmd(a: GenCtrArgs) -> Result<()> {
+    let cfg = CtrConfig {
+        rows: a.rows,
+        features: a.features,
+        nnz_per_row: a.nnz_per_row,
+        seed: a.seed,
+        alpha: a.alpha,
+        labels: LabelModel::Threshold { flip: a.flip },
+        ..CtrConfig::default()
+    };
+    match (a.test_rows, &a.test_out) {
+        (Some(t), Some(out)) => {
+            let (train, test) = pserver::data::gen_ctr_split(&cfg, t, &a.out, out)?;
+            println!("{}: {train}", a.out.display());
+            println!("{}: {test}", out.display());
+        }
+        _ => println!("{}: {}", a.out.display(), pserver::data::gen_ctr_file(&cfg, &a.out)?),
+    }
+    Ok(())
+}
+
+/// How a command runs: as one worker of a launched job, or as an embedded job.
+enum Mode {
+    Launched(LaunchEnv),
+    Embedded(JobConfig),
+}
+
+fn mode(transport: &Option<String>, job: &EmbeddedArgs) -> Result<(Mode, Arc<dyn pserver::transport::Transport>)> {
+    let launched = LaunchEnv::worker_from_env()?;
+    let name = transport.clone().unwrap_or_else(|| if launched.is_some() { "tcp" } else { "inproc" }.into());
+    let t = transport_named(&name, launched.is_none())?;
+    Ok(match launched {
+        Some(env) => (Mode::Launched(env), t),
+        None => (
+            Mode::Embedded(JobConfig {
+                servers: job.servers,
+                workers: job.workers,
+                lanes: job.lanes,
+                transport: t.clone(),
+                ..JobConfig::default()
+            }),
+            t,
+        ),
+    })
+}
+
+/// Runs `work` on this process's workers; returns rank 0's result if it ran here.
+fn run_workers<T: Send>(
+    mode: Mode,
+    t: &dyn pserver::transport::Transport,
+    work: impl Fn(&pserver::Worker) -> pserver::Result<T> + Sync,
+) -> Result<Option<T>> {
+    Ok(match mode {
+        Mode::Launched(env) => {
+            let w = env.connect(t)?;
+            let r = work(&w);
+            w.finish(r.as_ref().err().map(|e| e.to_string()))?;
+            let r = r?;
+            (w.rank() == 0).then_some(r)
+        }
+        Mode::Embedded(cfg) => job::run(cfg, work)?.into_iter().next(),
+    })
+}
+
+fn human_bytes(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GB", b as f64 / 1e9)
+    } else if b >= 1 << 20 {
+        format!("{:.1} MB", b as f64 / 1e6)
+    } else {
+        format!("{:.1} kB", b as f64 / 1e3)
+    }
+}
+
+fn progress(iters: u32) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(u64::from(iters));
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} passes {elapsed} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+fn train_lr_cmd(a: TrainLrArgs) -> Result<()> {
+    let (mode, t) = mode(&a.transport, &a.job)?;
+    let feature_mode = match a.hash_bits {
+        Some(b) => FeatureMode::hashed(b)?,
+        None => FeatureMode::Direct,
+    };
+    // Synthetic data: generated once per process (deterministic by seed).
+    let mut tmp = None;
+    let (data, test) = if a.synthetic {
+        let dir = match &a.out_dir {
+            Some(d) => d.clone(),
+            None => {
+                let d = std::env::temp_dir().join(format!("pserver-lr-{}", std::process::id()));
+                tmp = Some(d.clone());
+                d
+            }
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let cfg = CtrConfig {
+            rows: a.rows,
+            features: a.features,
+            nnz_per_row: a.nnz_per_row,
+            seed: a.seed,
+            ..CtrConfig::default()
+        };
+        let (train, test) = (dir.join("train.libsvm"), dir.join("test.libsvm"));
+        let (s1, s2) = pserver::data::gen_ctr_split(&cfg, (a.rows / 10).max(1), &train, &test)?;
+        eprintln!(
+            "generated {} training and {} test rows, {} features ({})",
+            s1.rows,
+            s2.rows,
+            a.features,
+            dir.display()
+        );
+        (vec![train], Some(test))
+    } else {
+        (a.data.clone(), a.test.clone())
+    };
+    let source = if data.len() == 1 { Source::File(data[0].clone()) } else { Source::Files(data.clone()) };
+    let cfg = LrConfig {
+        lambda: a.lambda,
+        tau: a.tau,
+        iters: a.iters,
+        tol: a.tol,
+        block_size: a.block_size,
+        bias: a.bias,
+        kkt_delta: (!a.no_kkt).then_some(a.kkt_delta),
+        key_cache: !a.no_key_cache,
+        ..LrConfig::default()
+    };
+    let pb = progress(a.iters);
+    let printed = std::sync::Mutex::new(());
+    let result = run_workers(mode, t.as_ref(), |w| {
+        let shard = Shard::new(w.rank(), w.num_workers())?;
+        let ds = match &a.cache_dir {
+            Some(dir) => pserver::data::load_or_build(&source, shard, feature_mode, dir)?.0,
+            None => pserver::data::read(&source, shard, feature_mode)?,
+        };
+        let test_ds = match (&test, w.rank()) {
+            (Some(p), 0) => Some(pserver::data::read(&Source::File(p.clone()), Shard::WHOLE, feature_mode)?),
+            _ => None,
+        };
+        let rows = rows_of(&ds);
+        let test_rows = test_ds.as_ref().map(rows_of);
+        let mut on_iter = |it: &Iteration| {
+            let _g = printed.lock();
+            let eval = match (it.accuracy, it.auc) {
+                (Some(acc), Some(auc)) => format!("  accuracy {acc:.4}  auc {auc:.4}"),
+                _ => String::new(),
+            };
+            pb.suspend(|| {
+                println!(
+                    "iter {:3}  objective {:.6e}  nnz {:8}{eval}  {:6.2}s  pushed {}  pulled {}",
+                    it.iteration,
+                    it.objective,
+                    it.nnz,
+                    it.seconds,
+                    human_bytes(it.bytes_pushed),
+                    human_bytes(it.bytes_pulled)
+                )
+            });
+            pb.set_position(u64::from(it.iteration));
+            pb.set_message(format!("objective {:.6e}", it.objective));
+        };
+        let r = lr::train(w, rows, test_rows, &cfg, &mut on_iter)?;
+        Ok((r, w.filter_stats(cfg.table_base + 1)))
+    })?;
+    pb.finish_and_clear();
+    if let Some(d) = tmp {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let Some((r, fstats)) = result else { return Ok(()) };
+    let last = r.iterations.last().cloned().unwrap_or_default();
+    println!(
+        "trained L1 logistic regression: objective {:.6e} after {} passes in {:.2}s ({}), {} non-zero weights{}",
+        last.objective,
+        last.iteration,
+        last.seconds,
+        if r.converged { "converged" } else { "pass limit" },
+        last.nnz,
+        match (last.accuracy, last.auc) {
+            (Some(acc), Some(auc)) => format!(", test accuracy {acc:.4}, AUC {auc:.4}"),
+            _ => String::new(),
+        }
+    );
+    let kkt: u64 = r.iterations.iter().map(|i| i.kkt_skipped).sum();
+    println!(
+        "traffic: pushed {}, pulled {}; filters: KKT skipped {kkt} feature updates, key caching saved {} (rank 0)",
+        human_bytes(last.bytes_pushed),
+        human_bytes(last.bytes_pulled),
+        human_bytes(fstats.key_cache_bytes_saved)
+    );
+    if let Some(p) = &a.summary_json {
+        let j = serde_json::json!({
+            "objective": last.objective,
+            "nnz": last.nnz,
+            "accuracy": last.accuracy,
+            "auc": last.auc,
+            "seconds": last.seconds,
+            "iterations": last.iteration,
+            "bytes_pushed": last.bytes_pushed,
+            "bytes_pulled": last.bytes_pulled,
+            "converged": r.converged,
+            "kkt_skipped": kkt,
+            "key_cache_bytes_saved_rank0": fstats.key_cache_bytes_saved,
+            "lambda": a.lambda,
+            "tau": a.tau,
+        });
+        std::fs::write(p, format!("{j}\n")).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &a.plot {
+        let pts: Vec<(f64, f64)> = r.iterations.iter().map(|i| (i.seconds, i.objective)).collect();
+        pserver::apps::plot::write_svg(p, "L1 logistic regression", "seconds", "objective", &pts)?;
+    }
+    if let (Some(p), Some(wv)) = (&a.model, &r.weights) {
+        let text: String = wv.iter().map(|x| format!("{x}\n")).collect();
+        std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn rows_of(d: &pserver::data::Dataset) -> Rows<'_> {
+    Rows { labels: d.labels(), offsets: d.offsets(), features: d.features(), values: d.values() }
+}
+
+fn train_rica_cmd(a: TrainRicaArgs) -> Result<()> {
+    let (mode, t) = mode(&a.transport, &a.job)?;
+    let images = rica::load_images(&a.images)?;
+    let cfg = RicaConfig {
+        patch: a.patch,
+        filters: a.filters,
+        patches: a.patches,
+        lambda: a.lambda,
+        iters: a.iters,
+        learning_rate: a.learning_rate,
+        seed: a.seed,
+        ..RicaConfig::default()
+    };
+    if cfg.patch == 0 || cfg.filters == 0 || cfg.patches == 0 || cfg.iters == 0 {
+        bail!("--patch, --filters, --patches and --iters must be positive");
+    }
+    let n = cfg.patch * cfg.patch;
+    // The same whitening on every worker: from a sample fixed by the seed.
+    let common = rica::sample_patches(&images, cfg.patch, 20_000, cfg.seed ^ 0xC0FFEE)?;
+    let zca = rica::zca(&common, n);
+    eprintln!("{} images; {}x{} patches, {} filters", images.len(), cfg.patch, cfg.patch, cfg.filters);
+    let pb = progress(cfg.iters);
+    let result = run_workers(mode, t.as_ref(), |w| {
+        let mut p =
+            rica::sample_patches(&images, cfg.patch, cfg.patches, cfg.seed.wrapping_add(1 + u64::from(w.rank())))?;
+        rica::whiten(&mut p, &zca, n);
+        let total = cfg.patches * w.num_workers() as usize;
+        rica::train(w, &p, total, &cfg, &mut |it| {
+            if it.iteration == 1 || it.iteration % 25 == 0 || it.iteration == cfg.iters {
+                pb.suspend(|| {
+                    println!(
+                        "iter {:4}  objective {:.5}  (sparsity {:.5}, reconstruction {:.5})  {:.2}s",
+                        it.iteration, it.objective, it.sparsity, it.reconstruction, it.seconds
+                    )
+                });
+            }
+            pb.set_position(u64::from(it.iteration));
+            pb.set_message(format!("objective {:.5}", it.objective));
+        })
+    })?;
+    pb.finish_and_clear();
+    let Some(r) = result else { return Ok(()) };
+    let last = r.iterations.last().cloned().unwrap_or_default();
+    println!(
+        "trained RICA: objective {:.5} after {} iterations in {:.2}s",
+        last.objective, last.iteration, last.seconds
+    );
+    if let (Some(p), Some(f)) = (&a.filters_png, &r.filters) {
+        rica::write_filters_png(f, cfg.patch, 4, p)?;
+        println!("filters written to {}", p.display());
+    }
+    if let Some(p) = &a.summary_json {
+        let j = serde_json::json!({
+            "objective": last.objective,
+            "sparsity": last.sparsity,
+            "reconstruction": last.reconstruction,
+            "iterations": last.iteration,
+            "seconds": last.seconds,
+            "first_objective": r.iterations.first().map(|i| i.objective),
+        });
+        std::fs::write(p, format!("{j}\n")).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &a.plot {
+        let pts: Vec<(f64, f64)> = r.iterations.iter().map(|i| (i.seconds, i.objective)).collect();
+        pserver::apps::plot::write_svg(p, "Reconstruction ICA", "seconds", "objective", &pts)?;
+    }
     Ok(())
 }
 

@@ -127,8 +127,8 @@ pub enum UpdaterSpec {
     /// Aggregated proximal Newton step (dim 2, values `[w, g]`, pushes
     /// `[g, h]`): once every worker finished a clock,
     /// w = soft_threshold(h*w - g, l1) / (h + l2) with the summed g and h;
-    /// the summed g stays beside w.
-    ProximalNewton { l1: f32, l2: f32 },
+    /// the summed g stays beside w. `max_step` > 0 bounds |w' - w| per step.
+    ProximalNewton { l1: f32, l2: f32, max_step: f32 },
     /// A rule registered under this name in the server's program.
     Custom(String),
 }
@@ -230,7 +230,10 @@ impl TableSpec {
                     }
                 }
             }
-            UpdaterSpec::ProximalNewton { l1, l2 } => {
+            UpdaterSpec::ProximalNewton { l1, l2, max_step } => {
+                if !(*max_step >= 0.0 && max_step.is_finite()) {
+                    return bad(format!("proximal newton max_step = {max_step} must be finite and >= 0"));
+                }
                 if self.dim != 2 {
                     return bad(format!("ProximalNewton needs dim 2 ([w, g]), not {}", self.dim));
                 }

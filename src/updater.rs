@@ -66,6 +66,7 @@ pub trait Updater: Send + Sync + 'static {
 struct ProximalNewton {
     l1: f32,
     l2: f32,
+    max_step: f32,
 }
 impl Updater for ProximalNewton {
     fn state_per_value(&self) -> usize {
@@ -78,13 +79,18 @@ impl Updater for ProximalNewton {
     fn finalize(&self, _: Key, value: &mut [f32], state: &mut [f32]) {
         let (g, h) = (state[0], state[1]);
         state.fill(0.0);
-        if g == 0.0 && h == 0.0 {
-            return;
-        }
-        // A curvature of zero (every example of the feature saturated)
-        // still gets a finite, small step.
+        // Where the loss is flat (every example of the feature saturated, so
+        // g = h = 0), the step must still apply the penalty: with the floored
+        // curvature it takes the weight to 0, as the exact step would.
         let h = h.max(1e-12);
-        value[0] = soft_threshold(h * value[0] - g, self.l1) / (h + self.l2);
+        let w = value[0];
+        let mut next = soft_threshold(h * w - g, self.l1) / (h + self.l2);
+        // Trust region: a Newton step on a nearly flat loss can jump far
+        // beyond where the quadratic model holds.
+        if self.max_step > 0.0 {
+            next = next.clamp(w - self.max_step, w + self.max_step);
+        }
+        value[0] = next;
         value[1] = g;
     }
 }
@@ -288,7 +294,7 @@ impl Rules {
             UpdaterSpec::AdaGrad { lr, eps, initial_accumulator } => Arc::new(AdaGrad { lr, eps, initial_accumulator }),
             UpdaterSpec::Ftrl { alpha, beta, l1, l2 } => Arc::new(Ftrl { alpha, beta, l1, l2 }),
             UpdaterSpec::Proximal { eta, l1, l2 } => Arc::new(Proximal { eta, l1, l2 }),
-            UpdaterSpec::ProximalNewton { l1, l2 } => Arc::new(ProximalNewton { l1, l2 }),
+            UpdaterSpec::ProximalNewton { l1, l2, max_step } => Arc::new(ProximalNewton { l1, l2, max_step }),
             UpdaterSpec::Custom(ref name) => {
                 self.custom.get(name).cloned().ok_or_else(|| Error::UnknownUpdater(name.clone()))?
             }
@@ -379,7 +385,7 @@ mod tests {
 
     #[test]
     fn proximal_newton_aggregates_then_steps() {
-        let rule = Rules::default().resolve(&UpdaterSpec::ProximalNewton { l1: 1.0, l2: 0.0 }).unwrap();
+        let rule = Rules::default().resolve(&UpdaterSpec::ProximalNewton { l1: 1.0, l2: 0.0, max_step: 0.0 }).unwrap();
         assert!(rule.aggregates());
         let (mut value, mut state) = ([0.5f32, 0.0], [0.0f32; 2]);
         rule.accumulate(&mut state, &[1.0, 2.0]);
@@ -393,6 +399,16 @@ mod tests {
         rule.accumulate(&mut state, &[-5.0, 2.0]);
         rule.finalize(0, &mut value, &mut state);
         assert_eq!(value, [2.0, -5.0]);
+        // A flat loss (nothing pushed but zeros) still shrinks the weight.
+        rule.accumulate(&mut state, &[0.0, 0.0]);
+        rule.finalize(0, &mut value, &mut state);
+        assert_eq!(value[0], 0.0);
+        // The trust region bounds one step.
+        let capped =
+            Rules::default().resolve(&UpdaterSpec::ProximalNewton { l1: 0.0, l2: 0.0, max_step: 0.5 }).unwrap();
+        let (mut value, mut state) = ([1.0f32, 0.0], [-10.0f32, 1.0]);
+        capped.finalize(0, &mut value, &mut state);
+        assert_eq!(value[0], 1.5);
     }
 
     #[test]

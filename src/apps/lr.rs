@@ -20,9 +20,12 @@
 //! old.
 //!
 //! KKT filter (as in the paper): a feature whose weight is 0 and whose last
-//! global gradient satisfied |g_k| <= lambda - delta is skipped until the
-//! next full pass; every worker skips the same features, because they all
-//! read the same global gradient from the servers.
+//! global gradient satisfied |g_k| <= lambda - delta is skipped; every worker
+//! skips the same features, because they all read the same global gradient
+//! from the servers. A skipped feature's gradient is not recomputed, so every
+//! [`KKT_FULL_PASS_EVERY`]-th pass skips nothing, and training only stops
+//! after such a full pass: a feature the filter wrongly left at 0 gets its
+//! chance again, and the final objective is that of the unfiltered problem.
 
 use std::time::Instant;
 
@@ -62,7 +65,7 @@ impl Default for LrConfig {
             tau: 0,
             iters: 100,
             tol: 1e-5,
-            block_size: 1 << 16,
+            block_size: 2048,
             bias: false,
             kkt_delta: Some(1e-3),
             key_cache: true,
@@ -160,6 +163,13 @@ struct Block {
     row_nnz: Vec<(u32, u32)>,
 }
 
+/// Largest change of one weight in one step (trust region): a margin moved
+/// by more than a few units is deep in the flat part of the logistic loss.
+const MAX_STEP: f32 = 2.0;
+
+/// Every this many passes, the KKT filter skips nothing.
+pub const KKT_FULL_PASS_EVERY: u32 = 4;
+
 /// Table ids of a run.
 struct Tables {
     meta: TableId,
@@ -227,7 +237,7 @@ pub fn train(
         }
     };
     let spec = make(t.weights, 2)
-        .updater(UpdaterSpec::ProximalNewton { l1: cfg.lambda, l2: 0.0 })
+        .updater(UpdaterSpec::ProximalNewton { l1: cfg.lambda, l2: 0.0, max_step: MAX_STEP })
         .consistency(if cfg.tau == 0 { seq } else { Consistency::BoundedDelay(cfg.tau) });
     w.create_table(spec)?;
     w.create_table(TableSpec::dense(t.stats, u64::from(cfg.iters) + 2, STATS_DIM))?;
@@ -279,6 +289,7 @@ pub fn train(
     let mut skip: Vec<Vec<bool>> = blocks.iter().map(|b| vec![false; b.w.len()]).collect();
     for iter in 0..cfg.iters {
         let mut kkt_skipped = 0u64;
+        let full_pass = cfg.kkt_delta.is_none() || iter % KKT_FULL_PASS_EVERY == 0;
         for b in 0..blocks_n {
             // Refresh the block we are about to use and the one updated last.
             let mut refreshed = vec![b];
@@ -288,12 +299,11 @@ pub fn train(
             for &r in &refreshed {
                 let got = refresh(w, t.weights, &mut blocks[r], &mut margins)?;
                 if r == b
-                    && iter > 0
                     && let Some(delta) = cfg.kkt_delta
                 {
                     let bound = cfg.lambda - delta;
                     for (k, s) in skip[b].iter_mut().enumerate() {
-                        *s = got[2 * k] == 0.0 && got[2 * k + 1].abs() <= bound;
+                        *s = !full_pass && got[2 * k] == 0.0 && got[2 * k + 1].abs() <= bound;
                     }
                 }
             }
@@ -376,6 +386,7 @@ pub fn train(
         w.clock()?;
         let sums = w.with_consistency(seq).pull(t.stats, &[u64::from(iter)])?.wait()?;
         let objective = f64::from(sums[0]) + f64::from(sums[1]);
+        tracing::debug!(iter, full_pass, loss = sums[0], reg = sums[1], skipped = kkt_skipped, damping, "pass");
         let mut it = Iteration {
             iteration: iter + 1,
             objective,
@@ -395,12 +406,20 @@ pub fn train(
         }
         result.iterations.push(it);
         // Every worker reads the same sums, so all take the same decisions.
+        // The diagonal Newton step can overshoot where the loss curves more
+        // than at the current point: damp after a rise, relax after progress.
         if objective > prev_objective * (1.0 + 1e-9) {
             damping *= 2.0;
             tracing::info!(damping, "the objective rose: damping the steps");
-        } else if prev_objective.is_finite() && (prev_objective - objective) / objective.abs().max(1e-12) < cfg.tol {
-            result.converged = true;
-            break;
+        } else {
+            damping = (damping / 2.0).max(1.0);
+            if full_pass
+                && prev_objective.is_finite()
+                && (prev_objective - objective) / objective.abs().max(1e-12) < cfg.tol
+            {
+                result.converged = true;
+                break;
+            }
         }
         prev_objective = objective;
     }

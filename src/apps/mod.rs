@@ -3,6 +3,7 @@
 //! judge the framework; nothing in the core depends on them.
 
 pub mod lr;
+pub mod plot;
 pub mod rica;
 
 /// Rows of a sparse dataset in CSR form: row `i` has features

@@ -426,6 +426,67 @@ impl Permutation {
     }
 }
 
+/// Generates `cfg.rows` rows from one planted model into two files: the
+/// first `cfg.rows - test_rows` rows into `train`, the rest into `test` (a
+/// held-out set of the same distribution). Each file appears only once
+/// complete. Returns the summaries of both parts.
+pub fn gen_ctr_split(
+    cfg: &CtrConfig,
+    test_rows: u64,
+    train: impl AsRef<Path>,
+    test: impl AsRef<Path>,
+) -> Result<(CtrSummary, CtrSummary)> {
+    if test_rows >= cfg.rows {
+        return Err(bad(format!("test rows {test_rows} must be fewer than the {} rows generated", cfg.rows)));
+    }
+    let train_cfg = CtrConfig { rows: cfg.rows - test_rows, ..cfg.clone() };
+    // Two passes over the same deterministic stream: the first keeps the
+    // leading rows, the second the trailing ones.
+    let a = write_atomically(train.as_ref(), |out| gen_ctr(&train_cfg, out))?;
+    let mut total = None;
+    write_atomically(test.as_ref(), |out| {
+        let mut skip = SkipLines { out, skip: train_cfg.rows };
+        let s = gen_ctr(cfg, &mut skip)?;
+        total = Some(s);
+        Ok(())
+    })?;
+    let t = total.expect("generated");
+    let b = CtrSummary {
+        rows: t.rows - a.rows,
+        nnz: t.nnz - a.nnz,
+        positives: t.positives - a.positives,
+        distinct_features: None,
+        bytes: t.bytes - a.bytes,
+    };
+    Ok((a, b))
+}
+
+/// Drops the first `skip` lines written through it.
+struct SkipLines<'a> {
+    out: &'a mut dyn Write,
+    skip: u64,
+}
+
+impl Write for SkipLines<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut rest = buf;
+        while self.skip > 0 {
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.skip -= 1;
+                    rest = &rest[i + 1..];
+                }
+                None => return Ok(buf.len()),
+            }
+        }
+        self.out.write_all(rest)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

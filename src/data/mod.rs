@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::error::{Error, Result};
 
 pub use cache::{CacheStatus, load_or_build};
-pub use ctr::{CtrConfig, CtrSummary, LabelModel, gen_ctr, gen_ctr_file};
+pub use ctr::{CtrConfig, CtrSummary, LabelModel, gen_ctr, gen_ctr_file, gen_ctr_split};
 
 /// Rows of (label, sparse features) stored column-compressed: row `i` owns
 /// `features[offsets[i]..offsets[i + 1]]` and the same range of `values`.

@@ -832,7 +832,7 @@ mod tests {
 
     #[test]
     fn aggregating_rules_apply_once_every_worker_finished_the_clock() {
-        let spec = UpdaterSpec::ProximalNewton { l1: 0.0, l2: 0.0 };
+        let spec = UpdaterSpec::ProximalNewton { l1: 0.0, l2: 0.0, max_step: 0.0 };
         let mut s = shard(Storage::Sparse, KeyRange::new(0, 100), 2, spec, Init::Zeros);
         // Clock 0: two of three workers push for key 5; nothing changes yet.
         s.push_at(KeyRun::List(&[5]), &[-2.0, 1.0], 0).unwrap();
