@@ -233,6 +233,9 @@ pub enum Control {
     Shutdown,
     /// Node -> scheduler: still alive.
     Heartbeat,
+    /// Scheduler -> servers: a worker left the job (finished, failed or
+    /// died); its clock no longer holds anyone back.
+    WorkerLeft { worker: u32 },
     /// A refused control request.
     Error(String),
 }

@@ -227,3 +227,25 @@ fn bounded_delay_holds_acks_and_pulls_until_the_slow_worker_catches_up() {
         .unwrap();
     }
 }
+
+#[test]
+fn a_worker_that_left_holds_nobody_back() {
+    for (name, t) in transports() {
+        let cfg = JobConfig::default().servers(2).workers(3).transport(t.clone());
+        job::run(cfg, |w| {
+            w.create_table(TableSpec::dense(1, 4, 1).consistency(Consistency::Sequential))?;
+            w.barrier()?;
+            // Worker 2 leaves after two clocks; the others go on, and their
+            // sequential pulls must not wait for its clock.
+            let clocks = if w.rank() == 2 { 2 } else { 10 };
+            for _ in 0..clocks {
+                let _ = w.pull(1, &[0, 1, 2, 3])?.wait()?;
+                w.push(1, &[u64::from(w.rank())], &[1.0])?;
+                w.clock()?;
+            }
+            let _ = name;
+            Ok(())
+        })
+        .unwrap();
+    }
+}

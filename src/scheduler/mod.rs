@@ -357,6 +357,10 @@ impl SchedulerHandler {
         out: &mut Vec<(PeerId, Frame)>,
     ) {
         st.done[rank] = true;
+        // Consistency waits of the others must not wait for this worker.
+        for &p in &st.server_peers {
+            out.push((p, Control::WorkerLeft { worker: rank as u32 }.to_frame(0)));
+        }
         if let Some(e) = error {
             tracing::error!(worker = rank, error = %e, "worker failed");
             st.failure.get_or_insert_with(|| format!("worker {rank} failed: {e}"));

@@ -276,6 +276,13 @@ impl ServerHandler {
                 tracing::info!(rank, workers, "server joined the job");
                 net.send(from, Control::Ready { rank }.to_frame(frame.id))
             }
+            Control::WorkerLeft { worker } => {
+                tracing::debug!(worker, "worker left the job");
+                for l in &self.shared.lanes {
+                    l.submit(Job::Clock { worker, clock: u64::MAX }, true);
+                }
+                Ok(())
+            }
             Control::Shutdown => {
                 self.shared.membership.lock().stopping = true;
                 self.shared.changed.notify_all();

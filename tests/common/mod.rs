@@ -1,0 +1,139 @@
+//! Helpers shared by the multi-process tests: processes killed on drop,
+//! temporary directories, and a scheduler with its servers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pserver");
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let child = cmd.stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Proc { name: name.into(), child }
+    }
+
+    /// Waits for exit until `deadline`; panics on timeout.
+    pub fn wait(&mut self, deadline: Instant) -> ExitStatus {
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "{} did not finish in time", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pserver-mp-{tag}-{}-{:?}", std::process::id(), Instant::now()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn read_addr(path: &Path, owner: &mut Proc, deadline: Instant) -> String {
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && !s.trim().is_empty()
+        {
+            return s.trim().to_string();
+        }
+        if let Some(st) = owner.child.try_wait().unwrap() {
+            panic!("{} exited ({st}) before writing its address", owner.name);
+        }
+        assert!(Instant::now() < deadline, "{} never wrote its address", owner.name);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn uring_works() -> bool {
+    pserver::transport::tcp::Tcp::new(pserver::transport::tcp::IoMode::Auto, Default::default()).resolved_mode()
+        == pserver::transport::tcp::IoMode::Uring
+}
+
+pub struct Job {
+    pub dir: PathBuf,
+    pub io: &'static str,
+    pub scheduler: Proc,
+    pub servers: Vec<Proc>,
+    pub addr: String,
+    pub server_addrs: Vec<String>,
+}
+
+pub fn start_job(io: &'static str, servers: u32, workers: u32, tag: &str, deadline: Instant) -> Job {
+    let dir = tempdir(tag);
+    let af = dir.join("scheduler.addr");
+    let mut scheduler = Proc::spawn(
+        "scheduler",
+        Command::new(BIN)
+            .args(["scheduler", "--bind", "127.0.0.1:0", "--servers", &servers.to_string()])
+            .args(["--workers", &workers.to_string(), "--addr-file"])
+            .arg(&af)
+            .env("PSERVER_IO", io),
+    );
+    let addr = read_addr(&af, &mut scheduler, deadline);
+    let mut procs = Vec::new();
+    let mut server_addrs = Vec::new();
+    for i in 0..servers {
+        let f = dir.join(format!("server{i}.addr"));
+        let mut p = Proc::spawn(
+            &format!("server {i}"),
+            Command::new(BIN).args(["server", "--scheduler", &addr, "--addr-file"]).arg(&f).env("PSERVER_IO", io),
+        );
+        server_addrs.push(read_addr(&f, &mut p, deadline));
+        procs.push(p);
+    }
+    Job { dir, io, scheduler, servers: procs, addr, server_addrs }
+}
+
+impl Job {
+    pub fn worker(&self, rank: u32, workers: u32, args: &[&str]) -> Proc {
+        Proc::spawn(
+            &format!("worker {rank}"),
+            Command::new(BIN)
+                .args(args)
+                .env("PSERVER_IO", self.io)
+                .env("PSERVER_ROLE", "worker")
+                .env("PSERVER_RANK", rank.to_string())
+                .env("PSERVER_SCHEDULER", &self.addr)
+                .env("PSERVER_NUM_SERVERS", self.servers.len().to_string())
+                .env("PSERVER_NUM_WORKERS", workers.to_string()),
+        )
+    }
+
+    /// Waits for the workers, then for the scheduler and servers to end by
+    /// themselves, and asserts everything exited 0.
+    pub fn finish(self, workers: Vec<Proc>, deadline: Instant) {
+        let dir = self.dir.clone();
+        self.finish_keeping_dir(workers, deadline);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    pub fn finish_keeping_dir(mut self, mut workers: Vec<Proc>, deadline: Instant) {
+        for w in &mut workers {
+            let st = w.wait(deadline);
+            assert!(st.success(), "{} failed: {st}", w.name);
+        }
+        let st = self.scheduler.wait(deadline);
+        assert!(st.success(), "scheduler failed: {st}");
+        for s in &mut self.servers {
+            let st = s.wait(deadline);
+            assert!(st.success(), "{} failed: {st}", s.name);
+        }
+    }
+}
