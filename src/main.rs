@@ -140,6 +140,9 @@ struct TrainLrArgs {
     no_kkt: bool,
     #[arg(long)]
     no_key_cache: bool,
+    /// Refresh weights with plain pulls instead of version-filtered ones.
+    #[arg(long)]
+    no_version_pull: bool,
     /// Write the final figures as one JSON object.
     #[arg(long)]
     summary_json: Option<PathBuf>,
@@ -487,6 +490,7 @@ fn train_lr_cmd(a: TrainLrArgs) -> Result<()> {
         bias: a.bias,
         kkt_delta: (!a.no_kkt).then_some(a.kkt_delta),
         key_cache: !a.no_key_cache,
+        version_pull: !a.no_version_pull,
         ..LrConfig::default()
     };
     let pb = progress(a.iters);
@@ -546,10 +550,12 @@ fn train_lr_cmd(a: TrainLrArgs) -> Result<()> {
     );
     let kkt: u64 = r.iterations.iter().map(|i| i.kkt_skipped).sum();
     println!(
-        "traffic: pushed {}, pulled {}; filters: KKT skipped {kkt} feature updates, key caching saved {} (rank 0)",
+        "traffic: pushed {}, pulled {}; filters (rank 0): KKT skipped {kkt} feature updates (all workers), \
+         key caching saved {}, version-filtered pulls saved {} net",
         human_bytes(last.bytes_pushed),
         human_bytes(last.bytes_pulled),
-        human_bytes(fstats.key_cache_bytes_saved)
+        human_bytes(fstats.key_cache_bytes_saved),
+        human_bytes((fstats.version_bytes_saved as i64 - fstats.version_bytes_overhead as i64).max(0) as u64)
     );
     if let Some(p) = &a.summary_json {
         let j = serde_json::json!({
@@ -564,6 +570,8 @@ fn train_lr_cmd(a: TrainLrArgs) -> Result<()> {
             "converged": r.converged,
             "kkt_skipped": kkt,
             "key_cache_bytes_saved_rank0": fstats.key_cache_bytes_saved,
+            "version_pull_bytes_saved_rank0": fstats.version_bytes_saved,
+            "version_pull_bytes_overhead_rank0": fstats.version_bytes_overhead,
             "lambda": a.lambda,
             "tau": a.tau,
         });

@@ -54,6 +54,8 @@ pub struct LrConfig {
     pub kkt_delta: Option<f32>,
     /// Name key lists by digest after their first use.
     pub key_cache: bool,
+    /// Refresh weights with version-filtered pulls.
+    pub version_pull: bool,
     /// First of the table ids the run uses (4 consecutive ids).
     pub table_base: TableId,
 }
@@ -69,6 +71,7 @@ impl Default for LrConfig {
             bias: false,
             kkt_delta: Some(1e-3),
             key_cache: true,
+            version_pull: true,
             table_base: 0x4C52_0000,
         }
     }
@@ -242,8 +245,12 @@ pub fn train(
     w.create_table(spec)?;
     w.create_table(TableSpec::dense(t.stats, u64::from(cfg.iters) + 2, STATS_DIM))?;
     w.create_table(make(t.owners, 1).updater(UpdaterSpec::Assign))?;
-    if cfg.key_cache {
-        w.set_filters(t.weights, crate::worker::Filters { key_cache: true, ..Default::default() })?;
+    // Refresh pulls ask only for weights that changed since this worker last
+    // saw them (most do not, once the KKT filter holds them at 0).
+    let filters =
+        crate::worker::Filters { key_cache: cfg.key_cache, version_pull: cfg.version_pull, ..Default::default() };
+    if !filters.is_empty() {
+        w.set_filters(t.weights, filters)?;
     }
 
     // 2. Cut this worker's data into blocks.
