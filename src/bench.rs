@@ -106,6 +106,9 @@ pub struct BenchResult {
     pub servers: usize,
     pub workers: u32,
     pub verified: bool,
+    /// What rank 0's worker sent and received during the case (payload bytes).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 /// A same-run reference moving the same bytes in the same pattern.
@@ -200,7 +203,9 @@ pub fn run(
     let mut results = Vec::new();
     for (i, &case) in cases.iter().enumerate() {
         let table = CASE_TABLE_BASE + i as u32;
+        let before = w.traffic();
         let mine = run_case(w, case, table, seconds)?;
+        let after = w.traffic();
         // Report: [bytes/s, keys/s, p50, p99, verified] per sub-result.
         for (j, m) in mine.iter().enumerate() {
             let key = u64::from(rank) * 2 + j as u64;
@@ -232,7 +237,7 @@ pub fn run(
                     p99 = p99.max(f64::from(row[3]));
                     ok &= row[4] == 1.0;
                 }
-                results.push(result(
+                let mut r = result(
                     case,
                     j,
                     transport,
@@ -241,7 +246,10 @@ pub fn run(
                     *b,
                     w,
                     ok,
-                ));
+                );
+                r.bytes_sent = after.bytes_sent - before.bytes_sent;
+                r.bytes_received = after.bytes_received - before.bytes_received;
+                results.push(r);
             }
         }
         w.barrier()?;
@@ -290,6 +298,8 @@ fn result(
         servers: w.num_servers(),
         workers: w.num_workers(),
         verified,
+        bytes_sent: 0,
+        bytes_received: 0,
     }
 }
 
@@ -465,8 +475,8 @@ pub fn parse_size(s: &str) -> Option<usize> {
 /// Human-readable table of results.
 pub fn render(results: &[BenchResult]) -> String {
     let mut out = format!(
-        "{:<12} {:>9} {:>14} {:>10} {:>10} {:>14} {:>10} {:>7}\n",
-        "op", "size", "throughput", "p50 us", "p99 us", "baseline", "base p50", "ratio"
+        "{:<12} {:>9} {:>14} {:>10} {:>10} {:>14} {:>10} {:>7} {:>11} {:>11}\n",
+        "op", "size", "throughput", "p50 us", "p99 us", "baseline", "base p50", "ratio", "sent", "received"
     );
     for r in results {
         let size = r.bytes.map_or_else(|| format!("{}k keys", r.keys.unwrap_or(0) / 1000), human_bytes);
@@ -482,7 +492,7 @@ pub fn render(results: &[BenchResult]) -> String {
             _ => (String::new(), String::new()),
         };
         out += &format!(
-            "{:<12} {:>9} {:>14} {:>10.1} {:>10.1} {:>14} {:>10.2} {:>7.2}{}\n",
+            "{:<12} {:>9} {:>14} {:>10.1} {:>10.1} {:>14} {:>10.2} {:>7.2} {:>11} {:>11}{}\n",
             r.op,
             size,
             tp,
@@ -491,6 +501,8 @@ pub fn render(results: &[BenchResult]) -> String {
             base,
             r.baseline_p50_us,
             r.ratio,
+            human_bytes(r.bytes_sent),
+            human_bytes(r.bytes_received),
             if r.verified { "" } else { "  UNVERIFIED" }
         );
     }
