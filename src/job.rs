@@ -11,7 +11,7 @@ use crate::server::{ServerConfig, ServerNode};
 use crate::transport::Transport;
 use crate::transport::inproc::Inproc;
 use crate::updater::Rules;
-use crate::worker::{Worker, WorkerConfig};
+use crate::worker::{ShmMode, Worker, WorkerConfig};
 
 /// Shape of an embedded job.
 #[derive(Clone)]
@@ -84,8 +84,13 @@ where
     };
     let sched = SchedulerNode::start(t, &cfg.scheduler_addr, sched_cfg)?;
     let saddr = sched.addr();
-    let server_cfg =
-        ServerConfig { lanes: cfg.lanes, rules: cfg.rules.clone(), max_memory: cfg.max_memory, rank: None };
+    let server_cfg = ServerConfig {
+        lanes: cfg.lanes,
+        rules: cfg.rules.clone(),
+        max_memory: cfg.max_memory,
+        rank: None,
+        shm: cfg.worker.shm != ShmMode::Off,
+    };
     let servers = (0..cfg.servers)
         .map(|_| ServerNode::start(t, &cfg.server_addr, &saddr, server_cfg.clone()))
         .collect::<Result<Vec<_>>>()?;
@@ -163,9 +168,9 @@ impl LaunchEnv {
     }
 
     /// Joins the job as a worker.
-    pub fn connect(&self, transport: &dyn Transport) -> Result<Worker> {
-        let w =
-            Worker::connect(transport, &self.scheduler, WorkerConfig { rank: self.rank, ..WorkerConfig::default() })?;
+    pub fn connect(&self, transport: &dyn Transport, shm: ShmMode) -> Result<Worker> {
+        let cfg = WorkerConfig { rank: self.rank, shm, ..WorkerConfig::default() };
+        let w = Worker::connect(transport, &self.scheduler, cfg)?;
         if let Some(n) = self.workers
             && n != w.num_workers()
         {
@@ -186,15 +191,21 @@ impl LaunchEnv {
     }
 }
 
-/// The transport named `name` (`inproc` only for embedded jobs; `auto` and
-/// `tcp` select TCP, with the I/O back end from `PSERVER_IO`).
-pub fn transport_named(name: &str, embedded: bool) -> Result<Arc<dyn Transport>> {
+/// The transport named `name` and whether it uses shared memory with
+/// same-host peers: `inproc` (embedded jobs only), `tcp` (network only),
+/// `shm` (TCP plus shared memory, required), `auto` (TCP plus shared memory
+/// where a peer is on the same host). The TCP I/O back end comes from
+/// `PSERVER_IO`.
+pub fn transport_named(name: &str, embedded: bool) -> Result<(Arc<dyn Transport>, ShmMode)> {
+    let tcp = || -> Result<Arc<dyn Transport>> { Ok(Arc::new(crate::transport::tcp::Tcp::from_env()?)) };
     match name {
-        "inproc" if embedded => Ok(Arc::new(Inproc::new())),
+        "inproc" if embedded => Ok((Arc::new(Inproc::new()), ShmMode::Off)),
         "inproc" => Err(Error::Config("the inproc transport only connects threads of one process".into())),
-        "auto" | "tcp" => Ok(Arc::new(crate::transport::tcp::Tcp::from_env()?)),
-        "shm" | "rdma" => Err(Error::Config(format!("transport {name:?} is not available in this build yet"))),
-        other => Err(Error::Config(format!("unknown transport {other:?} (inproc, tcp, auto)"))),
+        "tcp" => Ok((tcp()?, ShmMode::Off)),
+        "shm" => Ok((tcp()?, ShmMode::Require)),
+        "auto" => Ok((tcp()?, ShmMode::Auto)),
+        "rdma" => Err(Error::Config("transport \"rdma\" is not available in this build yet".into())),
+        other => Err(Error::Config(format!("unknown transport {other:?} (inproc, tcp, shm, auto)"))),
     }
 }
 

@@ -19,6 +19,7 @@ use pserver::job::{self, JobConfig, LaunchEnv, transport_named};
 use pserver::scheduler::{SchedulerConfig, SchedulerNode};
 use pserver::server::{ServerConfig, ServerNode};
 use pserver::transport::tcp::Tcp;
+use pserver::worker::{ShmMode, WorkerConfig};
 
 #[derive(Parser)]
 #[command(name = "pserver", version, about = "A parameter server for distributed machine learning")]
@@ -382,22 +383,25 @@ fn gen_ctr_cmd(a: GenCtrArgs) -> Result<()> {
 
 /// How a command runs: as one worker of a launched job, or as an embedded job.
 enum Mode {
-    Launched(LaunchEnv),
+    Launched(LaunchEnv, ShmMode),
     Embedded(JobConfig),
 }
 
+/// The transport is `inproc` for an embedded job and `tcp` for a launched
+/// worker unless `--transport` (or PSERVER_TRANSPORT) says otherwise.
 fn mode(transport: &Option<String>, job: &EmbeddedArgs) -> Result<(Mode, Arc<dyn pserver::transport::Transport>)> {
     let launched = LaunchEnv::worker_from_env()?;
     let name = transport.clone().unwrap_or_else(|| if launched.is_some() { "tcp" } else { "inproc" }.into());
-    let t = transport_named(&name, launched.is_none())?;
+    let (t, shm) = transport_named(&name, launched.is_none())?;
     Ok(match launched {
-        Some(env) => (Mode::Launched(env), t),
+        Some(env) => (Mode::Launched(env, shm), t),
         None => (
             Mode::Embedded(JobConfig {
                 servers: job.servers,
                 workers: job.workers,
                 lanes: job.lanes,
                 transport: t.clone(),
+                worker: WorkerConfig { shm, ..WorkerConfig::default() },
                 ..JobConfig::default()
             }),
             t,
@@ -405,22 +409,26 @@ fn mode(transport: &Option<String>, job: &EmbeddedArgs) -> Result<(Mode, Arc<dyn
     })
 }
 
-/// Runs `work` on this process's workers; returns rank 0's result if it ran here.
+/// Runs `work` on this process's workers; returns (rank, result) of each.
 fn run_workers<T: Send>(
     mode: Mode,
     t: &dyn pserver::transport::Transport,
     work: impl Fn(&pserver::Worker) -> pserver::Result<T> + Sync,
-) -> Result<Option<T>> {
+) -> Result<Vec<(u32, T)>> {
     Ok(match mode {
-        Mode::Launched(env) => {
-            let w = env.connect(t)?;
+        Mode::Launched(env, shm) => {
+            let w = env.connect(t, shm)?;
             let r = work(&w);
             w.finish(r.as_ref().err().map(|e| e.to_string()))?;
-            let r = r?;
-            (w.rank() == 0).then_some(r)
+            vec![(w.rank(), r?)]
         }
-        Mode::Embedded(cfg) => job::run(cfg, work)?.into_iter().next(),
+        Mode::Embedded(cfg) => job::run(cfg, |w| work(w).map(|r| (w.rank(), r)))?,
     })
+}
+
+/// Rank 0's result, when rank 0 ran in this process.
+fn rank0<T>(v: Vec<(u32, T)>) -> Option<T> {
+    v.into_iter().find(|(r, _)| *r == 0).map(|(_, t)| t)
 }
 
 fn human_bytes(b: u64) -> String {
@@ -530,6 +538,7 @@ fn train_lr_cmd(a: TrainLrArgs) -> Result<()> {
         let r = lr::train(w, rows, test_rows, &cfg, &mut on_iter)?;
         Ok((r, w.filter_stats(cfg.table_base + 1)))
     })?;
+    let result = rank0(result);
     pb.finish_and_clear();
     if let Some(d) = tmp {
         let _ = std::fs::remove_dir_all(d);
@@ -632,6 +641,7 @@ fn train_rica_cmd(a: TrainRicaArgs) -> Result<()> {
             pb.set_message(format!("objective {:.5}", it.objective));
         })
     })?;
+    let result = rank0(result);
     pb.finish_and_clear();
     let Some(r) = result else { return Ok(()) };
     let last = r.iterations.last().cloned().unwrap_or_default();
@@ -665,27 +675,8 @@ fn check_cmd(a: CheckArgs) -> Result<()> {
     if a.keys == 0 || a.dim == 0 || a.rounds == 0 {
         bail!("--keys, --dim and --rounds must be positive");
     }
-    let launched = LaunchEnv::worker_from_env()?;
-    let name = a.transport.clone().unwrap_or_else(|| if launched.is_some() { "tcp" } else { "inproc" }.into());
-    let transport = transport_named(&name, launched.is_none())?;
-    let reports = match launched {
-        Some(env) => {
-            let w = env.connect(transport.as_ref())?;
-            let r = pserver::check::run(&w, a.keys, a.dim, a.rounds);
-            w.finish(r.as_ref().err().map(|e| e.to_string()))?;
-            vec![(w.rank(), r?)]
-        }
-        None => {
-            let cfg = JobConfig {
-                servers: a.job.servers,
-                workers: a.job.workers,
-                lanes: a.job.lanes,
-                transport,
-                ..JobConfig::default()
-            };
-            job::run(cfg, |w| pserver::check::run(w, a.keys, a.dim, a.rounds).map(|r| (w.rank(), r)))?
-        }
-    };
+    let (mode, t) = mode(&a.transport, &a.job)?;
+    let reports = run_workers(mode, t.as_ref(), |w| pserver::check::run(w, a.keys, a.dim, a.rounds))?;
     for (rank, r) in reports {
         println!("check passed on worker {rank}: {} values verified after {} pushes", r.keys_checked, r.pushes);
     }
@@ -693,14 +684,15 @@ fn check_cmd(a: CheckArgs) -> Result<()> {
 }
 
 fn server_cmd(a: ServerArgs) -> Result<()> {
-    let t = transport_named(&a.transport, false)?;
+    let (t, shm) = transport_named(&a.transport, false)?;
     let local = a.scheduler.starts_with("127.") || a.scheduler.starts_with("localhost:");
     let bind = a.bind.clone().unwrap_or_else(|| if local { "127.0.0.1:0".into() } else { "0.0.0.0:0".into() });
     let max_memory = match &a.max_memory {
         Some(m) => Some(bench::parse_size(m).with_context(|| format!("--max-memory {m:?} is not a size"))? as u64),
         None => None,
     };
-    let cfg = ServerConfig { lanes: a.lanes, max_memory, rank: a.rank, ..ServerConfig::default() };
+    let cfg =
+        ServerConfig { lanes: a.lanes, max_memory, rank: a.rank, shm: shm != ShmMode::Off, ..ServerConfig::default() };
     let node = ServerNode::start(t.as_ref(), &bind, &a.scheduler, cfg)
         .with_context(|| format!("starting a server registered with {}", a.scheduler))?;
     if let Some(path) = &a.addr_file {
@@ -742,37 +734,27 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     if !(a.seconds > 0.0 && a.seconds.is_finite()) {
         bail!("--seconds must be positive");
     }
-    let launched = LaunchEnv::worker_from_env()?;
-    let name = a.transport.clone().unwrap_or_else(|| if launched.is_some() { "tcp" } else { "inproc" }.into());
-    let transport = transport_named(&name, launched.is_none())?;
+    let name = a
+        .transport
+        .clone()
+        .unwrap_or_else(|| if std::env::var_os("PSERVER_ROLE").is_some() { "tcp" } else { "inproc" }.into());
     let label = if name == "auto" { "tcp".to_string() } else { name.clone() };
-    let make_baseline =
-        || -> Box<dyn Baseline> { if name == "inproc" { Box::new(Memcpy) } else { Box::new(PlainTcp) } };
-    let results = match launched {
-        Some(env) => {
-            let w = env.connect(transport.as_ref())?;
-            let r = bench::run(&w, &cases, a.seconds, &label, make_baseline().as_mut());
-            w.finish(r.as_ref().err().map(|e| e.to_string()))?;
-            r?
-        }
-        None => {
-            let cfg = JobConfig {
-                servers: a.job.servers,
-                workers: a.job.workers,
-                lanes: a.job.lanes,
-                transport: Arc::clone(&transport),
-                ..JobConfig::default()
-            };
-            if !a.json {
-                eprintln!(
-                    "pserver bench: embedded job, {} servers, {} workers, transport {label}, {} s per case",
-                    cfg.servers, cfg.workers, a.seconds
-                );
-            }
-            let out = job::run(cfg, |w| bench::run(w, &cases, a.seconds, &label, make_baseline().as_mut()))?;
-            out.into_iter().next().unwrap_or_default()
-        }
+    // Shared memory and in-process pulls are measured against memcpy, the
+    // network against a plain socket pair.
+    let make_baseline = || -> Box<dyn Baseline> {
+        if name == "inproc" || name == "shm" { Box::new(Memcpy) } else { Box::new(PlainTcp) }
     };
+    let transport = Some(name.clone());
+    let (mode, t) = mode(&transport, &a.job)?;
+    if let (Mode::Embedded(cfg), false) = (&mode, a.json) {
+        eprintln!(
+            "pserver bench: embedded job, {} servers, {} workers, transport {label}, {} s per case",
+            cfg.servers, cfg.workers, a.seconds
+        );
+    }
+    let results =
+        rank0(run_workers(mode, t.as_ref(), |w| bench::run(w, &cases, a.seconds, &label, make_baseline().as_mut()))?)
+            .unwrap_or_default();
     if results.is_empty() {
         return Ok(()); // not rank 0: rank 0 prints
     }

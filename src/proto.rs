@@ -54,6 +54,9 @@ pub mod kind {
     /// Worker -> server: key lists for a cache; meta is their digests (u64
     /// each), one keys segment per digest.
     pub const KEYS: u16 = 20;
+    /// Worker -> server: a frame waits in the connection's shared-memory
+    /// ring; meta is its position and length (u64 each).
+    pub const RING: u16 = 21;
 }
 
 /// How a run's keys are spelled.
@@ -209,6 +212,16 @@ pub struct ServerInfo {
     pub addr: String,
 }
 
+/// A shard as a same-host worker maps it (dense tables): its key range and
+/// the files of its header and slots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmShard {
+    pub start: u64,
+    pub end: u64,
+    pub header: String,
+    pub slots: String,
+}
+
 /// Control-plane messages.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Control {
@@ -233,6 +246,15 @@ pub enum Control {
     Shutdown,
     /// Node -> scheduler: still alive.
     Heartbeat,
+    /// Worker -> server: where are the shards of `table` in shared memory?
+    ShardMap { table: u32 },
+    /// Server -> worker: they are here (empty when the server offers no
+    /// shared memory, or the table is sparse).
+    ShardMapReply { shards: Vec<ShmShard> },
+    /// Worker -> server: give this connection a push ring of `bytes`.
+    OpenRing { bytes: u64 },
+    /// Server -> worker: the ring's file.
+    RingReady { path: String },
     /// Scheduler -> servers: a worker left the job (finished, failed or
     /// died); its clock no longer holds anyone back.
     WorkerLeft { worker: u32 },

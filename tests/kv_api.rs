@@ -8,21 +8,37 @@ use pserver::transport::Transport;
 use pserver::transport::inproc::Inproc;
 use pserver::transport::tcp::{IoMode, Tcp};
 use pserver::updater::{Rules, rule_fn};
+use pserver::worker::ShmMode;
 use pserver::{Error, Init, JobConfig, KeyList, TableSpec, UpdaterSpec, job};
 
-type T = Arc<dyn Transport>;
+/// A transport, and whether workers and servers share memory over it.
+#[derive(Clone)]
+struct T(Arc<dyn Transport>, ShmMode);
 
 fn cfg(t: &T, servers: u32, workers: u32) -> JobConfig {
-    JobConfig::default().servers(servers).workers(workers).transport(t.clone())
+    let mut c = JobConfig::default().servers(servers).workers(workers).transport(t.0.clone());
+    c.worker.shm = t.1;
+    c
 }
 
 macro_rules! kv_tests {
     ($($name:ident),* $(,)?) => {
         mod inproc {
-            $( #[test] fn $name() { super::$name(&(std::sync::Arc::new(super::Inproc::new()) as super::T)) } )*
+            $( #[test] fn $name() { super::$name(&super::T(std::sync::Arc::new(super::Inproc::new()), super::ShmMode::Off)) } )*
         }
         mod tcp_std {
-            $( #[test] fn $name() { super::$name(&(std::sync::Arc::new(super::Tcp::new(super::IoMode::Std, Default::default())) as super::T)) } )*
+            $( #[test] fn $name() {
+                super::$name(&super::T(std::sync::Arc::new(super::Tcp::new(super::IoMode::Std, Default::default())), super::ShmMode::Off))
+            } )*
+        }
+        mod shm {
+            $( #[test] fn $name() {
+                if !pserver::transport::shm::available() {
+                    eprintln!("SKIPPED: no usable shared-memory directory");
+                    return;
+                }
+                super::$name(&super::T(std::sync::Arc::new(super::Tcp::new(super::IoMode::Auto, Default::default())), super::ShmMode::Require))
+            } )*
         }
         mod tcp_uring {
             $( #[test] fn $name() {
@@ -31,7 +47,7 @@ macro_rules! kv_tests {
                     eprintln!("SKIPPED: io_uring is not available on this machine");
                     return;
                 }
-                super::$name(&(std::sync::Arc::new(t) as super::T))
+                super::$name(&super::T(std::sync::Arc::new(t), super::ShmMode::Off))
             } )*
         }
     };

@@ -35,6 +35,19 @@ fn two_servers_three_workers_over_io_uring() {
 }
 
 #[test]
+fn same_host_workers_read_shards_through_shared_memory() {
+    if !pserver::transport::shm::available() {
+        eprintln!("SKIPPED: no usable shared-memory directory");
+        return;
+    }
+    let deadline = Instant::now() + DEADLINE;
+    let job = start_job("std", 2, 2, "shm", deadline);
+    let args = ["check", "--transport", "shm", "--keys", "20000", "--dim", "2"];
+    let workers: Vec<Proc> = (0..2).map(|r| job.worker(r, 2, &args)).collect();
+    job.finish(workers, deadline);
+}
+
+#[test]
 fn a_failing_worker_fails_the_job_and_everything_exits() {
     let deadline = Instant::now() + DEADLINE;
     let mut job = start_job("std", 1, 2, "fail", deadline);

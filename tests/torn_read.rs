@@ -72,6 +72,7 @@ fn make_shard(dim: u32, keys: u64) -> Shard {
         storage: Storage::Dense,
         init: Init::Zeros,
         workers: 1,
+        files: None,
     };
     Shard::new(cfg, rule).unwrap()
 }
@@ -213,4 +214,90 @@ fn torn_read_a_deliberately_torn_copy_is_rejected() {
     let mut mid = b.clone();
     mid[0] |= 1;
     assert_eq!(slot::validate(l, &mid, &mut out), Err(Torn), "odd version");
+}
+
+/// The reader half of the shared-memory test, run in a child process: maps
+/// the shard's slot file read-only and validates slots for the given time.
+fn shm_reader(path: &str, dim: u32, keys: usize, seconds: f64) -> (u64, u64, u64) {
+    let l = SlotLayout::new(dim).unwrap();
+    let m = pserver::transport::shm::Mapped::open(std::path::Path::new(path)).unwrap();
+    let (mut accepted, mut rejected, mut wrong) = (0u64, 0u64, 0u64);
+    let mut out = vec![0.0f32; l.dim()];
+    let mut torn = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut i = 0;
+    while Instant::now() < deadline {
+        let k = i % keys;
+        i += 1;
+        torn.clear();
+        slot::read_run(l, m.words_at(k * l.words(), l.words()).unwrap(), &mut out, &mut torn);
+        if !torn.is_empty() {
+            rejected += 1;
+            continue;
+        }
+        accepted += 1;
+        // The value says which write it came from; all coordinates agree.
+        let ok = out.iter().all(|v| v.to_bits() == out[0].to_bits());
+        wrong += u64::from(!ok);
+    }
+    (accepted, rejected, wrong)
+}
+
+#[test]
+fn torn_read_over_shared_memory_between_processes() {
+    if let Ok(spec) = std::env::var("PSERVER_TORN_CHILD") {
+        // Child: "path dim keys seconds".
+        let p: Vec<&str> = spec.split(' ').collect();
+        let (a, r, w) = shm_reader(p[0], p[1].parse().unwrap(), p[2].parse().unwrap(), p[3].parse().unwrap());
+        println!("CHILD accepted={a} rejected={r} wrong={w}");
+        return;
+    }
+    if !pserver::transport::shm::available() {
+        eprintln!("SKIPPED: no usable shared-memory directory");
+        return;
+    }
+    let ns = std::sync::Arc::new(pserver::transport::shm::Namespace::new().unwrap());
+    let (dim, keys) = (32u32, 4u64);
+    let rule = Rules::default().resolve(&UpdaterSpec::Assign).unwrap();
+    let cfg = ShardConfig {
+        table: 1,
+        range: KeyRange::new(0, keys),
+        dim,
+        storage: Storage::Dense,
+        init: Init::Zeros,
+        workers: 1,
+        files: Some(ns),
+    };
+    let mut shard = Shard::new(cfg, rule).unwrap();
+    let path = shard.regions().1[0].path().unwrap().display().to_string();
+    let seconds = 2.5;
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["torn_read_over_shared_memory_between_processes", "--exact", "--nocapture"])
+        .env("PSERVER_TORN_CHILD", format!("{path} {dim} {keys} {seconds}"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Writer: every coordinate of a slot carries the same bits per write, so
+    // a copy mixing two writes shows up.
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds + 1.0);
+    let mut writes = 0u64;
+    let mut vals = vec![0.0f32; dim as usize];
+    while Instant::now() < deadline {
+        for k in 0..keys {
+            vals.fill(pattern(writes as u32, 0));
+            shard.push(KeyRun::List(&[k]), &vals).unwrap();
+            writes += 1;
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line =
+        text.lines().find(|l| l.starts_with("CHILD ")).unwrap_or_else(|| panic!("no report from the reader: {text}"));
+    let num = |k: &str| line.split(' ').find_map(|f| f.strip_prefix(k)).unwrap().parse::<u64>().unwrap();
+    let (a, r, w) = (num("accepted="), num("rejected="), num("wrong="));
+    println!(
+        "shared memory across processes: {writes} writes, {a} reads accepted, {r} torn copies rejected, {w} torn values accepted"
+    );
+    assert_eq!(w, 0, "a torn value was accepted");
+    assert!(writes > 1000 && a > 1000, "no progress: {writes} writes, {a} reads");
 }

@@ -44,16 +44,20 @@ pub struct ServerConfig {
     pub max_memory: Option<u64>,
     /// Requested rank (from PSERVER_RANK), honoured when free.
     pub rank: Option<u32>,
+    /// Offer same-host workers one-sided access through shared memory.
+    pub shm: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { lanes: 4, rules: Rules::default(), max_memory: None, rank: None }
+        ServerConfig { lanes: 4, rules: Rules::default(), max_memory: None, rank: None, shm: false }
     }
 }
 
 struct Table {
     spec: TableSpec,
+    /// Where same-host workers find the shards (dense tables, shm on).
+    shm: Vec<proto::ShmShard>,
     /// Owned ranges sorted by start, with the lane and shard id holding each.
     ranges: Vec<(KeyRange, usize, u32)>,
 }
@@ -80,6 +84,8 @@ struct Membership {
 /// requests held while we wait for lists we lost.
 #[derive(Default)]
 struct ConnState {
+    /// The connection's push ring (shared memory).
+    ring: Option<Arc<crate::transport::shm::Ring>>,
     lists: HashMap<u64, Bytes>,
     bytes: usize,
     blocked: bool,
@@ -103,6 +109,8 @@ pub struct ServerStats {
 
 struct Shared {
     cfg: ServerConfig,
+    /// Files of this server's shared memory (shm on).
+    shm: Option<Arc<crate::transport::shm::Namespace>>,
     conns: Mutex<HashMap<PeerId, ConnState>>,
     /// Connections currently blocked (skip the lock when 0).
     blocked: std::sync::atomic::AtomicUsize,
@@ -146,7 +154,18 @@ impl ServerNode {
                     .map_err(|e| Error::io("spawning a lane helper thread", e))
             })
             .collect::<Result<Vec<_>>>()?;
+        let shm = if cfg.shm {
+            if crate::transport::shm::available() {
+                Some(Arc::new(crate::transport::shm::Namespace::new()?))
+            } else {
+                tracing::warn!(dir = %crate::transport::shm::dir().display(), "shared memory is not usable here; serving over the network only");
+                None
+            }
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
+            shm,
             cfg,
             conns: Mutex::new(HashMap::new()),
             blocked: Default::default(),
@@ -251,7 +270,7 @@ impl Handler for ServerHandler {
         let id = frame.id;
         let result = match frame.kind {
             kind::CONTROL => self.on_control(net, from, &frame),
-            kind::PUSH | kind::PULL | kind::PUSH_PULL | kind::CLOCK => self.on_ordered(net, from, frame),
+            kind::PUSH | kind::PULL | kind::PUSH_PULL | kind::CLOCK | kind::RING => self.on_ordered(net, from, frame),
             kind::KEYS => self.on_keys(net, from, &frame),
             other => Err(Error::protocol(net.peer_addr(from), format!("unknown frame kind {other}"))),
         };
@@ -275,6 +294,31 @@ impl ServerHandler {
                 self.shared.changed.notify_all();
                 tracing::info!(rank, workers, "server joined the job");
                 net.send(from, Control::Ready { rank }.to_frame(frame.id))
+            }
+            Control::ShardMap { table } => {
+                let shards = self.shared.tables.read().get(&table).map(|t| t.shm.clone());
+                let reply = match shards {
+                    Some(shards) => Control::ShardMapReply { shards },
+                    None => Control::Error(Error::UnknownTable(table).to_string()),
+                };
+                net.send(from, reply.to_frame(frame.id))
+            }
+            Control::OpenRing { bytes } => {
+                let reply = match &self.shared.shm {
+                    None => Control::Error("this server offers no shared memory".into()),
+                    Some(ns) => {
+                        let bytes = (bytes as usize).clamp(1 << 16, 1 << 30);
+                        match crate::transport::shm::Ring::create(ns, bytes) {
+                            Ok(ring) => {
+                                let path = ring.path().map(|p| p.display().to_string()).unwrap_or_default();
+                                self.shared.conns.lock().entry(from).or_default().ring = Some(Arc::new(ring));
+                                Control::RingReady { path }
+                            }
+                            Err(e) => Control::Error(format!("cannot create a push ring: {e}")),
+                        }
+                    }
+                };
+                net.send(from, reply.to_frame(frame.id))
             }
             Control::WorkerLeft { worker } => {
                 tracing::debug!(worker, "worker left the job");
@@ -342,6 +386,7 @@ impl ServerHandler {
             *used += need;
         }
         let mut ranges = Vec::with_capacity(owned.len());
+        let mut shm = Vec::new();
         for range in owned {
             let cfg = ShardConfig {
                 table: spec.id,
@@ -350,8 +395,20 @@ impl ServerHandler {
                 storage: spec.storage,
                 init: spec.init,
                 workers: workers as usize,
+                files: self.shared.shm.clone(),
             };
             let shard = Shard::new(cfg, rule.clone())?;
+            if spec.storage == crate::table::Storage::Dense {
+                let (hdr, chunks) = shard.regions();
+                if let (Some(h), Some(c)) = (hdr.path(), chunks.first().and_then(|c| c.path())) {
+                    shm.push(proto::ShmShard {
+                        start: range.start,
+                        end: range.end,
+                        header: h.display().to_string(),
+                        slots: c.display().to_string(),
+                    });
+                }
+            }
             let id = *next_shard;
             *next_shard += 1;
             let lane = id as usize % self.shared.lanes.len();
@@ -360,7 +417,7 @@ impl ServerHandler {
         }
         tracing::debug!(table = spec.id, shards = ranges.len(), "table created");
         // Published after the shards are in their lanes.
-        self.shared.tables.write().insert(spec.id, Arc::new(Table { spec: spec.clone(), ranges }));
+        self.shared.tables.write().insert(spec.id, Arc::new(Table { spec: spec.clone(), shm, ranges }));
         Ok(spec.id)
     }
 
@@ -384,6 +441,17 @@ impl ServerHandler {
         }
         match frame.kind {
             kind::CLOCK => self.on_clock(net, from, &frame),
+            kind::RING => {
+                let (pos, len) = crate::transport::shm::parse_doorbell(&frame.meta)
+                    .ok_or_else(|| Error::protocol(net.peer_addr(from), "malformed doorbell"))?;
+                let ring = self.shared.conns.lock().get(&from).and_then(|c| c.ring.clone());
+                let ring = ring.ok_or_else(|| Error::protocol(net.peer_addr(from), "doorbell without a ring"))?;
+                let inner = ring.read(pos, len, &crate::transport::Limits::default())?;
+                if !matches!(inner.kind, kind::PUSH | kind::PUSH_PULL) {
+                    return Err(Error::protocol(net.peer_addr(from), "only pushes travel through the ring"));
+                }
+                self.on_data(net, from, inner)
+            }
             _ => self.on_data(net, from, frame),
         }
     }

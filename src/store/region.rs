@@ -27,6 +27,18 @@ pub struct Region {
     map: MmapRaw,
     words: usize,
     path: Option<PathBuf>,
+    /// Remove the backing file when the region is dropped (its creator owns it).
+    unlink: bool,
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        if self.unlink
+            && let Some(p) = &self.path
+        {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 impl std::fmt::Debug for Region {
@@ -50,7 +62,7 @@ impl Region {
             .len(len)
             .map_anon()
             .map_err(|e| Error::io(format!("mapping an anonymous region of {len} bytes"), e))?;
-        Ok(Region { map: map.into(), words: len / 8, path: None })
+        Ok(Region { map: map.into(), words: len / 8, path: None, unlink: false })
     }
 
     /// A zero-filled region backed by a new file at `path` (created with mode
@@ -70,7 +82,14 @@ impl Region {
             .map_err(|e| Error::io(ctx(), e))?;
         file.set_len(len as u64).map_err(|e| Error::io(ctx(), e))?;
         let map = MmapOptions::new().len(len).map_raw(&file).map_err(|e| Error::io(ctx(), e))?;
-        Ok(Region { map, words: len / 8, path: Some(path.to_path_buf()) })
+        Ok(Region { map, words: len / 8, path: Some(path.to_path_buf()), unlink: false })
+    }
+
+    /// [`Region::create_file`], removing the file when the region is dropped.
+    pub fn create_owned_file(path: &Path, bytes: usize) -> Result<Self> {
+        let mut r = Region::create_file(path, bytes)?;
+        r.unlink = true;
+        Ok(r)
     }
 
     /// Maps an existing region file (for example a server's shard under
@@ -86,7 +105,7 @@ impl Region {
             )));
         }
         let map = MmapOptions::new().len(len).map_raw(&file).map_err(|e| Error::io(ctx(), e))?;
-        Ok(Region { map, words: len / 8, path: None })
+        Ok(Region { map, words: len / 8, path: None, unlink: false })
     }
 
     /// The region as atomic words.

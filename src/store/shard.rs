@@ -89,6 +89,12 @@ impl KeyRun<'_> {
     }
 }
 
+/// Word of a shard's header region holding the minimum progress over
+/// workers (what a one-sided reader checks bounded delay against).
+pub const HEADER_MIN_PROGRESS: usize = header::MIN_PROGRESS;
+/// Word of the header holding `dim | slot words << 32`.
+pub const HEADER_LAYOUT: usize = header::LAYOUT;
+
 /// Header words (region 0 of every shard).
 mod header {
     pub const MAGIC: usize = 0;
@@ -115,10 +121,14 @@ pub struct ShardConfig {
     pub init: Init,
     /// Workers of the job, for the progress header.
     pub workers: usize,
+    /// Keep the regions in files of this namespace (shared memory) instead
+    /// of anonymous memory.
+    pub files: Option<std::sync::Arc<crate::transport::shm::Namespace>>,
 }
 
 /// One key range of one table; see the module docs.
 pub struct Shard {
+    files: Option<std::sync::Arc<crate::transport::shm::Namespace>>,
     table: TableId,
     range: KeyRange,
     layout: SlotLayout,
@@ -174,7 +184,11 @@ impl Shard {
             return Err(Error::InvalidSpec(format!("table {}: empty shard range {}", cfg.table, cfg.range)));
         }
         let header_words = header::PROGRESS + cfg.workers;
-        let header_region = Region::anon(header_words * 8)?;
+        let alloc = |what: &str, bytes: usize| match &cfg.files {
+            Some(ns) => ns.create(what, bytes),
+            None => Region::anon(bytes),
+        };
+        let header_region = alloc("header", header_words * 8)?;
         {
             let h = header_region.words();
             h[header::MAGIC].store(header::MAGIC_VALUE, Ordering::Relaxed);
@@ -194,6 +208,7 @@ impl Shard {
             ))
         };
         let mut shard = Shard {
+            files: cfg.files.clone(),
             table: cfg.table,
             range: cfg.range,
             layout,
@@ -218,7 +233,7 @@ impl Shard {
             Storage::Dense => {
                 let n = usize::try_from(cfg.range.len()).map_err(|_| too_big())?;
                 let bytes = n.checked_mul(layout.bytes()).filter(|b| *b < (1usize << 47)).ok_or_else(too_big)?;
-                shard.chunks.push(Arc::new(Region::anon(bytes)?));
+                shard.chunks.push(Arc::new(alloc("slots", bytes)?));
                 shard.chunk_shift = 63;
                 shard.len = n;
                 if state_per_key > 0 {
@@ -321,7 +336,11 @@ impl Shard {
         }
         if idx >> self.chunk_shift >= self.chunks.len() {
             let bytes = (1usize << self.chunk_shift) * self.layout.bytes();
-            self.chunks.push(Arc::new(Region::anon(bytes)?));
+            let region = match &self.files {
+                Some(ns) => ns.create("slots", bytes)?,
+                None => Region::anon(bytes)?,
+            };
+            self.chunks.push(Arc::new(region));
         }
         self.len += 1;
         self.index.insert_new(key, idx as u32);
@@ -742,7 +761,7 @@ mod tests {
 
     fn shard(storage: Storage, range: KeyRange, dim: u32, spec: UpdaterSpec, init: Init) -> Shard {
         let rule = Rules::default().resolve(&spec).unwrap();
-        Shard::new(ShardConfig { table: 1, range, dim, storage, init, workers: 3 }, rule).unwrap()
+        Shard::new(ShardConfig { table: 1, range, dim, storage, init, workers: 3, files: None }, rule).unwrap()
     }
 
     #[test]

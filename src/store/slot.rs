@@ -168,6 +168,33 @@ pub fn validate_run(
     }
 }
 
+/// Reads `values.len() / dim` consecutive slots straight from memory that
+/// others may be writing (a local or shared-memory mapping): each slot is
+/// copied word by word into a small image and checked with [`validate`], so
+/// the rule is the same as for copies that came over RDMA. Torn slots are
+/// appended to `torn` for the caller to read again.
+#[inline]
+pub fn read_run(layout: SlotLayout, src: &[AtomicU64], values: &mut [f32], torn: &mut Vec<usize>) {
+    let (w, d) = (layout.words(), layout.dim());
+    if layout.dim == 1 {
+        // One word per slot: the copy is the atomic load itself.
+        for (i, (s, v)) in src.iter().zip(values.iter_mut()).enumerate() {
+            let img = [s.load(Ordering::Relaxed)];
+            if validate(layout, &img, std::slice::from_mut(v)).is_err() {
+                torn.push(i);
+            }
+        }
+        return;
+    }
+    let mut img = vec![0u64; w];
+    for (i, (s, v)) in src.chunks_exact(w).zip(values.chunks_exact_mut(d)).enumerate() {
+        copy_words(s, &mut img);
+        if validate(layout, &img, v).is_err() {
+            torn.push(i);
+        }
+    }
+}
+
 /// Copies words out of memory that others may be writing, each word with one
 /// atomic load and nothing more promised: the same guarantee an RDMA READ
 /// gives. Pair with [`validate`].

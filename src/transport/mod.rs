@@ -12,6 +12,7 @@
 
 pub mod frame;
 pub mod inproc;
+pub mod shm;
 pub mod tcp;
 
 use std::fmt;
@@ -61,6 +62,11 @@ pub trait Messenger: Send + Sync + 'static {
     fn disconnect(&self, peer: PeerId);
     /// Closes the endpoint and every connection; pending sends may be lost.
     fn shutdown(&self);
+    /// Whether `peer` runs on this host (so shared memory can reach it).
+    fn same_host(&self, peer: PeerId) -> bool {
+        let _ = peer;
+        false
+    }
     /// The address to tell others, as seen on the connection `via` (differs
     /// from `local_addr` when bound to a wildcard address).
     fn advertised_addr(&self, via: PeerId) -> String {

@@ -107,6 +107,18 @@ fn check_sorted(keys: &[Key]) -> Result<()> {
     }
 }
 
+/// Whether a worker uses shared memory with servers on its host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ShmMode {
+    /// Network only.
+    #[default]
+    Off,
+    /// Shared memory where a server on the same host offers it.
+    Auto,
+    /// Shared memory with every server, or fail.
+    Require,
+}
+
 /// How a worker joins a job.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -117,17 +129,27 @@ pub struct WorkerConfig {
     pub max_inflight: usize,
     /// How long to wait for the rest of the job to register.
     pub join_timeout: Duration,
+    pub shm: ShmMode,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { rank: None, max_inflight: 1024, join_timeout: Duration::from_secs(120) }
+        WorkerConfig { rank: None, max_inflight: 1024, join_timeout: Duration::from_secs(120), shm: ShmMode::Off }
     }
 }
 
 struct TableInfo {
     spec: TableSpec,
     map: RangeMap,
+    /// Per server, its shards mapped from shared memory (dense tables).
+    shm: Vec<Option<Vec<ShmView>>>,
+}
+
+/// A server's shard mapped read-only.
+struct ShmView {
+    range: crate::store::KeyRange,
+    header: crate::transport::shm::Mapped,
+    slots: crate::transport::shm::Mapped,
 }
 
 /// Bytes and keys a worker moved: payload bytes (keys, values, versions and
@@ -138,6 +160,9 @@ pub struct Traffic {
     pub keys_sent: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Pulls served by reading servers' shared memory, and the bytes read.
+    pub shm_pulls: u64,
+    pub shm_bytes_read: u64,
 }
 
 #[derive(Default)]
@@ -146,6 +171,8 @@ struct TrafficCounters {
     keys_sent: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
+    shm_bytes_read: AtomicU64,
+    shm_pulls: AtomicU64,
 }
 
 /// Key lists this worker asked servers to keep (see `proto::run_form`).
@@ -197,6 +224,11 @@ impl KeyCache {
 struct Shared {
     key_cache: Mutex<KeyCache>,
     traffic: TrafficCounters,
+    /// Per server: the shared-memory push ring, when there is one.
+    rings: RwLock<Vec<Option<Arc<crate::transport::shm::Ring>>>>,
+    /// Per server: push runs sent and not yet acknowledged. A one-sided pull
+    /// must not overtake them.
+    push_inflight: RwLock<Vec<std::sync::atomic::AtomicUsize>>,
     ops: Mutex<FxHashMap<u64, Arc<Op>>>,
     ops_changed: Condvar,
     /// Failed operations nobody has waited for yet.
@@ -211,6 +243,13 @@ struct Shared {
 }
 
 const CONTROL_ID_BASE: u64 = 1 << 63;
+
+/// Pushes at least this large go through a shared-memory ring when there is one.
+const RING_MIN_BYTES: u64 = 16 << 10;
+
+/// Times a torn slot copy is read again before a pull falls back to asking
+/// the server.
+const TORN_RETRIES: usize = 64;
 
 /// One operation to send.
 struct Issue {
@@ -340,6 +379,8 @@ impl Worker {
         let shared = Arc::new(Shared {
             key_cache: Mutex::new(KeyCache::default()),
             traffic: TrafficCounters::default(),
+            rings: RwLock::new(Vec::new()),
+            push_inflight: RwLock::new(Vec::new()),
             ops: Mutex::new(FxHashMap::default()),
             ops_changed: Condvar::new(),
             failed: Mutex::new(HashMap::new()),
@@ -364,7 +405,28 @@ impl Worker {
         for s in &servers {
             peers.push(net.connect(&s.addr)?);
         }
-        *shared.servers.write() = peers;
+        *shared.push_inflight.write() = (0..peers.len()).map(|_| Default::default()).collect();
+        *shared.servers.write() = peers.clone();
+        let mut rings = vec![None; peers.len()];
+        if cfg.shm != ShmMode::Off {
+            for (s, &p) in peers.iter().enumerate() {
+                let r = if net.same_host(p) {
+                    open_ring(&shared, &net, p)
+                } else {
+                    Err(Error::Config(format!("server {} is not on this host", servers[s].addr)))
+                };
+                match r {
+                    Ok(ring) => rings[s] = Some(Arc::new(ring)),
+                    Err(e) if cfg.shm == ShmMode::Require => {
+                        return Err(Error::Config(format!("shared memory with server {s} is unavailable: {e}")));
+                    }
+                    Err(e) => tracing::info!(server = s, reason = %e, "using the network, not shared memory"),
+                }
+            }
+            let n = rings.iter().filter(|r| r.is_some()).count();
+            tracing::info!(servers = n, "shared memory with same-host servers");
+        }
+        *shared.rings.write() = rings;
         tracing::debug!(rank, servers = servers.len(), "worker joined the job");
         Ok(Worker {
             inner: Arc::new(Inner {
@@ -418,8 +480,47 @@ impl Worker {
             }
         }
         let map = self.inner.ring.ranges(spec.keys);
-        self.inner.tables.write().insert(spec.id, Arc::new(TableInfo { spec, map }));
+        let shm = self.map_shards(&spec)?;
+        self.inner.tables.write().insert(spec.id, Arc::new(TableInfo { spec, map, shm }));
         Ok(())
+    }
+
+    /// Maps the shards of a dense table from the servers this worker shares
+    /// memory with.
+    fn map_shards(&self, spec: &TableSpec) -> Result<Vec<Option<Vec<ShmView>>>> {
+        let rings = self.inner.shared.rings.read().clone();
+        let mut out: Vec<Option<Vec<ShmView>>> = rings.iter().map(|_| None).collect();
+        if spec.storage != crate::table::Storage::Dense {
+            return Ok(out);
+        }
+        let peers = self.inner.shared.servers.read().clone();
+        for (s, ring) in rings.iter().enumerate() {
+            if ring.is_none() {
+                continue;
+            }
+            let id = self.inner.control_send(peers[s], &Control::ShardMap { table: spec.id })?;
+            let shards = match self.inner.shared.wait_control(id, Duration::from_secs(60))? {
+                Control::ShardMapReply { shards } => shards,
+                Control::Error(m) => return Err(Error::Remote { peer: format!("server {s}"), message: m }),
+                other => return Err(Error::protocol("server", format!("unexpected reply {other:?}"))),
+            };
+            let mut views = Vec::with_capacity(shards.len());
+            for sh in shards {
+                let view = ShmView {
+                    range: crate::store::KeyRange::new(sh.start, sh.end),
+                    header: crate::transport::shm::Mapped::open(std::path::Path::new(&sh.header))?,
+                    slots: crate::transport::shm::Mapped::open(std::path::Path::new(&sh.slots))?,
+                };
+                let layout = view.header.load(crate::store::shard::HEADER_LAYOUT).unwrap_or(0);
+                if layout as u32 != spec.dim {
+                    return Err(Error::Config(format!("shared shard {} does not hold dim {}", sh.slots, spec.dim)));
+                }
+                views.push(view);
+            }
+            views.sort_by_key(|v| v.range.start);
+            out[s] = Some(views);
+        }
+        Ok(out)
     }
 
     /// Pushes `vals` (`keys x dim`) for sorted, unique `keys`; copies both.
@@ -513,6 +614,8 @@ impl Worker {
             keys_sent: t.keys_sent.load(Ordering::Relaxed),
             bytes_sent: t.bytes_sent.load(Ordering::Relaxed),
             bytes_received: t.bytes_received.load(Ordering::Relaxed),
+            shm_pulls: t.shm_pulls.load(Ordering::Relaxed),
+            shm_bytes_read: t.shm_bytes_read.load(Ordering::Relaxed),
         }
     }
 
@@ -710,6 +813,13 @@ impl Scoped<'_> {
             _ => None,
         };
         let observe = filter.map(|f| (f, keys.clone()));
+        let mut buf = buf;
+        if k == kind::PULL
+            && known.is_none()
+            && let Some(op) = self.w.inner.try_shm_pull(table, &keys, &mut buf, self.consistency)?
+        {
+            return Ok(Pull { ts: Timestamp(op.ts), op, shared: self.w.inner.shared.clone(), observe });
+        }
         let req = Issue { out: Some(buf), consistency: self.consistency, known, ..Issue::new(k, table, keys, vals) };
         let op = self.w.inner.issue(req)?;
         Ok(Pull { ts: Timestamp(op.ts), op, shared: self.w.inner.shared.clone(), observe })
@@ -762,6 +872,19 @@ impl Scoped<'_> {
     }
 }
 
+/// Asks server `peer` for a push ring and maps it.
+fn open_ring(shared: &Arc<Shared>, net: &Arc<dyn Messenger>, peer: PeerId) -> Result<crate::transport::shm::Ring> {
+    static NEXT: AtomicU64 = AtomicU64::new(CONTROL_ID_BASE / 2);
+    let id = NEXT.fetch_add(1, Ordering::Relaxed) | CONTROL_ID_BASE;
+    shared.control.lock().insert(id, None);
+    net.send(peer, Control::OpenRing { bytes: 64 << 20 }.to_frame(id))?;
+    match shared.wait_control(id, Duration::from_secs(60))? {
+        Control::RingReady { path } => crate::transport::shm::Ring::open(std::path::Path::new(&path)),
+        Control::Error(m) => Err(Error::Remote { peer: "server".into(), message: m }),
+        other => Err(Error::protocol("server", format!("unexpected reply {other:?}"))),
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.heartbeat.lock().take();
@@ -786,6 +909,113 @@ impl Inner {
 
     fn table(&self, id: TableId) -> Result<Arc<TableInfo>> {
         self.tables.read().get(&id).cloned().ok_or(Error::UnknownTable(id))
+    }
+
+    /// A pull served by reading the servers' shared memory, when every run
+    /// can be: each touched server shares memory with us, none of our pushes
+    /// to it is unacknowledged (a pull must observe them), and every touched
+    /// shard's progress already satisfies the consistency model. `None` means
+    /// "ask the servers"; `buf` then comes back untouched.
+    fn try_shm_pull(
+        &self,
+        table: TableId,
+        keys: &Bytes,
+        buf: &mut Vec<f32>,
+        consistency: Option<Consistency>,
+    ) -> Result<Option<Arc<Op>>> {
+        use crate::store::SlotLayout;
+        use crate::store::shard::HEADER_MIN_PROGRESS;
+        use crate::store::slot;
+        let info = self.table(table)?;
+        if info.shm.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let view = pod_slice::<Key>(keys);
+        let ks: &[Key] = &view;
+        let (n, dim) = (ks.len(), info.spec.dim as usize);
+        if let Some(&last) = ks.last()
+            && last >= info.spec.keys
+        {
+            return Err(Error::KeyOutOfRange { table, key: last, len: info.spec.keys });
+        }
+        let layout = SlotLayout::new(info.spec.dim).ok_or(Error::UnknownTable(table))?;
+        let mut runs = Vec::new();
+        info.map.split(n, |i| ks[i], &mut runs);
+        {
+            let backlog = self.shared.push_inflight.read();
+            if runs.iter().any(|r| {
+                info.shm[r.server as usize].is_none() || backlog[r.server as usize].load(Ordering::Acquire) > 0
+            }) {
+                return Ok(None);
+            }
+        }
+        let clock = self.clock.load(Ordering::Acquire);
+        let need = consistency
+            .unwrap_or(info.spec.consistency)
+            .tau()
+            .and_then(|t| u64::from(clock).checked_sub(u64::from(t)))
+            .filter(|&n| n > 0);
+        let mut out = std::mem::take(buf);
+        out.clear();
+        out.resize(n * dim, 0.0);
+        let words = layout.words();
+        let (mut img, mut torn) = (Vec::new(), Vec::new());
+        let (mut min_progress, mut bytes) = (u64::MAX, 0u64);
+        // One slot again, until a copy validates.
+        let reread = |v: &ShmView, slot_at: usize, img: &mut Vec<u64>, dst: &mut [f32]| -> Result<bool> {
+            img.resize(words, 0);
+            for _ in 0..TORN_RETRIES {
+                v.slots.read(slot_at * words, img)?;
+                if slot::validate(layout, img, dst).is_ok() {
+                    return Ok(true);
+                }
+                std::hint::spin_loop();
+            }
+            Ok(false)
+        };
+        for r in &runs {
+            let views = info.shm[r.server as usize].as_ref().expect("checked");
+            let (first, last) = (ks[r.lo], ks[r.hi - 1]);
+            let Some(v) = views.partition_point(|v| v.range.start <= first).checked_sub(1).map(|i| &views[i]) else {
+                *buf = out;
+                return Ok(None);
+            };
+            let progress = v.header.load(HEADER_MIN_PROGRESS).unwrap_or(0);
+            if !v.range.contains(last) || need.is_some_and(|need| progress < need) {
+                *buf = out;
+                return Ok(None);
+            }
+            min_progress = min_progress.min(progress);
+            let count = r.hi - r.lo;
+            let dst = &mut out[r.lo * dim..r.hi * dim];
+            let base = (first - v.range.start) as usize;
+            if (last - first) as usize + 1 == count {
+                torn.clear();
+                slot::read_run(layout, v.slots.words_at(base * words, count * words)?, dst, &mut torn);
+                for &t in &torn {
+                    if !reread(v, base + t, &mut img, &mut dst[t * dim..(t + 1) * dim])? {
+                        *buf = out;
+                        return Ok(None);
+                    }
+                }
+            } else {
+                for (j, &k) in ks[r.lo..r.hi].iter().enumerate() {
+                    let at = (k - v.range.start) as usize;
+                    if !reread(v, at, &mut img, &mut dst[j * dim..(j + 1) * dim])? {
+                        *buf = out;
+                        return Ok(None);
+                    }
+                }
+            }
+            bytes += (count * words * 8) as u64;
+        }
+        let ts = self.next_ts.fetch_add(1, Ordering::AcqRel);
+        let op = Arc::new(Op::new(ts, clock, dim, Vec::new(), Some(out), false));
+        op.note_progress(min_progress);
+        op.mark_done();
+        self.shared.traffic.shm_pulls.fetch_add(1, Ordering::Relaxed);
+        self.shared.traffic.shm_bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        Ok(Some(op))
     }
 
     /// Checks, splits and sends one operation. `keys` are sorted and unique
@@ -827,7 +1057,7 @@ impl Inner {
         let clock = self.clock.load(Ordering::Acquire);
         let tau = consistency.unwrap_or(info.spec.consistency).tau().unwrap_or(proto::TAU_EVENTUAL);
         let op_runs = runs.iter().map(|r| OpRun::new(r.lo, r.hi - r.lo, r.server)).collect();
-        let op = Arc::new(Op::new(ts, clock, dim, op_runs, out));
+        let op = Arc::new(Op::new(ts, clock, dim, op_runs, out, k != kind::PULL));
         {
             let mut ops = self.shared.ops.lock();
             while ops.len() >= self.max_inflight {
@@ -894,7 +1124,24 @@ impl Inner {
             t.requests.fetch_add(1, Ordering::Relaxed);
             t.keys_sent.fetch_add(headers.iter().map(|r| r.count).sum(), Ordering::Relaxed);
             t.bytes_sent.fetch_add(frame.segments.iter().map(|s| s.len() as u64).sum(), Ordering::Relaxed);
-            if let Err(e) = self.net.send(peers[server], frame) {
+            if op.is_push {
+                self.shared.push_inflight.read()[server].fetch_add(rs.len(), Ordering::AcqRel);
+            }
+            // Large pushes to a same-host server go through the shared ring;
+            // the doorbell keeps their place in the connection's order.
+            let ring = if op.is_push && frame.wire_len() >= RING_MIN_BYTES {
+                self.shared.rings.read().get(server).cloned().flatten()
+            } else {
+                None
+            };
+            let sent = match ring.and_then(|r| r.write(&frame)) {
+                Some((pos, len)) => {
+                    let bell = Frame::new(kind::RING, ts, crate::transport::shm::doorbell_meta(pos, len));
+                    self.net.send(peers[server], bell)
+                }
+                None => self.net.send(peers[server], frame),
+            };
+            if let Err(e) = sent {
                 self.shared.fail_server_runs(&op, server as u32, &e);
             }
         }
@@ -944,6 +1191,11 @@ impl Shared {
 
     /// Run `i` of `op` is finished (claimed by the caller).
     fn finish_run(&self, op: &Arc<Op>, i: usize, values: Option<Part>, err: Option<Error>) {
+        if op.is_push
+            && let Some(c) = self.push_inflight.read().get(op.runs()[i].server as usize)
+        {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
         if op.finish_run(i, values, err) {
             self.complete(op);
         }

@@ -53,6 +53,8 @@ struct OpState {
 
 pub(super) struct Op {
     pub ts: u64,
+    /// Carries a push (its runs count in the per-server push backlog).
+    pub is_push: bool,
     /// The worker's clock when the operation was issued.
     pub clock: u32,
     /// Smallest shard progress any reply reported (u64::MAX: none yet).
@@ -66,13 +68,24 @@ pub(super) struct Op {
 }
 
 impl Op {
-    pub fn new(ts: u64, clock: u32, dim: usize, runs: Vec<OpRun>, out: Option<Vec<f32>>) -> Op {
+    pub fn new(ts: u64, clock: u32, dim: usize, runs: Vec<OpRun>, out: Option<Vec<f32>>, is_push: bool) -> Op {
         let remaining = AtomicUsize::new(runs.len());
         let has_output = out.is_some();
         let parts = if has_output { (0..runs.len()).map(|_| None).collect() } else { Vec::new() };
         let state = OpState { done: false, error: None, parts, out };
         let progress = AtomicU64::new(u64::MAX);
-        Op { ts, clock, progress, dim, runs, remaining, has_output, state: Mutex::new(state), cv: Condvar::new() }
+        Op {
+            ts,
+            is_push,
+            clock,
+            progress,
+            dim,
+            runs,
+            remaining,
+            has_output,
+            state: Mutex::new(state),
+            cv: Condvar::new(),
+        }
     }
 
     pub fn note_progress(&self, p: u64) {

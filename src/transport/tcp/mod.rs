@@ -357,6 +357,10 @@ impl Messenger for Endpoint {
         drop(driver); // stops and joins the driver threads (unless called from one of them)
     }
 
+    fn same_host(&self, peer: PeerId) -> bool {
+        self.conns.read().get(&peer.0).is_some_and(|c| c.peer.ip().is_loopback() || c.peer.ip() == c.local.ip())
+    }
+
     fn advertised_addr(&self, via: PeerId) -> String {
         if !self.local.ip().is_unspecified() {
             return self.local.to_string();
