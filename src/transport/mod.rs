@@ -10,6 +10,7 @@
 //! Implementations: [`inproc`] (threads of one process; the embedded job and
 //! the tests). TCP, shm and RDMA plug in behind the same traits.
 
+pub mod auth;
 pub mod frame;
 pub mod inproc;
 pub mod shm;
