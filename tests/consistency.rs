@@ -13,10 +13,29 @@ use pserver::transport::inproc::Inproc;
 use pserver::transport::tcp::{IoMode, Tcp};
 use pserver::{Consistency, JobConfig, TableSpec, job};
 
-type T = Arc<dyn Transport>;
+/// A transport, and whether workers and servers share memory over it.
+#[derive(Clone)]
+struct Via(Arc<dyn Transport>, pserver::worker::ShmMode);
 
-fn transports() -> Vec<(&'static str, T)> {
-    vec![("inproc", Arc::new(Inproc::new())), ("tcp", Arc::new(Tcp::new(IoMode::Auto, Default::default())))]
+impl Via {
+    fn job(&self) -> JobConfig {
+        let mut c = JobConfig::default().transport(self.0.clone());
+        c.worker.shm = self.1;
+        c
+    }
+}
+
+/// In process, TCP, and TCP plus shared memory (one-sided pulls) where /dev/shm is usable.
+fn transports() -> Vec<(&'static str, Via)> {
+    use pserver::worker::ShmMode;
+    let tcp = || Arc::new(Tcp::new(IoMode::Auto, Default::default()));
+    let mut v = vec![("inproc", Via(Arc::new(Inproc::new()), ShmMode::Off)), ("tcp", Via(tcp(), ShmMode::Off))];
+    if pserver::transport::shm::available() {
+        v.push(("shm", Via(tcp(), ShmMode::Require)));
+    } else {
+        eprintln!("SKIPPED over shm: no usable shared-memory directory");
+    }
+    v
 }
 
 /// Sets a flag when dropped, so a panicking worker still releases the
@@ -42,8 +61,8 @@ fn staleness_never_exceeds_tau() {
         for (tau, c) in
             [(0, Consistency::Sequential), (1, Consistency::BoundedDelay(1)), (3, Consistency::BoundedDelay(3))]
         {
-            let cfg = JobConfig::default().servers(2).workers(workers).transport(t.clone());
-            job::run(cfg, |w| {
+            let cfg = t.job().servers(2).workers(workers);
+            let shm_pulls = job::run(cfg, |w| {
                 w.create_table(TableSpec::dense(1, keys, 1).consistency(c))?;
                 w.barrier()?;
                 let all: Vec<u64> = (0..keys).collect();
@@ -65,9 +84,13 @@ fn staleness_never_exceeds_tau() {
                     nap(w.rank(), clock + 100, 5);
                     w.clock()?;
                 }
-                Ok(())
+                Ok(w.traffic().shm_pulls)
             })
             .unwrap();
+            if name == "shm" {
+                let one_sided: u64 = shm_pulls.iter().sum();
+                assert!(one_sided > 0, "tau {tau}: no pull was served from shared memory");
+            }
         }
     }
 }
@@ -76,7 +99,7 @@ fn staleness_never_exceeds_tau() {
 fn observed_progress_is_reported_and_respects_tau() {
     for (name, t) in transports() {
         let tau = 2u32;
-        let cfg = JobConfig::default().servers(2).workers(3).transport(t.clone());
+        let cfg = t.job().servers(2).workers(3);
         job::run(cfg, |w| {
             w.create_table(TableSpec::dense(1, 16, 1).consistency(Consistency::BoundedDelay(tau)))?;
             let keys: Vec<u64> = (0..16).collect();
@@ -106,7 +129,7 @@ fn sequential_matches_a_single_process_run_exactly() {
     // The single-process result: every push of every worker and clock.
     let exact = |upto: u32, k: u64| -> f32 { (0..upto).flat_map(|t| (0..workers).map(move |r| f(r, t, k))).sum() };
     for (name, t) in transports() {
-        let cfg = JobConfig::default().servers(2).workers(workers).transport(t.clone());
+        let cfg = t.job().servers(2).workers(workers);
         let finals = job::run(cfg, |w| {
             w.create_table(TableSpec::dense(1, keys, 1).consistency(Consistency::Sequential))?;
             w.barrier()?;
@@ -149,7 +172,7 @@ fn sequential_matches_a_single_process_run_exactly() {
 fn eventual_never_blocks_even_on_a_stalled_worker() {
     for (name, t) in transports() {
         let released = Arc::new(AtomicBool::new(false));
-        let cfg = JobConfig::default().servers(2).workers(2).transport(t.clone());
+        let cfg = t.job().servers(2).workers(2);
         job::run(cfg, |w| {
             w.create_table(TableSpec::dense(1, 8, 1).consistency(Consistency::Eventual))?;
             w.barrier()?;
@@ -181,7 +204,7 @@ fn eventual_never_blocks_even_on_a_stalled_worker() {
 fn bounded_delay_holds_acks_and_pulls_until_the_slow_worker_catches_up() {
     for (name, t) in transports() {
         let go = Arc::new(AtomicBool::new(false));
-        let cfg = JobConfig::default().servers(1).workers(2).transport(t.clone());
+        let cfg = t.job().servers(1).workers(2);
         job::run(cfg, |w| {
             w.create_table(TableSpec::dense(1, 4, 1).consistency(Consistency::BoundedDelay(1)))?;
             w.barrier()?;
@@ -231,7 +254,7 @@ fn bounded_delay_holds_acks_and_pulls_until_the_slow_worker_catches_up() {
 #[test]
 fn a_worker_that_left_holds_nobody_back() {
     for (name, t) in transports() {
-        let cfg = JobConfig::default().servers(2).workers(3).transport(t.clone());
+        let cfg = t.job().servers(2).workers(3);
         job::run(cfg, |w| {
             w.create_table(TableSpec::dense(1, 4, 1).consistency(Consistency::Sequential))?;
             w.barrier()?;

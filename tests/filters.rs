@@ -11,8 +11,29 @@ use pserver::transport::tcp::{IoMode, Tcp};
 use pserver::worker::{FilterStats, Filters, Kkt, Significant};
 use pserver::{Consistency, JobConfig, TableSpec, UpdaterSpec, job};
 
-fn transports() -> Vec<(&'static str, Arc<dyn Transport>)> {
-    vec![("inproc", Arc::new(Inproc::new())), ("tcp", Arc::new(Tcp::new(IoMode::Auto, Default::default())))]
+/// A transport, and whether workers and servers share memory over it.
+#[derive(Clone)]
+struct Via(Arc<dyn Transport>, pserver::worker::ShmMode);
+
+impl Via {
+    fn job(&self) -> JobConfig {
+        let mut c = JobConfig::default().transport(self.0.clone());
+        c.worker.shm = self.1;
+        c
+    }
+}
+
+/// In process, TCP, and TCP plus shared memory (one-sided pulls) where /dev/shm is usable.
+fn transports() -> Vec<(&'static str, Via)> {
+    use pserver::worker::ShmMode;
+    let tcp = || Arc::new(Tcp::new(IoMode::Auto, Default::default()));
+    let mut v = vec![("inproc", Via(Arc::new(Inproc::new()), ShmMode::Off)), ("tcp", Via(tcp(), ShmMode::Off))];
+    if pserver::transport::shm::available() {
+        v.push(("shm", Via(tcp(), ShmMode::Require)));
+    } else {
+        eprintln!("SKIPPED over shm: no usable shared-memory directory");
+    }
+    v
 }
 
 /// Small integers in -2..=2, many of them zero or tiny relative to the
@@ -23,10 +44,10 @@ fn update(r: u32, t: u32, k: u64) -> f32 {
 
 /// Runs W workers pushing `update` to sparse keys for T clocks; returns the
 /// final model and each worker's filter stats.
-fn run(t: &Arc<dyn Transport>, filters: Option<Filters>) -> (Vec<f32>, Vec<FilterStats>) {
+fn run(t: &Via, filters: Option<Filters>) -> (Vec<f32>, Vec<FilterStats>) {
     let (workers, clocks) = (3u32, 12u32);
     let keys: Vec<u64> = (0..500u64).map(|i| i * 1_000_003).collect();
-    let cfg = JobConfig::default().servers(2).workers(workers).transport(t.clone());
+    let cfg = t.job().servers(2).workers(workers);
     let out = job::run(cfg, |w| {
         w.create_table(TableSpec::sparse(1, u64::MAX, 2))?;
         if let Some(f) = filters {
@@ -69,7 +90,7 @@ fn kkt_filter_leaves_an_l1_proximal_model_unchanged() {
     let keys: Vec<u64> = (0..200).collect();
     for (name, t) in transports() {
         let run = |filters: Option<Filters>| {
-            let cfg = JobConfig::default().servers(2).workers(1).transport(t.clone());
+            let cfg = t.job().servers(2).workers(1);
             job::run(cfg, |w| {
                 let spec = TableSpec::dense(1, 200, 1)
                     .updater(UpdaterSpec::Proximal { eta, l1: lambda, l2: 0.0 })
@@ -142,7 +163,7 @@ fn nothing_held_back_is_lost_when_a_worker_finishes_without_flushing() {
 #[test]
 fn version_filtered_pulls_return_exactly_what_plain_pulls_return() {
     for (name, t) in transports() {
-        let cfg = JobConfig::default().servers(2).workers(2).transport(t.clone());
+        let cfg = t.job().servers(2).workers(2);
         let stats = job::run(cfg, |w| {
             w.create_table(TableSpec::sparse(1, u64::MAX, 3))?;
             let keys: Vec<u64> = (0..300u64).map(|i| i * 7919).collect();
@@ -186,7 +207,7 @@ fn version_filtered_pulls_return_exactly_what_plain_pulls_return() {
 fn key_caching_sends_each_list_once_and_changes_no_result() {
     for (name, t) in transports() {
         let run = |cache: bool| {
-            let cfg = JobConfig::default().servers(2).workers(2).transport(t.clone());
+            let cfg = t.job().servers(2).workers(2);
             job::run(cfg, |w| {
                 w.create_table(TableSpec::sparse(1, u64::MAX, 1))?;
                 if cache {
@@ -216,18 +237,27 @@ fn key_caching_sends_each_list_once_and_changes_no_result() {
 fn a_server_that_lost_its_key_cache_asks_again_and_order_is_kept() {
     use pserver::scheduler::{SchedulerConfig, SchedulerNode};
     use pserver::server::{ServerConfig, ServerNode};
-    use pserver::worker::{Worker, WorkerConfig};
+    use pserver::worker::{ShmMode, Worker, WorkerConfig};
     for (name, t) in transports() {
         let sched = SchedulerNode::start(
-            t.as_ref(),
+            t.0.as_ref(),
             "",
             SchedulerConfig { servers: 2, workers: 1, ..SchedulerConfig::default() },
         )
         .unwrap();
         let servers: Vec<ServerNode> = (0..2)
-            .map(|_| ServerNode::start(t.as_ref(), "", &sched.addr(), ServerConfig::default()).unwrap())
+            .map(|_| {
+                ServerNode::start(
+                    t.0.as_ref(),
+                    "",
+                    &sched.addr(),
+                    ServerConfig { shm: t.1 != ShmMode::Off, ..ServerConfig::default() },
+                )
+                .unwrap()
+            })
             .collect();
-        let w = Worker::connect(t.as_ref(), &sched.addr(), WorkerConfig::default()).unwrap();
+        let w =
+            Worker::connect(t.0.as_ref(), &sched.addr(), WorkerConfig { shm: t.1, ..WorkerConfig::default() }).unwrap();
         w.create_table(TableSpec::sparse(1, u64::MAX, 1)).unwrap();
         w.set_filters(1, Filters { key_cache: true, ..Filters::default() }).unwrap();
         let keys = pserver::KeyList::new((0..5000u64).map(|i| i * 15_485_863).collect()).unwrap();
