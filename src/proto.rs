@@ -210,6 +210,8 @@ pub struct ServerInfo {
     /// Stable node id (also the ring's hash input).
     pub id: u32,
     pub addr: String,
+    /// Dead servers stay in the list (their tokens stay on the ring).
+    pub alive: bool,
 }
 
 /// A shard as a same-host worker maps it (dense tables): its key range and

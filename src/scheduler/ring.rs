@@ -1,12 +1,25 @@
-//! Key ranges on a consistent-hash ring with virtual nodes.
+//! Key ranges on a consistent-hash ring with virtual nodes, with their
+//! owners and replicas.
 //!
 //! Each server places `vnodes` tokens on the ring, at positions hashed from
 //! its id; for a table with key space `0..n` a token's position is scaled
-//! into `0..n`, and a key belongs to the server of the nearest token at or
-//! below it (keys below the first token wrap to the last token). Adding or
-//! removing a server only moves the keys next to its own tokens, about 1/S of
-//! the table. Adjacent ranges of one server are merged, so a job with one
-//! server has one range per table.
+//! into `0..n`, and the keys from a token up to the next token form one
+//! *range* (keys below the first token belong to the last token's range, as
+//! a second range). Ranges are never merged: every range is one shard on its
+//! owner and on each replica.
+//!
+//! Servers are never removed from the ring, only marked dead, and a joining
+//! server adds tokens. So the ranges of later epochs only ever *split* the
+//! ranges of earlier ones: a range of any epoch lies inside exactly one range
+//! of every earlier epoch, which is what lets a server keep a shard it built
+//! in an earlier epoch and serve the sub-ranges it still owns from it.
+//!
+//! Owner and replicas: walking the tokens downwards from a range's token
+//! (wrapping around), the first live server met owns the range and the next
+//! `replicas` distinct live servers hold its copies. When the owner dies, the
+//! first replica is the first live server of the same walk, i.e. the new
+//! owner already holds the data; a replica that dies is replaced by the next
+//! live server of the walk, which receives a copy.
 //!
 //! Every node computes the same map from the same server list: the scheduler
 //! distributes the list (with an epoch), never the ranges themselves.
@@ -15,17 +28,28 @@ use crate::proto::ServerInfo;
 use crate::store::KeyRange;
 use crate::table::{Key, mix64};
 
-/// The servers of a job and how many tokens each places.
+/// No live server (every server of the walk is dead).
+pub const NO_SERVER: u32 = u32::MAX;
+
+/// The servers of a job (dead ones included, marked), how many tokens each
+/// places, and how many copies besides the owner's each range has.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ring {
     servers: Vec<ServerInfo>,
     vnodes: u32,
     epoch: u32,
+    replicas: u32,
 }
 
 impl Ring {
+    /// A ring without replicas.
     pub fn new(servers: Vec<ServerInfo>, vnodes: u32, epoch: u32) -> Ring {
-        Ring { servers, vnodes: vnodes.max(1), epoch }
+        Ring { servers, vnodes: vnodes.max(1), epoch, replicas: 0 }
+    }
+    /// The same ring with `k` copies of every range besides the owner's.
+    pub fn with_replicas(mut self, k: u32) -> Ring {
+        self.replicas = k;
+        self
     }
     pub fn servers(&self) -> &[ServerInfo] {
         &self.servers
@@ -36,12 +60,21 @@ impl Ring {
     pub fn epoch(&self) -> u32 {
         self.epoch
     }
+    pub fn replicas(&self) -> u32 {
+        self.replicas
+    }
+    /// Whether server index `s` is alive.
+    pub fn is_alive(&self, s: u32) -> bool {
+        self.servers.get(s as usize).is_some_and(|i| i.alive)
+    }
+    /// Servers alive.
+    pub fn live(&self) -> usize {
+        self.servers.iter().filter(|s| s.alive).count()
+    }
 
-    /// The range map of a key space `0..n`.
-    pub fn ranges(&self, n: u64) -> RangeMap {
-        if self.servers.is_empty() || n == 0 {
-            return RangeMap { starts: vec![], ends: vec![], owners: vec![] };
-        }
+    /// Sorted token positions of a key space `0..n` with their server index;
+    /// of equal positions (small key spaces) the lowest server index stays.
+    fn tokens(&self, n: u64) -> Vec<(u64, u32)> {
         let mut tokens: Vec<(u64, u32)> = Vec::with_capacity(self.servers.len() * self.vnodes as usize);
         for (idx, s) in self.servers.iter().enumerate() {
             for v in 0..self.vnodes {
@@ -50,39 +83,65 @@ impl Ring {
                 tokens.push((pos, idx as u32));
             }
         }
-        // Ties (small key spaces) resolve by server index: deterministic.
         tokens.sort_unstable();
         tokens.dedup_by_key(|t| t.0);
-        let mut map = RangeMap { starts: vec![], ends: vec![], owners: vec![] };
-        let wrap_owner = tokens.last().expect("at least one token").1;
-        let mut push = |start: u64, end: u64, owner: u32| {
+        tokens
+    }
+
+    /// The range map of a key space `0..n`.
+    pub fn ranges(&self, n: u64) -> RangeMap {
+        let k = self.replicas as usize;
+        let mut map = RangeMap { starts: vec![], ends: vec![], owners: vec![], copies: vec![], k };
+        if self.servers.is_empty() || n == 0 {
+            return map;
+        }
+        let tokens = self.tokens(n);
+        // Owner and replicas of each token: the walk downwards from it.
+        let chains: Vec<Vec<u32>> = (0..tokens.len())
+            .map(|t| {
+                let mut chain: Vec<u32> = Vec::with_capacity(k + 1);
+                for step in 0..tokens.len() {
+                    let s = tokens[(t + tokens.len() - step) % tokens.len()].1;
+                    if self.is_alive(s) && !chain.contains(&s) {
+                        chain.push(s);
+                        if chain.len() == k + 1 {
+                            break;
+                        }
+                    }
+                }
+                chain
+            })
+            .collect();
+        let mut push = |start: u64, end: u64, chain: &[u32]| {
             if start >= end {
                 return;
             }
-            if map.owners.last() == Some(&owner) && map.ends.last() == Some(&start) {
-                *map.ends.last_mut().expect("non-empty") = end;
-            } else {
-                map.starts.push(start);
-                map.ends.push(end);
-                map.owners.push(owner);
+            map.starts.push(start);
+            map.ends.push(end);
+            map.owners.push(chain.first().copied().unwrap_or(NO_SERVER));
+            for i in 0..k {
+                map.copies.push(chain.get(i + 1).copied().unwrap_or(NO_SERVER));
             }
         };
-        push(0, tokens[0].0, wrap_owner);
-        for (i, &(pos, owner)) in tokens.iter().enumerate() {
+        push(0, tokens[0].0, &chains[tokens.len() - 1]);
+        for (i, &(pos, _)) in tokens.iter().enumerate() {
             let end = tokens.get(i + 1).map_or(n, |t| t.0);
-            push(pos, end, owner);
+            push(pos, end, &chains[i]);
         }
         map
     }
 }
 
-/// Sorted, disjoint ranges covering a key space, each with its server index
-/// (an index into the ring's server list).
+/// Sorted, disjoint ranges covering a key space, each with its owner and
+/// replicas (indices into the ring's server list).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RangeMap {
     starts: Vec<Key>,
     ends: Vec<Key>,
     owners: Vec<u32>,
+    /// `k` replica slots per range, `NO_SERVER` where fewer are alive.
+    copies: Vec<u32>,
+    k: usize,
 }
 
 /// Keys `lo..hi` (indices into a request's sorted keys) that belong to range
@@ -102,8 +161,13 @@ impl RangeMap {
     pub fn is_empty(&self) -> bool {
         self.starts.is_empty()
     }
+    /// Range `i` and its owner.
     pub fn range(&self, i: usize) -> (KeyRange, u32) {
         (KeyRange::new(self.starts[i], self.ends[i]), self.owners[i])
+    }
+    /// The live replicas of range `i` (not counting the owner).
+    pub fn replicas(&self, i: usize) -> impl Iterator<Item = u32> + '_ {
+        self.copies[i * self.k..(i + 1) * self.k].iter().copied().filter(|&s| s != NO_SERVER)
     }
     pub fn iter(&self) -> impl Iterator<Item = (KeyRange, u32)> + '_ {
         (0..self.len()).map(|i| self.range(i))
@@ -112,6 +176,11 @@ impl RangeMap {
     /// The ranges owned by server index `server`.
     pub fn ranges_of(&self, server: u32) -> impl Iterator<Item = KeyRange> + '_ {
         self.iter().filter(move |(_, o)| *o == server).map(|(r, _)| r)
+    }
+
+    /// The ranges `server` holds a copy of, with their owners.
+    pub fn copies_of(&self, server: u32) -> impl Iterator<Item = (KeyRange, u32)> + '_ {
+        (0..self.len()).filter(move |&i| self.replicas(i).any(|s| s == server)).map(|i| self.range(i))
     }
 
     /// Index of the range holding `key`.
@@ -145,7 +214,7 @@ mod tests {
     use super::*;
 
     fn servers(n: u32) -> Vec<ServerInfo> {
-        (0..n).map(|id| ServerInfo { id, addr: format!("s{id}") }).collect()
+        (0..n).map(|id| ServerInfo { id, addr: format!("s{id}"), alive: true }).collect()
     }
 
     fn shares(map: &RangeMap, s: usize, n: u64) -> Vec<f64> {
@@ -172,9 +241,58 @@ mod tests {
     }
 
     #[test]
-    fn one_server_owns_one_range() {
+    fn one_server_owns_every_range() {
         let map = Ring::new(servers(1), 64, 1).ranges(1 << 40);
-        assert_eq!(map.len(), 1);
+        assert_eq!(map.len(), 65, "64 tokens and the wrapped range below the first");
+        assert!(map.iter().all(|(_, o)| o == 0));
+    }
+
+    #[test]
+    fn replicas_are_distinct_live_servers_and_the_first_takes_over() {
+        let n = 1u64 << 32;
+        let ring = Ring::new(servers(4), 16, 1).with_replicas(2);
+        let map = ring.ranges(n);
+        for i in 0..map.len() {
+            let (_, owner) = map.range(i);
+            let reps: Vec<u32> = map.replicas(i).collect();
+            assert_eq!(reps.len(), 2);
+            assert!(!reps.contains(&owner) && reps[0] != reps[1]);
+        }
+        // Server 1 dies: the ranges stay the same, each range it owned goes
+        // to its first replica, and the others keep their owner.
+        let mut dead = servers(4);
+        dead[1].alive = false;
+        let after = Ring::new(dead, 16, 2).with_replicas(2).ranges(n);
+        assert_eq!(after.len(), map.len());
+        for i in 0..map.len() {
+            let ((r1, o1), (r2, o2)) = (map.range(i), after.range(i));
+            assert_eq!(r1, r2);
+            let first_replica = map.replicas(i).next().unwrap();
+            assert_eq!(o2, if o1 == 1 { first_replica } else { o1 });
+            assert!(after.replicas(i).all(|s| s != 1 && s != o2));
+        }
+        // With fewer live servers than copies, every live server holds one.
+        let mut two = servers(3);
+        two[0].alive = false;
+        let m = Ring::new(two, 8, 3).with_replicas(2).ranges(1000);
+        for i in 0..m.len() {
+            assert_eq!(m.replicas(i).count(), 1);
+        }
+    }
+
+    #[test]
+    fn ranges_of_later_epochs_split_earlier_ones() {
+        // A server joins (more tokens) and another dies (marked, tokens
+        // stay): every new range lies inside one old range.
+        let n = 1u64 << 40;
+        let before = Ring::new(servers(3), 16, 1).ranges(n);
+        let mut more = servers(4);
+        more[0].alive = false;
+        let after = Ring::new(more, 16, 2).ranges(n);
+        for (r, _) in after.iter() {
+            let (outer, _) = before.range(before.find(r.start).unwrap());
+            assert!(outer.start <= r.start && r.end <= outer.end, "{r} is not inside {outer}");
+        }
     }
 
     #[test]
@@ -212,6 +330,17 @@ mod tests {
             let o2 = after.range(after.find(k).unwrap()).1;
             assert!(o1 == o2 || o2 == 4);
         }
+    }
+
+    #[test]
+    fn a_dead_servers_keys_all_go_to_live_servers() {
+        let mut s = servers(3);
+        s[2].alive = false;
+        let map = Ring::new(s, 32, 2).ranges(1 << 20);
+        assert!(map.iter().all(|(_, o)| o < 2));
+        let mut none = servers(2);
+        none.iter_mut().for_each(|s| s.alive = false);
+        assert!(Ring::new(none, 4, 3).ranges(100).iter().all(|(_, o)| o == NO_SERVER));
     }
 
     #[test]
