@@ -57,6 +57,11 @@ pub mod kind {
     /// Worker -> server: a frame waits in the connection's shared-memory
     /// ring; meta is its position and length (u64 each).
     pub const RING: u16 = 21;
+    /// Owner -> replica: the state of keys of one range after the owner
+    /// applied pushes to them (see [`super::ReplHeader`]).
+    pub const REPLICATE: u16 = 22;
+    /// Replica -> owner: a REPLICATE frame is applied; meta is its batch (u64).
+    pub const REPLICATED: u16 = 36;
 }
 
 /// How a run's keys are spelled.
@@ -87,6 +92,9 @@ pub mod status {
     pub const ERROR: u32 = 1;
     /// A version-filtered pull: only the changed keys are returned.
     pub const CHANGED: u32 = 2;
+    /// The server does not own the run's keys in its epoch (the reply
+    /// header's): route it again with a newer map. Nothing was applied.
+    pub const MOVED: u32 = 3;
 }
 
 /// `DataHeader::flags` bits.
@@ -144,6 +152,12 @@ pub struct RunHeader {
     pub count: u64,
     /// Names the run's key list (`run_form::LIST_CACHE` and `CACHED`).
     pub digest: u64,
+    /// Pushes: the worker's sequence number of this run, unique per worker
+    /// incarnation and increasing in issue order. A shard applies a worker's
+    /// run only if its seq is above the last one it applied from that
+    /// worker, so a retry (after a failover) is never applied twice. 0 for
+    /// pulls and for pushes that opt out.
+    pub seq: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -154,6 +168,51 @@ pub struct ReplyHeader {
     /// The smallest shard progress this reply was served at: every worker's
     /// pushes of clocks `< progress` were applied (`u64::MAX`: no shard).
     pub progress: u64,
+    /// The server's membership epoch (runs answered `MOVED` need a map at
+    /// least this new).
+    pub epoch: u32,
+    pub reserved: u32,
+}
+
+/// `ReplHeader::flags` bits.
+pub mod repl {
+    /// Keys are `first..first + count` (no keys segment).
+    pub const RANGE: u32 = 1;
+    /// A state segment follows the values (rules with per-key state).
+    pub const STATE: u32 = 2;
+    /// A pending-clock segment follows (aggregating rules).
+    pub const PENDING: u32 = 4;
+    /// Part of a full copy of the range (a new replica's first data).
+    pub const SNAPSHOT: u32 = 8;
+}
+
+/// Owner -> replica: the state of `count` keys of `table` after the owner
+/// applied pushes, replication *after aggregation*: every key once per
+/// batch of applied requests, whatever number of pushes touched it.
+/// ```text
+/// segments  keys (u64, unless repl::RANGE), values (f32, count x dim),
+///           state (f32, count x state per key, repl::STATE),
+///           pending clock (u64 per key, repl::PENDING),
+///           last applied push seq per worker (u64 x workers),
+///           progress per worker (u64 x workers)
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[repr(C)]
+pub struct ReplHeader {
+    pub table: u32,
+    /// The owner's server index and membership epoch.
+    pub from: u32,
+    pub epoch: u32,
+    pub flags: u32,
+    /// Acknowledged with a REPLICATED frame naming it.
+    pub batch: u64,
+    /// The owner's range the keys belong to.
+    pub start: u64,
+    pub end: u64,
+    pub first: u64,
+    pub count: u64,
+    pub workers: u32,
+    pub reserved: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -230,8 +289,25 @@ pub enum Control {
     /// Node -> scheduler: join the job. `rank` is a requested rank (workers
     /// launched with PSERVER_RANK), honoured when free.
     Register { role: Role, addr: String, rank: Option<u32> },
-    /// Scheduler -> node, once everyone has registered.
-    Welcome { role: Role, rank: u32, servers: Vec<ServerInfo>, workers: u32, vnodes: u32, epoch: u32 },
+    /// Scheduler -> node, once everyone has registered. `replicas`: copies
+    /// of every range besides its owner's. `incarnation`: a worker's push
+    /// sequence numbers start at `incarnation << 40`, so a restarted worker's
+    /// never look like retries of its predecessor's.
+    Welcome {
+        role: Role,
+        rank: u32,
+        servers: Vec<ServerInfo>,
+        workers: u32,
+        vnodes: u32,
+        epoch: u32,
+        replicas: u32,
+        incarnation: u32,
+    },
+    /// Scheduler -> nodes: the server list changed (a server died, joined or
+    /// left); ranges move as the new ring says.
+    Membership { epoch: u32, servers: Vec<ServerInfo> },
+    /// Server -> scheduler: the membership of `epoch` is in effect here.
+    MembershipAck { epoch: u32 },
     /// Server -> scheduler: welcomed, ready for workers.
     Ready { rank: u32 },
     /// Worker -> server: create the table (idempotent for an identical spec).
@@ -289,8 +365,8 @@ mod tests {
     fn meta_round_trips_and_wrong_sizes_are_refused() {
         let h = DataHeader { table: 1, worker: 2, clock: 3, epoch: 4, runs: 2, flags: 0, seq: 5, tau: 1, reserved: 0 };
         let runs = [
-            RunHeader { run: 0, form: run_form::RANGE, first: 10, count: 5, digest: 0 },
-            RunHeader { run: 3, form: run_form::LIST, first: 99, count: 1, digest: 7 },
+            RunHeader { run: 0, form: run_form::RANGE, first: 10, count: 5, digest: 0, seq: 1 },
+            RunHeader { run: 3, form: run_form::LIST, first: 99, count: 1, digest: 7, seq: 0 },
         ];
         let meta = build_meta(&h, &runs);
         let (h2, r2) = parse_meta::<DataHeader, RunHeader>(&meta, |h| h.runs).unwrap();

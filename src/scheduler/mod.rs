@@ -6,6 +6,14 @@
 //! is ready, then welcomes the workers, so that no worker can reach a server
 //! that does not yet know the ring. The job ends when every worker has said
 //! it is done; the scheduler then tells every node to shut down.
+//!
+//! Failures (DESIGN section 6): a server whose connection drops or whose
+//! heartbeats stop is marked dead, the epoch goes up and the new server list
+//! goes to the live servers first; once each has applied it (its first
+//! replicas now own the dead server's ranges and new replicas received their
+//! copies), it goes to the workers, which send what the dead server had not
+//! acknowledged to the new owners. The job fails only when a range lost its
+//! owner and every replica (or had none).
 
 pub mod heartbeat;
 pub mod ring;
@@ -28,11 +36,21 @@ pub struct SchedulerConfig {
     pub vnodes: u32,
     /// A node not heard from for this long is declared dead.
     pub heartbeat_timeout: std::time::Duration,
+    /// Copies of every range besides its owner's; `None`: 1 when the job has
+    /// at least 2 servers, else 0.
+    pub replicas: Option<u32>,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { servers: 2, workers: 2, vnodes: 64, heartbeat_timeout: heartbeat::timeout() }
+        SchedulerConfig { servers: 2, workers: 2, vnodes: 64, heartbeat_timeout: heartbeat::timeout(), replicas: None }
+    }
+}
+
+impl SchedulerConfig {
+    /// Replicas per range, as configured or by default.
+    pub fn replicas(&self) -> u32 {
+        self.replicas.unwrap_or(u32::from(self.servers >= 2)).min(self.servers.saturating_sub(1))
     }
 }
 
@@ -59,6 +77,13 @@ struct State {
     finished: bool,
     /// When each node was last heard from.
     last_seen: std::collections::HashMap<PeerId, std::time::Instant>,
+    /// The membership epoch (1 at the start, +1 per change).
+    epoch: u32,
+    /// Worker registrations so far (a worker's incarnation).
+    registrations: u32,
+    /// A membership change the servers are applying: its epoch and the
+    /// servers that have not acknowledged it.
+    applying: Option<(u32, HashSet<u32>)>,
 }
 
 struct Shared {
@@ -145,11 +170,12 @@ fn monitor(shared: &Shared, net: &Arc<dyn Messenger>) {
             let msg = format!("no heartbeat for {timeout:?}");
             SchedulerHandler::worker_done_in(shared, &mut st, r, Some(msg), &mut out);
         }
-        if let Some(rank) = st.server_peers.iter().position(|p| silent(p, &st))
-            && st.failure.is_none()
-        {
-            tracing::error!(server = rank, "server missed its heartbeats");
-            st.failure = Some(format!("server {rank} sent no heartbeat for {timeout:?}"));
+        let silent_servers: Vec<usize> = (0..st.server_peers.len())
+            .filter(|&r| st.server_infos[r].alive && silent(&st.server_peers[r], &st))
+            .collect();
+        for rank in silent_servers {
+            let why = format!("sent no heartbeat for {timeout:?}");
+            SchedulerHandler::server_failed_in(shared, &mut st, rank, &why, &mut out);
         }
         if !out.is_empty() {
             drop(st);
@@ -221,9 +247,10 @@ impl Handler for SchedulerHandler {
                 && !st.done[rank]
             {
                 self.worker_done(&mut st, rank, Some("disconnected before finishing".into()), &mut out);
-            } else if st.server_peers.contains(&peer) && !st.finished {
-                tracing::error!("a server left the job before it ended");
-                st.failure.get_or_insert_with(|| "a server left the job".into());
+            } else if let Some(rank) = st.server_peers.iter().position(|p| *p == peer)
+                && !st.finished
+            {
+                self.server_failed(&mut st, rank, "disconnected", &mut out);
             }
         }
         self.shared.changed.notify_all();
@@ -284,6 +311,20 @@ impl SchedulerHandler {
                 }
             }
             Control::Heartbeat => {}
+            Control::MembershipAck { epoch } => {
+                let Some(rank) = st.server_peers.iter().position(|p| *p == from) else { return };
+                let complete = match &mut st.applying {
+                    Some((e, waiting)) if *e == epoch => {
+                        waiting.remove(&(rank as u32));
+                        waiting.is_empty()
+                    }
+                    _ => false,
+                };
+                if complete {
+                    st.applying = None;
+                    self.tell_workers(st, out);
+                }
+            }
             Control::WorkerDone { worker, error } => {
                 let rank = worker as usize;
                 if st.worker_peers.get(rank) != Some(&Some(from)) {
@@ -301,6 +342,64 @@ impl SchedulerHandler {
         }
     }
 
+    fn server_failed(&self, st: &mut State, rank: usize, why: &str, out: &mut Vec<(PeerId, Frame)>) {
+        Self::server_failed_in(&self.shared, st, rank, why, out)
+    }
+
+    /// Server `rank` is gone: a new epoch without it, or the end of the job
+    /// when that loses data.
+    fn server_failed_in(shared: &Shared, st: &mut State, rank: usize, why: &str, out: &mut Vec<(PeerId, Frame)>) {
+        if st.finished || !st.server_infos.get(rank).is_some_and(|s| s.alive) {
+            return;
+        }
+        let k = shared.cfg.replicas();
+        let before =
+            crate::scheduler::ring::Ring::new(st.server_infos.clone(), shared.cfg.vnodes, st.epoch).with_replicas(k);
+        st.server_infos[rank].alive = false;
+        let after = crate::scheduler::ring::Ring::new(st.server_infos.clone(), shared.cfg.vnodes, st.epoch + 1);
+        // Data is lost when some range had no live copy left: check on the
+        // finest key space (every token its own range).
+        let map = before.ranges(u64::MAX);
+        let lost = (0..map.len()).any(|i| {
+            let (_, owner) = map.range(i);
+            std::iter::once(owner).chain(map.replicas(i)).all(|s| !after.is_alive(s))
+        });
+        tracing::error!(server = rank, why, "server failed");
+        // Tell a server declared dead that it is out, in case it still runs.
+        out.push((st.server_peers[rank], Control::Shutdown.to_frame(0)));
+        if lost {
+            st.failure.get_or_insert_with(|| {
+                format!("server {rank} {why}, and some of its key ranges have no replica left (--replicas {k})")
+            });
+            let msg = format!("barrier abandoned: {}", st.failure.as_deref().unwrap_or_default());
+            for (p, i) in st.barrier.drain(..) {
+                out.push((p, Control::Error(msg.clone()).to_frame(i)));
+            }
+            return;
+        }
+        st.epoch += 1;
+        let epoch = st.epoch;
+        let live: HashSet<u32> = (0..st.server_infos.len() as u32).filter(|&s| after.is_alive(s)).collect();
+        tracing::warn!(server = rank, epoch, live = live.len(), "failing over: its replicas take its ranges");
+        for &s in &live {
+            let m = Control::Membership { epoch, servers: st.server_infos.clone() };
+            out.push((st.server_peers[s as usize], m.to_frame(0)));
+        }
+        st.applying = Some((epoch, live));
+    }
+
+    /// The membership every server applied goes to the workers.
+    fn tell_workers(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        let m = Control::Membership { epoch: st.epoch, servers: st.server_infos.clone() };
+        for (r, p) in st.worker_peers.iter().enumerate() {
+            if let Some(p) = p
+                && !st.done.get(r).copied().unwrap_or(true)
+            {
+                out.push((*p, m.to_frame(0)));
+            }
+        }
+    }
+
     fn welcome_servers(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
         let cfg = &self.shared.cfg;
         let order = assign_ranks(&st.servers, cfg.servers as usize);
@@ -308,8 +407,12 @@ impl SchedulerHandler {
         for (p, &r) in st.servers.iter().zip(&order) {
             by_rank[r] = p;
         }
-        st.server_infos =
-            by_rank.iter().enumerate().map(|(i, p)| ServerInfo { id: i as u32, addr: p.addr.clone(), alive: true }).collect();
+        st.server_infos = by_rank
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ServerInfo { id: i as u32, addr: p.addr.clone(), alive: true })
+            .collect();
+        st.epoch = 1;
         st.server_peers = by_rank.iter().map(|p| p.peer).collect();
         for (rank, p) in by_rank.iter().enumerate() {
             let w = Control::Welcome {
@@ -318,7 +421,9 @@ impl SchedulerHandler {
                 servers: st.server_infos.clone(),
                 workers: cfg.workers,
                 vnodes: cfg.vnodes,
-                epoch: 1,
+                epoch: st.epoch,
+                replicas: cfg.replicas(),
+                incarnation: 0,
             };
             out.push((p.peer, w.to_frame(p.id)));
         }
@@ -332,13 +437,16 @@ impl SchedulerHandler {
         st.done = vec![false; w];
         for (p, rank) in st.workers.iter().zip(ranks) {
             st.worker_peers[rank] = Some(p.peer);
+            st.registrations += 1;
             let m = Control::Welcome {
                 role: Role::Worker,
                 rank: rank as u32,
                 servers: st.server_infos.clone(),
                 workers: cfg.workers,
                 vnodes: cfg.vnodes,
-                epoch: 1,
+                epoch: st.epoch,
+                replicas: cfg.replicas(),
+                incarnation: st.registrations,
             };
             out.push((p.peer, m.to_frame(p.id)));
         }
@@ -358,8 +466,10 @@ impl SchedulerHandler {
     ) {
         st.done[rank] = true;
         // Consistency waits of the others must not wait for this worker.
-        for &p in &st.server_peers {
-            out.push((p, Control::WorkerLeft { worker: rank as u32 }.to_frame(0)));
+        for (s, &p) in st.server_peers.iter().enumerate() {
+            if st.server_infos[s].alive {
+                out.push((p, Control::WorkerLeft { worker: rank as u32 }.to_frame(0)));
+            }
         }
         if let Some(e) = error {
             tracing::error!(worker = rank, error = %e, "worker failed");
@@ -378,8 +488,10 @@ impl SchedulerHandler {
             }
         }
         if st.done.iter().all(|d| *d) {
-            for &p in &st.server_peers {
-                out.push((p, Control::Shutdown.to_frame(0)));
+            for (s, &p) in st.server_peers.iter().enumerate() {
+                if st.server_infos[s].alive {
+                    out.push((p, Control::Shutdown.to_frame(0)));
+                }
             }
             st.finished = true;
             tracing::info!("all workers done; job finished");

@@ -18,6 +18,15 @@
 //! parked request never holds up the requests behind it, whose clocks may be
 //! exactly what it waits for.
 //!
+//! Replication (DESIGN section 6): a shard this server owns notes which of
+//! its slots change; at the end of each run of the lane, the new state of
+//! every changed slot goes to the replicas of its range, once however many
+//! pushes touched it in that run (replication *after aggregation*). The
+//! requests whose pushes the run applied form a *batch*: their replies are
+//! held until every replica acknowledged the batch, so an acknowledged push
+//! is on every live copy. A replica applies the owner's state to its copy
+//! of the shard in the same lanes, single writer as ever.
+//!
 //! Being the runner is what makes the lane's shards single-writer: slot
 //! stores never race, and readers (local, shared memory, RDMA) never lock.
 //! Jobs run in the order they were queued, and one connection's requests are
@@ -25,15 +34,99 @@
 //! push by the same worker always observes it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
-use crate::proto::{self, ReplyHeader, RunHeader, RunReply, kind, status};
-use crate::store::{KeyRun, Shard};
+use crate::proto::{self, ReplHeader, ReplyHeader, RunHeader, RunReply, kind, repl, status};
+use crate::store::{Delta, KeyRange, KeyRun, Shard};
 use crate::transport::{Frame, Messenger, PeerId, bytes_of_vec, pod_slice};
+
+/// Largest REPLICATE frame a lane builds (a big snapshot goes in several).
+const MAX_DELTA_BYTES: usize = 16 << 20;
+
+/// What a server's lanes share for replication: where frames go, and the
+/// batches whose replicas have not all acknowledged yet.
+#[derive(Default)]
+pub(super) struct Replication {
+    pub net: OnceLock<Arc<dyn Messenger>>,
+    /// This server's index in the ring and its membership epoch, stamped on
+    /// what it replicates.
+    pub me: AtomicU32,
+    pub epoch: AtomicU32,
+    batches: Mutex<HashMap<u64, Arc<Batch>>>,
+    next_batch: AtomicU64,
+}
+
+/// Requests whose replies wait for replicas.
+struct Batch {
+    /// Replica servers that have not acknowledged yet.
+    waiting: Mutex<Vec<u32>>,
+    requests: Vec<Arc<Request>>,
+}
+
+impl Replication {
+    /// Replica `server` applied batch `id`.
+    pub fn acked(&self, id: u64, server: u32) {
+        let done = {
+            let mut batches = self.batches.lock();
+            let Some(b) = batches.get(&id) else { return };
+            let mut w = b.waiting.lock();
+            w.retain(|&s| s != server);
+            let empty = w.is_empty();
+            drop(w);
+            if empty { batches.remove(&id) } else { None }
+        };
+        if let Some(b) = done {
+            b.requests.iter().for_each(|r| r.release());
+        }
+    }
+
+    /// Stops waiting for servers that are gone (dead or no longer copies).
+    pub fn forget(&self, gone: impl Fn(u32) -> bool) {
+        let done: Vec<Arc<Batch>> = {
+            let mut batches = self.batches.lock();
+            let ids: Vec<u64> = batches
+                .iter()
+                .filter_map(|(&id, b)| {
+                    let mut w = b.waiting.lock();
+                    w.retain(|&s| !gone(s));
+                    w.is_empty().then_some(id)
+                })
+                .collect();
+            ids.into_iter().filter_map(|id| batches.remove(&id)).collect()
+        };
+        for b in done {
+            b.requests.iter().for_each(|r| r.release());
+        }
+    }
+
+    /// Batches waiting for replicas (for tests and status).
+    pub fn pending(&self) -> usize {
+        self.batches.lock().len()
+    }
+}
+
+/// Where the changes of an owned part of a shard go: the replicas of one
+/// range (server index and connection).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Target {
+    pub range: KeyRange,
+    pub peers: Vec<(u32, PeerId)>,
+}
+
+/// A shard in its lane, with what this server does with it.
+struct Entry {
+    shard: Shard,
+    /// This server owns some range of the shard: it applies workers'
+    /// requests and clocks to it. Otherwise it only holds a copy, kept up to
+    /// date by the owner.
+    active: bool,
+    /// Owned parts of the shard that have replicas.
+    targets: Vec<Target>,
+}
 
 /// Requests with more keys than this are applied by the lane's helper thread.
 pub(super) const INLINE_MAX_KEYS: u64 = 32 * 1024;
@@ -67,8 +160,15 @@ pub(super) struct Request {
     pub need: Option<u64>,
     /// The worker clock the request was issued at.
     pub clock: u64,
+    /// The worker's rank (whose push seqs the runs carry).
+    pub worker: u32,
     pending: AtomicUsize,
     out: Mutex<Output>,
+    /// Replication batches holding the reply, plus one until it is built.
+    holds: AtomicUsize,
+    reply: Mutex<Option<Frame>>,
+    /// The server's epoch, for the reply header.
+    epoch: u32,
 }
 
 impl Request {
@@ -79,10 +179,42 @@ impl Request {
         kind: u16,
         h: &proto::DataHeader,
         lanes: usize,
+        epoch: u32,
     ) -> Request {
         let out = Mutex::new(Output { progress: u64::MAX, ..Output::default() });
         let (table, need, clock) = (h.table, h.needed_progress(), u64::from(h.clock));
-        Request { net, peer, id, kind, table, need, clock, pending: AtomicUsize::new(lanes), out }
+        Request {
+            net,
+            peer,
+            id,
+            kind,
+            table,
+            need,
+            clock,
+            worker: h.worker,
+            pending: AtomicUsize::new(lanes),
+            out,
+            holds: AtomicUsize::new(1),
+            reply: Mutex::new(None),
+            epoch,
+        }
+    }
+
+    /// The reply is built: send it once no replication batch holds it.
+    fn deliver(&self, reply: Frame) {
+        *self.reply.lock() = Some(reply);
+        self.release();
+    }
+
+    /// One hold less; the last one sends the reply.
+    fn release(&self) {
+        // AcqRel: the thread that sends sees the reply stored by another.
+        if self.holds.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(f) = self.reply.lock().take()
+            && let Err(e) = self.net.send(self.peer, f)
+        {
+            tracing::debug!(error = %e, "reply not delivered");
+        }
     }
 
     /// Adds one lane's part; returns the reply when it was the last part.
@@ -98,7 +230,13 @@ impl Request {
             return None;
         }
         let out = std::mem::take(&mut *self.out.lock());
-        let header = ReplyHeader { table: self.table, runs: out.replies.len() as u32, progress: out.progress };
+        let header = ReplyHeader {
+            table: self.table,
+            runs: out.replies.len() as u32,
+            progress: out.progress,
+            epoch: self.epoch,
+            reserved: 0,
+        };
         let meta = proto::build_meta(&header, &out.replies);
         let mut reply = Frame::new(kind::REPLY, self.id, meta);
         reply.segments = out.values;
@@ -127,18 +265,51 @@ struct Parked {
 }
 
 pub(super) enum Job {
-    Runs { req: Arc<Request>, runs: Vec<LaneRun> },
-    Clock { worker: u32, clock: u64 },
-    Install { id: u32, shard: Box<Shard> },
+    Runs {
+        req: Arc<Request>,
+        runs: Vec<LaneRun>,
+    },
+    Clock {
+        worker: u32,
+        clock: u64,
+    },
+    Install {
+        id: u32,
+        shard: Box<Shard>,
+        active: bool,
+        targets: Vec<Target>,
+    },
+    /// The membership changed: what this server now does with shard `id`.
+    Roles {
+        id: u32,
+        active: bool,
+        targets: Vec<Target>,
+    },
+    /// Sends a full copy of the keys of `range` to a new replica.
+    Snapshot {
+        id: u32,
+        range: KeyRange,
+        to: (u32, PeerId),
+    },
+    /// Replica side: the owner's state of some keys (a REPLICATE frame,
+    /// checked only for its header so far), acknowledged on `from`.
+    Delta {
+        id: u32,
+        from: PeerId,
+        header: ReplHeader,
+        segments: Vec<Bytes>,
+    },
 }
 
 #[derive(Default)]
 struct LaneState {
-    shards: HashMap<u32, Shard>,
+    shards: HashMap<u32, Entry>,
     /// Latest clock per worker, so shards created later start from it.
     clocks: Vec<u64>,
     /// Requests waiting for progress, in arrival order.
     parked: Vec<Parked>,
+    /// Requests whose pushes this run applied (they join its batch).
+    pushed: Vec<Arc<Request>>,
 }
 
 impl LaneState {
@@ -147,7 +318,8 @@ impl LaneState {
         let pushed: Vec<Result<(), String>> = if req.kind == kind::PULL {
             runs.iter().map(|_| Ok(())).collect()
         } else {
-            runs.iter().map(|r| push_run(&mut self.shards, r, req.clock)).collect()
+            self.pushed.push(req.clone());
+            runs.iter().map(|r| push_run(&mut self.shards, r, req.clock, req.worker as usize)).collect()
         };
         if self.ready(&req, &runs) {
             self.finish(req, runs, pushed)
@@ -159,7 +331,7 @@ impl LaneState {
 
     fn ready(&self, req: &Request, runs: &[LaneRun]) -> bool {
         let Some(need) = req.need else { return true };
-        runs.iter().all(|r| self.shards.get(&r.shard).is_none_or(|s| s.min_progress() >= need))
+        runs.iter().all(|r| self.shards.get(&r.shard).is_none_or(|e| e.shard.min_progress() >= need))
     }
 
     /// Reads (for pulls), builds this lane's part of the reply.
@@ -188,8 +360,8 @@ impl LaneState {
                     out.errors.push(Bytes::from(msg));
                 }
             }
-            if let Some(s) = self.shards.get(&r.shard) {
-                out.progress = out.progress.min(s.min_progress());
+            if let Some(e) = self.shards.get(&r.shard) {
+                out.progress = out.progress.min(e.shard.min_progress());
             }
         }
         req.finish_part(out)
@@ -213,14 +385,221 @@ impl LaneState {
     }
 }
 
+impl LaneState {
+    /// Applies a worker's clock to the shards this server owns.
+    fn clock(&mut self, worker: u32, clock: u64, replies: &mut Vec<(Arc<Request>, Frame)>) {
+        let w = worker as usize;
+        if self.clocks.len() <= w {
+            self.clocks.resize(w + 1, 0);
+        }
+        self.clocks[w] = self.clocks[w].max(clock);
+        for e in self.shards.values_mut().filter(|e| e.active) {
+            let _ = e.shard.record_progress(w, clock);
+        }
+        self.release_parked(replies);
+    }
+
+    fn install(&mut self, id: u32, mut shard: Shard, active: bool, targets: Vec<Target>) {
+        if active {
+            for (w, &c) in self.clocks.iter().enumerate() {
+                let _ = shard.record_progress(w, c);
+            }
+        }
+        shard.track_changes(!targets.is_empty());
+        self.shards.insert(id, Entry { shard, active, targets });
+    }
+
+    fn roles(&mut self, id: u32, active: bool, targets: Vec<Target>) {
+        let Some(e) = self.shards.get_mut(&id) else { return };
+        if active && !e.active {
+            // Promoted: the copy becomes the range's state of record. Its
+            // progress is the old owner's; workers that left hold nobody
+            // back, and live workers send their clocks again after their
+            // retries.
+            e.shard.take_ownership();
+            for (w, &c) in self.clocks.iter().enumerate() {
+                if c == u64::MAX {
+                    let _ = e.shard.record_progress(w, c);
+                }
+            }
+        }
+        e.active = active;
+        e.shard.track_changes(!targets.is_empty());
+        e.targets = targets;
+    }
+
+    /// Frames carrying the state of slots `ids` of shard `id` (owned part
+    /// `range`) to a replica.
+    fn delta_frames(&self, repl: &Replication, e: &Entry, range: KeyRange, ids: &[u32], flags: u32) -> Vec<Frame> {
+        let s = &e.shard;
+        let probe = s.delta_of(&ids[..ids.len().min(1)]);
+        let per_key = 8 + 4 + s.layout().dim() * 4 + probe.state.len() * 4 + probe.pending.len() * 8;
+        let chunk = (MAX_DELTA_BYTES / per_key.max(1)).max(1);
+        let applied = bytes_of_vec(s.applied().to_vec());
+        let progress = bytes_of_vec(s.progress_all());
+        ids.chunks(chunk)
+            .map(|part| {
+                let d = s.delta_of(part);
+                let mut f = flags;
+                if d.range.is_some() {
+                    f |= repl::RANGE;
+                }
+                if !d.state.is_empty() {
+                    f |= repl::STATE;
+                }
+                if !d.pending.is_empty() {
+                    f |= repl::PENDING;
+                }
+                let (first, count) = d.range.unwrap_or((d.keys.first().copied().unwrap_or(0), d.len() as u64));
+                let h = ReplHeader {
+                    table: s.table(),
+                    from: repl.me.load(Ordering::Relaxed),
+                    epoch: repl.epoch.load(Ordering::Acquire),
+                    flags: f,
+                    batch: 0,
+                    start: range.start,
+                    end: range.end,
+                    first,
+                    count,
+                    workers: s.applied().len() as u32,
+                    reserved: 0,
+                };
+                let mut frame = Frame::new(kind::REPLICATE, 0, Bytes::copy_from_slice(bytemuck::bytes_of(&h)));
+                let Delta { keys, versions, values, state, pending, range: r, .. } = d;
+                if r.is_none() {
+                    frame.segments.push(bytes_of_vec(keys));
+                }
+                frame.segments.push(bytes_of_vec(versions));
+                frame.segments.push(bytes_of_vec(values));
+                if f & repl::STATE != 0 {
+                    frame.segments.push(bytes_of_vec(state));
+                }
+                if f & repl::PENDING != 0 {
+                    frame.segments.push(bytes_of_vec(pending));
+                }
+                frame.segments.push(applied.clone());
+                frame.segments.push(progress.clone());
+                frame
+            })
+            .collect()
+    }
+
+    /// End of a run: sends what changed in owned shards to their replicas,
+    /// and makes the requests that pushed in this run wait for them.
+    fn replicate(&mut self, repl: &Replication, outbox: &mut Vec<(PeerId, Frame)>) {
+        let mut frames: Vec<(u32, PeerId, Frame)> = Vec::new();
+        let ids: Vec<u32> = self.shards.iter().filter(|(_, e)| e.shard.has_changes()).map(|(&id, _)| id).collect();
+        for id in ids {
+            let changed = self.shards.get_mut(&id).expect("listed").shard.take_changes();
+            let e = &self.shards[&id];
+            for t in &e.targets {
+                let mine: Vec<u32> =
+                    changed.iter().copied().filter(|&slot| t.range.contains(e.shard.key_of(slot))).collect();
+                if mine.is_empty() || t.peers.is_empty() {
+                    continue;
+                }
+                for f in self.delta_frames(repl, e, t.range, &mine, 0) {
+                    for &(server, peer) in &t.peers {
+                        frames.push((server, peer, f.clone()));
+                    }
+                }
+            }
+        }
+        let pushed = std::mem::take(&mut self.pushed);
+        if frames.is_empty() {
+            return;
+        }
+        let id = repl.next_batch.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut waiting: Vec<u32> = frames.iter().map(|f| f.0).collect();
+        waiting.sort_unstable();
+        waiting.dedup();
+        for r in &pushed {
+            r.holds.fetch_add(1, Ordering::AcqRel);
+        }
+        repl.batches.lock().insert(id, Arc::new(Batch { waiting: Mutex::new(waiting), requests: pushed }));
+        for (_, peer, mut f) in frames {
+            let mut h: ReplHeader = bytemuck::pod_read_unaligned(&f.meta);
+            h.batch = id;
+            f.meta = Bytes::copy_from_slice(bytemuck::bytes_of(&h));
+            outbox.push((peer, f));
+        }
+    }
+
+    fn snapshot(&self, repl: &Replication, id: u32, range: KeyRange, to: PeerId, outbox: &mut Vec<(PeerId, Frame)>) {
+        let Some(e) = self.shards.get(&id) else { return };
+        let ids = e.shard.slots_in(range);
+        tracing::debug!(table = e.shard.table(), %range, keys = ids.len(), "sending a copy to a new replica");
+        if ids.is_empty() {
+            // Still tell the replica the seqs and progress of the range.
+            let mut f = self.delta_frames(repl, e, range, &[], repl::SNAPSHOT);
+            outbox.extend(f.drain(..).map(|f| (to, f)));
+            return;
+        }
+        for f in self.delta_frames(repl, e, range, &ids, repl::SNAPSHOT) {
+            outbox.push((to, f));
+        }
+    }
+
+    /// Replica side: applies a REPLICATE frame; acknowledges it unless it
+    /// was malformed.
+    fn delta(&mut self, id: u32, from: PeerId, h: ReplHeader, segs: Vec<Bytes>, outbox: &mut Vec<(PeerId, Frame)>) {
+        let Some(e) = self.shards.get_mut(&id) else {
+            tracing::warn!(table = h.table, "replicated state for a shard that is not here");
+            return;
+        };
+        match apply_delta_frame(e, &h, &segs) {
+            Ok(()) => {
+                if h.batch != 0 {
+                    let ack = Frame::new(kind::REPLICATED, 0, Bytes::copy_from_slice(&h.batch.to_le_bytes()));
+                    outbox.push((from, ack));
+                }
+            }
+            // Never acknowledged: the owner's pushes stay unacknowledged
+            // rather than being reported safe when they are not.
+            Err(m) => tracing::error!(table = h.table, error = %m, "refused replicated state"),
+        }
+    }
+}
+
+fn apply_delta_frame(e: &mut Entry, h: &ReplHeader, segs: &[Bytes]) -> Result<(), String> {
+    let mut it = segs.iter();
+    let mut next = |what: &str| it.next().ok_or_else(|| format!("no {what} segment"));
+    let keys_seg = if h.flags & repl::RANGE == 0 { Some(next("keys")?) } else { None };
+    let versions = pod_slice::<u32>(next("versions")?);
+    let values = pod_slice::<f32>(next("values")?);
+    let state = if h.flags & repl::STATE != 0 { pod_slice::<f32>(next("state")?) } else { Default::default() };
+    let pending = if h.flags & repl::PENDING != 0 { pod_slice::<u64>(next("pending")?) } else { Default::default() };
+    let applied = pod_slice::<u64>(next("applied seqs")?);
+    let progress = pod_slice::<u64>(next("progress")?);
+    if applied.len() != h.workers as usize || progress.len() != h.workers as usize {
+        return Err(format!("{} seqs and {} progress words for {} workers", applied.len(), progress.len(), h.workers));
+    }
+    let key_view = keys_seg.map(pod_slice::<u64>);
+    let keys = match &key_view {
+        Some(k) => KeyRun::List(k),
+        None => KeyRun::Range { first: h.first, count: h.count as usize },
+    };
+    if keys.len() as u64 != h.count {
+        return Err(format!("{} keys, header says {}", keys.len(), h.count));
+    }
+    if !keys.is_empty() {
+        e.shard.apply_delta(keys, &versions, &values, &state, &pending).map_err(|x| x.to_string())?;
+    }
+    e.shard.merge_applied(&applied);
+    if !e.active {
+        e.shard.merge_progress(&progress);
+    }
+    Ok(())
+}
+
 #[derive(Default)]
 struct Helper {
     kicked: Mutex<bool>,
     cv: Condvar,
 }
 
-#[derive(Default)]
 pub(super) struct Lane {
+    repl: Arc<Replication>,
     queue: Mutex<VecDeque<Job>>,
     running: AtomicBool,
     /// Only the runner touches it; the lock is never contended.
@@ -230,6 +609,17 @@ pub(super) struct Lane {
 }
 
 impl Lane {
+    pub fn new(repl: Arc<Replication>) -> Lane {
+        Lane {
+            repl,
+            queue: Mutex::default(),
+            running: AtomicBool::new(false),
+            state: Mutex::default(),
+            helper: Helper::default(),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
     /// Queues `job` and, when `inline`, applies the queue on this thread
     /// (unless another thread is applying it); otherwise wakes the helper.
     pub fn submit(&self, job: Job, inline: bool) {
@@ -250,6 +640,7 @@ impl Lane {
                 return; // the current runner will take our job too
             }
             let mut replies: Vec<(Arc<Request>, Frame)> = Vec::new();
+            let mut outbox: Vec<(PeerId, Frame)> = Vec::new();
             {
                 let mut st = self.state.lock();
                 loop {
@@ -261,35 +652,29 @@ impl Lane {
                                 replies.push((req, reply));
                             }
                         }
-                        Job::Clock { worker, clock } => {
-                            let w = worker as usize;
-                            if st.clocks.len() <= w {
-                                st.clocks.resize(w + 1, 0);
-                            }
-                            st.clocks[w] = st.clocks[w].max(clock);
-                            for s in st.shards.values_mut() {
-                                let _ = s.record_progress(w, clock);
-                            }
-                            st.release_parked(&mut replies);
-                        }
-                        Job::Install { id, shard } => {
-                            let mut shard = *shard;
-                            for (w, &c) in st.clocks.iter().enumerate() {
-                                let _ = shard.record_progress(w, c);
-                            }
-                            st.shards.insert(id, shard);
-                        }
+                        Job::Clock { worker, clock } => st.clock(worker, clock, &mut replies),
+                        Job::Install { id, shard, active, targets } => st.install(id, *shard, active, targets),
+                        Job::Roles { id, active, targets } => st.roles(id, active, targets),
+                        Job::Snapshot { id, range, to } => st.snapshot(&self.repl, id, range, to.1, &mut outbox),
+                        Job::Delta { id, from, header, segments } => st.delta(id, from, header, segments, &mut outbox),
                     }
                 }
+                st.replicate(&self.repl, &mut outbox);
             }
             // Release: the next runner sees everything applied above.
             self.running.store(false, Ordering::Release);
-            // Replies go out after the lane is released: a slow peer never
-            // holds a lane.
-            for (req, reply) in replies {
-                if let Err(e) = req.net.send(req.peer, reply) {
-                    tracing::debug!(error = %e, "reply not delivered");
+            // Frames go out after the lane is released: a slow peer never
+            // holds a lane. Replicas first, so that their acknowledgements
+            // (which release held replies) come as early as possible.
+            if let Some(net) = self.repl.net.get() {
+                for (peer, f) in outbox {
+                    if let Err(e) = net.send(peer, f) {
+                        tracing::debug!(error = %e, "replication frame not delivered");
+                    }
                 }
+            }
+            for (req, reply) in replies {
+                req.deliver(reply);
             }
             // A job queued after our last pop but before we released would
             // otherwise wait for the next submission.
@@ -336,16 +721,16 @@ fn run_keys<'a>(r: &LaneRun, view: &'a Option<std::borrow::Cow<'a, [u64]>>) -> R
     }
 }
 
-fn push_run(shards: &mut HashMap<u32, Shard>, r: &LaneRun, clock: u64) -> Result<(), String> {
-    let shard = shards.get_mut(&r.shard).ok_or_else(|| format!("shard {} is not on this lane", r.shard))?;
+fn push_run(shards: &mut HashMap<u32, Entry>, r: &LaneRun, clock: u64, worker: usize) -> Result<(), String> {
+    let e = shards.get_mut(&r.shard).ok_or_else(|| format!("shard {} is not on this lane", r.shard))?;
     let view = r.keys.as_ref().map(pod_slice::<u64>);
     let keys = run_keys(r, &view)?;
     let vals = pod_slice::<f32>(r.vals.as_ref().expect("checked by the handler"));
-    shard.push_at(keys, &vals, clock).map_err(|e| e.to_string())
+    e.shard.push_from(keys, &vals, clock, worker, r.header.seq).map(|_| ()).map_err(|e| e.to_string())
 }
 
-fn pull_run(shards: &HashMap<u32, Shard>, r: &LaneRun) -> Result<RunOut, String> {
-    let shard = shards.get(&r.shard).ok_or_else(|| format!("shard {} is not on this lane", r.shard))?;
+fn pull_run(shards: &HashMap<u32, Entry>, r: &LaneRun) -> Result<RunOut, String> {
+    let shard = &shards.get(&r.shard).ok_or_else(|| format!("shard {} is not on this lane", r.shard))?.shard;
     let view = r.keys.as_ref().map(pod_slice::<u64>);
     let keys = run_keys(r, &view)?;
     match &r.known {

@@ -9,6 +9,17 @@
 //!
 //! The server never trusts a peer: a malformed request gets a REFUSED reply
 //! naming the problem and changes nothing.
+//!
+//! Ranges and copies (DESIGN section 6): every server holds, per table, a
+//! set of disjoint shards covering each range of the current map it owns or
+//! keeps a copy of (see `scheduler::ring`: ranges only split over epochs, so
+//! a range is always inside exactly one shard it ever built). It applies
+//! requests only for ranges it owns in its epoch; a request that names keys
+//! it does not own is answered `MOVED`, with nothing applied, and the worker
+//! routes it again. Membership changes (a server died, joined, left) and
+//! table creation are applied in order by one control thread, which builds
+//! the shards and tells the lanes what each shard is for; a new replica of
+//! an owned range first receives a full copy of it.
 
 mod lane;
 
@@ -27,7 +38,7 @@ use crate::table::{TableId, TableSpec};
 use crate::transport::{Frame, Handler, Messenger, PeerId, Transport};
 use crate::updater::Rules;
 
-use lane::{INLINE_MAX_KEYS, Job, Lane, LaneRun, Request};
+use lane::{INLINE_MAX_KEYS, Job, Lane, LaneRun, Replication, Request, Target};
 
 /// Largest number of keys one request may carry to one server.
 pub const MAX_KEYS_PER_REQUEST: u64 = 1 << 28;
@@ -54,18 +65,36 @@ impl Default for ServerConfig {
     }
 }
 
+/// A shard of a table on this server: its range, lane and id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ShardRef {
+    range: KeyRange,
+    lane: usize,
+    id: u32,
+}
+
 struct Table {
     spec: TableSpec,
+    /// The ranges of the current epoch, with owners and replicas.
+    map: crate::scheduler::ring::RangeMap,
     /// Where same-host workers find the shards (dense tables, shm on).
     shm: Vec<proto::ShmShard>,
-    /// Owned ranges sorted by start, with the lane and shard id holding each.
-    ranges: Vec<(KeyRange, usize, u32)>,
+    /// Shards here (owned ranges and copies), disjoint, sorted by start.
+    shards: Vec<ShardRef>,
 }
 
 impl Table {
-    fn find(&self, key: u64) -> Option<&(KeyRange, usize, u32)> {
-        let i = self.ranges.partition_point(|(r, _, _)| r.start <= key).checked_sub(1)?;
-        self.ranges.get(i).filter(|(r, _, _)| r.contains(key))
+    /// The shard holding every key of `[first, last]`.
+    fn shard(&self, first: u64, last: u64) -> Option<ShardRef> {
+        let i = self.shards.partition_point(|s| s.range.start <= first).checked_sub(1)?;
+        self.shards.get(i).filter(|s| s.range.contains(first) && s.range.contains(last)).copied()
+    }
+
+    /// Whether server `me` owns every key of `[first, last]` in this epoch.
+    fn owns(&self, me: u32, first: u64, last: u64) -> bool {
+        let Some(i) = self.map.find(first) else { return false };
+        let (range, owner) = self.map.range(i);
+        owner == me && range.contains(last)
     }
 }
 
@@ -78,6 +107,33 @@ struct Membership {
     ring: Option<Ring>,
     workers: u32,
     stopping: bool,
+    /// Connections this server opened to other servers (its replicas), by
+    /// server index.
+    peers: HashMap<u32, PeerId>,
+}
+
+/// Work for the control thread, in arrival order.
+enum ControlJob {
+    Welcome {
+        from: PeerId,
+        id: u64,
+        servers: Vec<proto::ServerInfo>,
+        rank: u32,
+        workers: u32,
+        vnodes: u32,
+        epoch: u32,
+        replicas: u32,
+    },
+    Membership {
+        from: PeerId,
+        epoch: u32,
+        servers: Vec<proto::ServerInfo>,
+    },
+    CreateTable {
+        from: PeerId,
+        id: u64,
+        spec: TableSpec,
+    },
 }
 
 /// Per-connection state: the key lists a worker asked us to keep, and the
@@ -121,7 +177,15 @@ struct Shared {
     tables: RwLock<HashMap<TableId, Arc<Table>>>,
     next_shard: Mutex<u32>,
     memory: Mutex<u64>,
+    repl: Arc<Replication>,
+    control: Mutex<Option<crossbeam::channel::Sender<ControlJob>>>,
+    /// REPLICATE frames from owners ahead of this server's epoch, held until
+    /// the membership catches up.
+    early: Mutex<Vec<(PeerId, Frame)>>,
 }
+
+/// REPLICATE frames a server holds for a newer epoch before it refuses more.
+const MAX_EARLY_FRAMES: usize = 4096;
 
 /// The transport-facing side of a server.
 pub struct ServerHandler {
@@ -134,6 +198,7 @@ pub struct ServerNode {
     net: Arc<dyn Messenger>,
     helpers: Vec<std::thread::JoinHandle<()>>,
     heartbeat: Option<crate::scheduler::heartbeat::Heartbeat>,
+    control: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ServerNode {
@@ -142,7 +207,8 @@ impl ServerNode {
     /// arrives when the whole job has registered ([`ServerNode::wait_welcome`]).
     pub fn start(transport: &dyn Transport, bind: &str, scheduler: &str, cfg: ServerConfig) -> Result<ServerNode> {
         let cfg_rank = cfg.rank;
-        let lanes: Vec<Arc<Lane>> = (0..cfg.lanes.max(1)).map(|_| Arc::new(Lane::default())).collect();
+        let repl = Arc::new(Replication::default());
+        let lanes: Vec<Arc<Lane>> = (0..cfg.lanes.max(1)).map(|_| Arc::new(Lane::new(repl.clone()))).collect();
         let helpers = lanes
             .iter()
             .enumerate()
@@ -176,9 +242,25 @@ impl ServerNode {
             tables: RwLock::new(HashMap::new()),
             next_shard: Mutex::new(0),
             memory: Mutex::new(0),
+            repl,
+            control: Mutex::new(None),
+            early: Mutex::new(Vec::new()),
         });
         let net = transport.bind(bind, Arc::new(ServerHandler { shared: shared.clone() }))?;
-        let mut node = ServerNode { shared, net, helpers, heartbeat: None };
+        let _ = shared.repl.net.set(net.clone());
+        let (tx, rx) = crossbeam::channel::unbounded();
+        *shared.control.lock() = Some(tx);
+        let (sh, n2) = (shared.clone(), net.clone());
+        let control = std::thread::Builder::new()
+            .name("pserver-control".into())
+            .spawn(move || {
+                let h = ServerHandler { shared: sh };
+                for job in rx {
+                    h.control_job(&n2, job);
+                }
+            })
+            .map_err(|e| Error::io("spawning the server's control thread", e))?;
+        let mut node = ServerNode { shared, net, helpers, heartbeat: None, control: Some(control) };
         let sched = node.net.connect(scheduler)?;
         node.shared.membership.lock().scheduler = Some(sched);
         // Tell the job the address it can reach us at (a wildcard bind is
@@ -229,6 +311,11 @@ impl ServerNode {
         }
     }
 
+    /// Replication batches whose replicas have not all acknowledged.
+    pub fn pending_replication(&self) -> usize {
+        self.shared.repl.pending()
+    }
+
     /// Stops serving now.
     pub fn stop(&self) {
         self.shared.membership.lock().stopping = true;
@@ -240,12 +327,18 @@ impl Drop for ServerNode {
     fn drop(&mut self) {
         self.stop();
         self.heartbeat.take();
+        self.shared.control.lock().take();
         self.net.shutdown();
         for l in &self.shared.lanes {
             l.stop();
         }
         for h in self.helpers.drain(..) {
             let _ = h.join();
+        }
+        if let Some(c) = self.control.take()
+            && c.thread().id() != std::thread::current().id()
+        {
+            let _ = c.join();
         }
     }
 }
@@ -258,6 +351,7 @@ impl Handler for ServerHandler {
             self.shared.blocked.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
         let mut m = self.shared.membership.lock();
+        m.peers.retain(|_, p| *p != peer);
         if m.scheduler == Some(peer) && !m.stopping {
             tracing::warn!("lost the connection to the scheduler; stopping");
             m.stopping = true;
@@ -272,6 +366,8 @@ impl Handler for ServerHandler {
             kind::CONTROL => self.on_control(net, from, &frame),
             kind::PUSH | kind::PULL | kind::PUSH_PULL | kind::CLOCK | kind::RING => self.on_ordered(net, from, frame),
             kind::KEYS => self.on_keys(net, from, &frame),
+            kind::REPLICATE => self.on_replicate(net, from, frame),
+            kind::REPLICATED => self.on_replicated(net, from, &frame),
             other => Err(Error::protocol(net.peer_addr(from), format!("unknown frame kind {other}"))),
         };
         if let Err(e) = result {
@@ -285,16 +381,18 @@ impl ServerHandler {
     fn on_control(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: &Frame) -> Result<()> {
         let peer = net.peer_addr(from);
         match Control::from_frame(frame, &peer)? {
-            Control::Welcome { role: Role::Server, rank, servers, workers, vnodes, epoch } => {
-                let mut m = self.shared.membership.lock();
-                m.index = Some(rank);
-                m.workers = workers;
-                m.ring = Some(Ring::new(servers, vnodes, epoch));
-                drop(m);
-                self.shared.changed.notify_all();
-                tracing::info!(rank, workers, "server joined the job");
-                net.send(from, Control::Ready { rank }.to_frame(frame.id))
-            }
+            Control::Welcome { role: Role::Server, rank, servers, workers, vnodes, epoch, replicas, .. } => self
+                .to_control(ControlJob::Welcome {
+                    from,
+                    id: frame.id,
+                    servers,
+                    rank,
+                    workers,
+                    vnodes,
+                    epoch,
+                    replicas,
+                }),
+            Control::Membership { epoch, servers } => self.to_control(ControlJob::Membership { from, epoch, servers }),
             Control::ShardMap { table } => {
                 let shards = self.shared.tables.read().get(&table).map(|t| t.shm.clone());
                 let reply = match shards {
@@ -332,22 +430,63 @@ impl ServerHandler {
                 self.shared.changed.notify_all();
                 Ok(())
             }
-            Control::CreateTable(spec) => {
-                let reply = match self.create_table(spec) {
-                    Ok(table) => Control::TableReady { table },
-                    Err(e) => Control::Error(e.to_string()),
-                };
-                net.send(from, reply.to_frame(frame.id))
-            }
+            Control::CreateTable(spec) => self.to_control(ControlJob::CreateTable { from, id: frame.id, spec }),
             other => Err(Error::protocol(peer, format!("unexpected control message {other:?}"))),
         }
     }
 
-    fn create_table(&self, spec: TableSpec) -> Result<TableId> {
+    fn to_control(&self, job: ControlJob) -> Result<()> {
+        match self.shared.control.lock().as_ref() {
+            Some(tx) => tx.send(job).map_err(|_| Error::ShuttingDown),
+            None => Err(Error::ShuttingDown),
+        }
+    }
+
+    /// The control thread: membership changes and table creation, in order.
+    fn control_job(&self, net: &Arc<dyn Messenger>, job: ControlJob) {
+        match job {
+            ControlJob::Welcome { from, id, servers, rank, workers, vnodes, epoch, replicas } => {
+                {
+                    let mut m = self.shared.membership.lock();
+                    m.index = Some(rank);
+                    m.workers = workers;
+                    m.ring = Some(Ring::new(servers, vnodes, epoch).with_replicas(replicas));
+                }
+                self.shared.repl.me.store(rank, std::sync::atomic::Ordering::Relaxed);
+                self.shared.repl.epoch.store(epoch, std::sync::atomic::Ordering::Release);
+                self.shared.changed.notify_all();
+                tracing::info!(rank, workers, replicas, "server joined the job");
+                let _ = net.send(from, Control::Ready { rank }.to_frame(id));
+            }
+            ControlJob::Membership { from, epoch, servers } => {
+                if let Err(e) = self.apply_membership(net, epoch, servers) {
+                    tracing::error!(epoch, error = %e, "could not apply a membership change");
+                }
+                let _ = net.send(from, Control::MembershipAck { epoch }.to_frame(0));
+            }
+            ControlJob::CreateTable { from, id, spec } => {
+                let reply = match self.create_table(net, spec) {
+                    Ok(table) => Control::TableReady { table },
+                    Err(e) => Control::Error(e.to_string()),
+                };
+                let _ = net.send(from, reply.to_frame(id));
+            }
+        }
+    }
+
+    /// A connection to server `s` (opened once, kept).
+    fn peer(&self, net: &Arc<dyn Messenger>, ring: &Ring, s: u32) -> Result<PeerId> {
+        if let Some(&p) = self.shared.membership.lock().peers.get(&s) {
+            return Ok(p);
+        }
+        let info = ring.servers().get(s as usize).ok_or_else(|| Error::Config(format!("no server {s}")))?;
+        let p = net.connect(&info.addr)?;
+        self.shared.membership.lock().peers.insert(s, p);
+        Ok(p)
+    }
+
+    fn create_table(&self, net: &Arc<dyn Messenger>, spec: TableSpec) -> Result<TableId> {
         spec.validate()?;
-        // One creation at a time, so two workers declaring the same table
-        // cannot both allocate it.
-        let mut next_shard = self.shared.next_shard.lock();
         if let Some(t) = self.shared.tables.read().get(&spec.id) {
             return if t.spec == spec {
                 Ok(spec.id)
@@ -358,20 +497,50 @@ impl ServerHandler {
                 })
             };
         }
-        let rule = self.shared.cfg.rules.resolve(&spec.updater)?;
-        let (index, ring, workers) = {
+        let (index, ring) = {
             let m = self.shared.membership.lock();
             match (m.index, &m.ring) {
-                (Some(i), Some(r)) => (i, r.clone(), m.workers),
+                (Some(i), Some(r)) => (i, r.clone()),
                 _ => return Err(Error::Config("server has not joined a job yet".into())),
             }
         };
+        let table = self.layout(net, &spec, &ring, index, None)?;
+        tracing::debug!(table = spec.id, shards = table.shards.len(), "table created");
+        // Published after the shards are in their lanes.
+        self.shared.tables.write().insert(spec.id, Arc::new(table));
+        Ok(spec.id)
+    }
+
+    /// Builds (or rebuilds, after a membership change) a table's shards on
+    /// this server for `ring`: a shard for every range it owns or copies
+    /// that no shard covers yet, each shard told what it is for, and a full
+    /// copy of every owned range sent to replicas that did not have it.
+    fn layout(
+        &self,
+        net: &Arc<dyn Messenger>,
+        spec: &TableSpec,
+        ring: &Ring,
+        me: u32,
+        old: Option<&Table>,
+    ) -> Result<Table> {
+        let rule = self.shared.cfg.rules.resolve(&spec.updater)?;
         let map = ring.ranges(spec.keys);
-        let owned: Vec<KeyRange> = map.ranges_of(index).collect();
         let layout = crate::store::SlotLayout::new(spec.dim)
             .ok_or_else(|| Error::InvalidSpec(format!("table {}: dim {}", spec.id, spec.dim)))?;
-        if spec.storage == crate::table::Storage::Dense {
-            let keys: u64 = owned.iter().map(|r| r.len()).sum();
+        let mut shards: Vec<ShardRef> = old.map(|t| t.shards.clone()).unwrap_or_default();
+        let covering = |shards: &[ShardRef], r: KeyRange| {
+            shards.iter().position(|s| s.range.start <= r.start && r.end <= s.range.end)
+        };
+        // New shards first (their memory is checked before anything changes).
+        let mut new: Vec<KeyRange> = Vec::new();
+        for i in 0..map.len() {
+            let (r, owner) = map.range(i);
+            if (owner == me || map.replicas(i).any(|s| s == me)) && covering(&shards, r).is_none() {
+                new.push(r);
+            }
+        }
+        if spec.storage == crate::table::Storage::Dense && !new.is_empty() {
+            let keys: u64 = new.iter().map(|r| r.len()).sum();
             let per_key = (layout.bytes() + layout.dim() * 4 * rule.state_per_value()) as u64;
             let need = keys.saturating_mul(per_key);
             let mut used = self.shared.memory.lock();
@@ -385,9 +554,9 @@ impl ServerHandler {
             }
             *used += need;
         }
-        let mut ranges = Vec::with_capacity(owned.len());
-        let mut shm = Vec::new();
-        for range in owned {
+        let workers = self.shared.membership.lock().workers;
+        let mut built: Vec<(ShardRef, Shard)> = Vec::with_capacity(new.len());
+        for range in new {
             let cfg = ShardConfig {
                 table: spec.id,
                 range,
@@ -398,27 +567,163 @@ impl ServerHandler {
                 files: self.shared.shm.clone(),
             };
             let shard = Shard::new(cfg, rule.clone())?;
-            if spec.storage == crate::table::Storage::Dense {
-                let (hdr, chunks) = shard.regions();
-                if let (Some(h), Some(c)) = (hdr.path(), chunks.first().and_then(|c| c.path())) {
-                    shm.push(proto::ShmShard {
-                        start: range.start,
-                        end: range.end,
-                        header: h.display().to_string(),
-                        slots: c.display().to_string(),
-                    });
+            let id = {
+                let mut next = self.shared.next_shard.lock();
+                *next += 1;
+                *next - 1
+            };
+            built.push((ShardRef { range, lane: id as usize % self.shared.lanes.len(), id }, shard));
+        }
+        shards.extend(built.iter().map(|(r, _)| *r));
+        shards.sort_by_key(|s| s.range.start);
+        // What each shard is for: owned parts and their replicas.
+        let mut active = vec![false; shards.len()];
+        let mut targets: Vec<Vec<Target>> = vec![Vec::new(); shards.len()];
+        let mut snapshots: Vec<(usize, KeyRange, u32)> = Vec::new();
+        for i in 0..map.len() {
+            let (r, owner) = map.range(i);
+            if owner != me {
+                continue;
+            }
+            let at = covering(&shards, r).expect("every owned range has a shard");
+            active[at] = true;
+            let reps: Vec<u32> = map.replicas(i).collect();
+            let mut peers = Vec::with_capacity(reps.len());
+            for &s in &reps {
+                match self.peer(net, ring, s) {
+                    Ok(p) => peers.push((s, p)),
+                    Err(e) => tracing::warn!(server = s, error = %e, "cannot reach a replica"),
                 }
             }
-            let id = *next_shard;
-            *next_shard += 1;
-            let lane = id as usize % self.shared.lanes.len();
-            self.shared.lanes[lane].submit(Job::Install { id, shard: Box::new(shard) }, true);
-            ranges.push((range, lane, id));
+            // Replicas that had no copy of this range in the old epoch (all
+            // of them when this server did not own it before).
+            let had: Vec<u32> = old
+                .and_then(|t| {
+                    let j = t.map.find(r.start)?;
+                    (t.map.range(j).1 == me).then(|| t.map.replicas(j).collect())
+                })
+                .unwrap_or_default();
+            for &(s, _) in &peers {
+                if old.is_some() && !had.contains(&s) {
+                    snapshots.push((at, r, s));
+                }
+            }
+            targets[at].push(Target { range: r, peers });
         }
-        tracing::debug!(table = spec.id, shards = ranges.len(), "table created");
-        // Published after the shards are in their lanes.
-        self.shared.tables.write().insert(spec.id, Arc::new(Table { spec: spec.clone(), shm, ranges }));
-        Ok(spec.id)
+        let mut shm = Vec::new();
+        let mut fresh: HashMap<u32, Shard> = built.into_iter().map(|(r, s)| (r.id, s)).collect();
+        for (at, sref) in shards.iter().enumerate() {
+            let (act, tg) = (active[at], std::mem::take(&mut targets[at]));
+            match fresh.remove(&sref.id) {
+                Some(shard) => {
+                    if spec.storage == crate::table::Storage::Dense {
+                        let (hdr, chunks) = shard.regions();
+                        if let (Some(h), Some(c)) = (hdr.path(), chunks.first().and_then(|c| c.path())) {
+                            shm.push((sref.range, h.display().to_string(), c.display().to_string()));
+                        }
+                    }
+                    let job = Job::Install { id: sref.id, shard: Box::new(shard), active: act, targets: tg };
+                    self.shared.lanes[sref.lane].submit(job, true);
+                }
+                None => self.shared.lanes[sref.lane].submit(Job::Roles { id: sref.id, active: act, targets: tg }, true),
+            }
+        }
+        for (at, range, s) in snapshots {
+            let sref = shards[at];
+            let peer = self.shared.membership.lock().peers.get(&s).copied();
+            if let Some(p) = peer {
+                self.shared.lanes[sref.lane].submit(Job::Snapshot { id: sref.id, range, to: (s, p) }, false);
+            }
+        }
+        let mut shm_all: Vec<proto::ShmShard> = old.map(|t| t.shm.clone()).unwrap_or_default();
+        shm_all.extend(shm.into_iter().map(|(r, header, slots)| proto::ShmShard {
+            start: r.start,
+            end: r.end,
+            header,
+            slots,
+        }));
+        Ok(Table { spec: spec.clone(), map, shm: shm_all, shards })
+    }
+
+    /// A new epoch: ranges of dead servers pass to their first replica here,
+    /// lost replicas are replaced (and sent a copy), batches stop waiting
+    /// for servers that are gone.
+    fn apply_membership(&self, net: &Arc<dyn Messenger>, epoch: u32, servers: Vec<proto::ServerInfo>) -> Result<()> {
+        let (me, ring) = {
+            let mut m = self.shared.membership.lock();
+            let (Some(me), Some(old)) = (m.index, &m.ring) else {
+                return Err(Error::Config("a membership change before the welcome".into()));
+            };
+            if epoch <= old.epoch() {
+                return Ok(());
+            }
+            let ring = Ring::new(servers, old.vnodes(), epoch).with_replicas(old.replicas());
+            m.ring = Some(ring.clone());
+            let dead: Vec<u32> = (0..ring.servers().len() as u32).filter(|&s| !ring.is_alive(s)).collect();
+            m.peers.retain(|s, _| !dead.contains(s));
+            (me, ring)
+        };
+        tracing::info!(epoch, live = ring.live(), "membership changed");
+        let tables: Vec<Arc<Table>> = self.shared.tables.read().values().cloned().collect();
+        for t in tables {
+            let table = self.layout(net, &t.spec, &ring, me, Some(&t))?;
+            self.shared.tables.write().insert(t.spec.id, Arc::new(table));
+        }
+        self.shared.repl.epoch.store(epoch, std::sync::atomic::Ordering::Release);
+        self.shared.repl.forget(|s| !ring.is_alive(s));
+        // Replicated state that arrived ahead of this epoch.
+        let early = std::mem::take(&mut *self.shared.early.lock());
+        for (from, f) in early {
+            if let Err(e) = self.on_replicate(net, from, f) {
+                tracing::debug!(error = %e, "dropped early replicated state");
+            }
+        }
+        Ok(())
+    }
+
+    /// Replica side of replication: the owner's state of some keys.
+    fn on_replicate(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) -> Result<()> {
+        let bad = |d: String| Error::protocol(net.peer_addr(from), d);
+        let h: proto::ReplHeader =
+            bytemuck::try_pod_read_unaligned(&frame.meta).map_err(|_| bad("REPLICATE meta is malformed".into()))?;
+        let mine = self.shared.repl.epoch.load(std::sync::atomic::Ordering::Acquire);
+        if h.epoch > mine {
+            let mut early = self.shared.early.lock();
+            if early.len() >= MAX_EARLY_FRAMES {
+                return Err(Error::LimitExceeded("replicated state far ahead of this server's epoch".into()));
+            }
+            early.push((from, frame));
+            return Ok(());
+        }
+        let table = self.shared.tables.read().get(&h.table).cloned().ok_or(Error::UnknownTable(h.table))?;
+        if h.end <= h.start || !table.owns(h.from, h.start, h.end - 1) {
+            // Not the owner in our epoch: a server declared dead that still
+            // runs. Never acknowledged, so its pushes are not either.
+            tracing::debug!(table = h.table, from = h.from, "refused replicated state from a non-owner");
+            return Ok(());
+        }
+        let sref = table
+            .shard(h.start, h.end - 1)
+            .ok_or_else(|| bad(format!("no copy of [{}, {}) of table {} here", h.start, h.end, h.table)))?;
+        let inline = h.count <= INLINE_MAX_KEYS;
+        self.shared.lanes[sref.lane]
+            .submit(Job::Delta { id: sref.id, from, header: h, segments: frame.segments }, inline);
+        Ok(())
+    }
+
+    /// Owner side: a replica applied a batch.
+    fn on_replicated(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: &Frame) -> Result<()> {
+        let batch = frame
+            .meta
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .ok_or_else(|| Error::protocol(net.peer_addr(from), "REPLICATED meta is malformed"))?;
+        let server = self.shared.membership.lock().peers.iter().find(|(_, p)| **p == from).map(|(s, _)| *s);
+        match server {
+            Some(s) => self.shared.repl.acked(batch, s),
+            None => tracing::debug!(batch, "acknowledgement from a server that is not a replica"),
+        }
+        Ok(())
     }
 
     /// Data and clock frames: held, in order, while the connection waits
@@ -547,6 +852,8 @@ impl ServerHandler {
             }
             cached
         };
+        let me = self.shared.membership.lock().index.unwrap_or(u32::MAX);
+        let all_runs = runs.clone();
         let mut total = 0u64;
         let mut per_lane: Vec<Vec<LaneRun>> = (0..self.shared.lanes.len()).map(|_| Vec::new()).collect();
         self.shared.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -625,24 +932,39 @@ impl ServerHandler {
             } else {
                 None
             };
-            let &(range, lane, shard) = table
-                .find(r.first)
-                .filter(|(range, _, _)| range.contains(last))
-                .ok_or_else(|| Error::NotOwned { table: h.table, key: r.first, range: "no shard here".into() })?;
-            let _ = range;
-            per_lane[lane].push(LaneRun { header: r, shard, keys, vals, known });
+            if !table.owns(me, r.first, last) {
+                return self.moved(net, from, frame.id, &h, &all_runs);
+            }
+            let sref = table.shard(r.first, last).ok_or_else(|| Error::NotOwned {
+                table: h.table,
+                key: r.first,
+                range: "no shard here".into(),
+            })?;
+            per_lane[sref.lane].push(LaneRun { header: r, shard: sref.id, keys, vals, known });
         }
         self.shared.stats.keys.fetch_add(total, std::sync::atomic::Ordering::Relaxed);
         let lanes = per_lane.iter().filter(|r| !r.is_empty()).count();
         if lanes == 0 {
             return Err(bad("a data request without runs".into()));
         }
-        let req = Arc::new(Request::new(net.clone(), from, frame.id, frame.kind, &h, lanes));
+        let epoch = self.shared.repl.epoch.load(std::sync::atomic::Ordering::Acquire);
+        let req = Arc::new(Request::new(net.clone(), from, frame.id, frame.kind, &h, lanes, epoch));
         let inline = total <= INLINE_MAX_KEYS;
         for (lane, runs) in per_lane.into_iter().enumerate().filter(|(_, r)| !r.is_empty()) {
             self.shared.lanes[lane].submit(Job::Runs { req: req.clone(), runs }, inline);
         }
         Ok(())
+    }
+
+    /// Answers every run of a request `MOVED`: this server does not own
+    /// some of its keys in its epoch. Nothing was applied.
+    fn moved(&self, net: &Arc<dyn Messenger>, from: PeerId, id: u64, h: &DataHeader, runs: &[RunHeader]) -> Result<()> {
+        let epoch = self.shared.repl.epoch.load(std::sync::atomic::Ordering::Acquire);
+        let header =
+            proto::ReplyHeader { table: h.table, runs: runs.len() as u32, progress: u64::MAX, epoch, reserved: 0 };
+        let recs: Vec<proto::RunReply> =
+            runs.iter().map(|r| proto::RunReply { run: r.run, status: proto::status::MOVED, count: r.count }).collect();
+        net.send(from, Frame::new(kind::REPLY, id, proto::build_meta(&header, &recs)))
     }
 
     fn on_clock(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: &Frame) -> Result<()> {

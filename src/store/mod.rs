@@ -10,5 +10,5 @@ pub mod shard;
 pub mod slot;
 
 pub use region::Region;
-pub use shard::{KeyRange, KeyRun, Shard, ShardConfig};
+pub use shard::{Delta, KeyRange, KeyRun, Shard, ShardConfig};
 pub use slot::{SlotLayout, Torn, Version};

@@ -154,6 +154,64 @@ pub struct Shard {
     touched: std::collections::BTreeMap<u64, Vec<u32>>,
     last_touched: Vec<u64>,
     workers: usize,
+    /// Per worker, the seq of the last push run applied (exactly once).
+    applied: Vec<u64>,
+    /// Slots changed since the last [`Shard::take_changes`], when tracked
+    /// (an owner with replicas).
+    changes: Option<Changes>,
+}
+
+/// The set of changed slots: a list and a bitmap, so each slot is listed
+/// once however often it changes.
+#[derive(Default)]
+struct Changes {
+    ids: Vec<u32>,
+    mark: Vec<u64>,
+}
+
+impl Changes {
+    #[inline]
+    fn mark(&mut self, id: u32) {
+        let (w, b) = (id as usize / 64, id % 64);
+        if w >= self.mark.len() {
+            self.mark.resize(w + 1, 0);
+        }
+        if self.mark[w] >> b & 1 == 0 {
+            self.mark[w] |= 1 << b;
+            self.ids.push(id);
+        }
+    }
+}
+
+/// Some slots of a shard as replication moves them: keys (or a contiguous
+/// range of them), versions, values and the rule's per-key state.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Delta {
+    /// Keys, unless `range` holds them as `(first, count)`.
+    pub keys: Vec<Key>,
+    pub range: Option<(Key, u64)>,
+    pub versions: Vec<Version>,
+    pub values: Vec<f32>,
+    /// The rule's state per key (empty for stateless rules).
+    pub state: Vec<f32>,
+    /// Aggregating rules: the clock whose pushes each key holds accumulated
+    /// (`u64::MAX`: none); empty otherwise.
+    pub pending: Vec<u64>,
+}
+
+impl Delta {
+    pub fn len(&self) -> usize {
+        self.versions.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty()
+    }
+    pub fn key_run(&self) -> KeyRun<'_> {
+        match self.range {
+            Some((first, count)) => KeyRun::Range { first, count: count as usize },
+            None => KeyRun::List(&self.keys),
+        }
+    }
 }
 
 /// How many keys ahead batch loops prefetch.
@@ -228,6 +286,8 @@ impl Shard {
             state_per_key,
             scratch: vec![0.0; layout.dim()],
             workers: cfg.workers,
+            applied: vec![0; cfg.workers],
+            changes: None,
         };
         match cfg.storage {
             Storage::Dense => {
@@ -364,6 +424,29 @@ impl Shard {
         self.push_at(keys, values, 0)
     }
 
+    /// A worker's push run with its sequence number: applied, unless a run
+    /// of that worker with this or a later seq was applied already (a retry
+    /// after a failover); returns whether it was applied. `seq` 0 is always
+    /// applied.
+    pub fn push_from(&mut self, keys: KeyRun, values: &[f32], clock: u64, worker: usize, seq: u64) -> Result<bool> {
+        if seq != 0 {
+            let Some(&last) = self.applied.get(worker) else {
+                return Err(Error::Config(format!(
+                    "table {}: worker rank {worker} is outside the job's {} workers",
+                    self.table, self.workers
+                )));
+            };
+            if seq <= last {
+                return Ok(false);
+            }
+        }
+        self.push_at(keys, values, clock)?;
+        if seq != 0 {
+            self.applied[worker] = seq;
+        }
+        Ok(true)
+    }
+
     /// [`Shard::push`] of pushes issued at worker clock `clock` (aggregating
     /// rules apply them once every worker has finished that clock).
     pub fn push_at(&mut self, keys: KeyRun, values: &[f32], clock: u64) -> Result<()> {
@@ -410,6 +493,9 @@ impl Shard {
                 ScalarRule::Sum => run(words, values, |v, g| v + g),
                 r => run(words, values, |v, g| r.apply(v, g)),
             }
+            if let Some(c) = &mut self.changes {
+                (base..base + count).for_each(|i| c.mark(i as u32));
+            }
             return Ok(());
         }
         // Any other run: find (or create) every key's slot first, then apply,
@@ -424,6 +510,9 @@ impl Shard {
                 }
                 let slot = slot_in(&self.chunks, self.chunk_shift, words, ids[i] as usize);
                 slot::update_scalar(&slot[0], |v| rule.apply(v, g));
+            }
+            if let Some(c) = &mut self.changes {
+                ids.iter().for_each(|&id| c.mark(id));
             }
         }
         self.slot_ids = ids;
@@ -481,6 +570,9 @@ impl Shard {
                     touched.push(id);
                 }
             }
+            if let Some(c) = &mut self.changes {
+                ids.iter().for_each(|&id| c.mark(id));
+            }
         }
         self.slot_ids = ids;
         r
@@ -506,6 +598,9 @@ impl Shard {
                 self.rule.finalize(key, &mut cur, st);
                 slot::store(self.layout, slot, &cur);
                 self.last_touched[i] = u64::MAX;
+                if let Some(c) = &mut self.changes {
+                    c.mark(id);
+                }
             }
         }
         self.scratch = cur;
@@ -525,6 +620,9 @@ impl Shard {
             let st = &mut self.state[idx * self.state_per_key..(idx + 1) * self.state_per_key];
             self.rule.apply(key, cur, st, push);
             slot::store(self.layout, slot, cur);
+            if let Some(c) = &mut self.changes {
+                c.mark(idx as u32);
+            }
         }
         Ok(())
     }
@@ -705,6 +803,182 @@ impl Shard {
     /// The minimum progress over all workers.
     pub fn min_progress(&self) -> u64 {
         self.header.words()[header::MIN_PROGRESS].load(Ordering::Acquire)
+    }
+
+    /// Starts (or stops) noting which slots change, for replication.
+    pub fn track_changes(&mut self, on: bool) {
+        match (on, self.changes.is_some()) {
+            (true, false) => self.changes = Some(Changes::default()),
+            (false, true) => self.changes = None,
+            _ => {}
+        }
+    }
+
+    /// Whether slots changed since the last [`Shard::take_changes`].
+    pub fn has_changes(&self) -> bool {
+        self.changes.as_ref().is_some_and(|c| !c.ids.is_empty())
+    }
+
+    /// The slots changed since the last call, sorted; clears the set.
+    pub fn take_changes(&mut self) -> Vec<u32> {
+        let Some(c) = &mut self.changes else { return Vec::new() };
+        let mut ids = std::mem::take(&mut c.ids);
+        for &id in &ids {
+            c.mark[id as usize / 64] = 0;
+        }
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The key of slot `id`.
+    pub fn key_of(&self, id: u32) -> Key {
+        match self.storage {
+            Storage::Dense => self.range.start + u64::from(id),
+            Storage::Sparse => self.keys[id as usize],
+        }
+    }
+
+    /// Slots holding keys of `range` (all of them: a new replica's copy).
+    pub fn slots_in(&self, range: KeyRange) -> Vec<u32> {
+        match self.storage {
+            Storage::Dense => {
+                let lo = range.start.max(self.range.start);
+                let hi = range.end.min(self.range.end);
+                (lo..hi.max(lo)).map(|k| (k - self.range.start) as u32).collect()
+            }
+            Storage::Sparse => (0..self.len as u32).filter(|&id| range.contains(self.keys[id as usize])).collect(),
+        }
+    }
+
+    /// The current state of slots `ids`, in key order, as replication sends it.
+    pub fn delta_of(&self, ids: &[u32]) -> Delta {
+        if !ids.windows(2).all(|w| self.key_of(w[0]) < self.key_of(w[1])) {
+            let mut by_key: Vec<u32> = ids.to_vec();
+            by_key.sort_unstable_by_key(|&id| self.key_of(id));
+            return self.delta_of(&by_key);
+        }
+        let d = self.layout.dim();
+        let mut out =
+            Delta { versions: Vec::with_capacity(ids.len()), values: vec![0.0; ids.len() * d], ..Delta::default() };
+        let contiguous = ids.windows(2).all(|w| w[1] == w[0] + 1);
+        debug_assert!(ids.windows(2).all(|w| self.key_of(w[0]) < self.key_of(w[1])));
+        if self.storage == Storage::Dense && contiguous && !ids.is_empty() {
+            out.range = Some((self.key_of(ids[0]), ids.len() as u64));
+        } else {
+            out.keys = ids.iter().map(|&id| self.key_of(id)).collect();
+        }
+        for (&id, v) in ids.iter().zip(out.values.chunks_exact_mut(d)) {
+            out.versions.push(slot::load(self.layout, self.slot(id as usize), v));
+        }
+        if self.state_per_key > 0 {
+            let spk = self.state_per_key;
+            out.state =
+                ids.iter().flat_map(|&id| &self.state[id as usize * spk..(id as usize + 1) * spk]).copied().collect();
+        }
+        if self.rule.aggregates() {
+            out.pending =
+                ids.iter().map(|&id| self.last_touched.get(id as usize).copied().unwrap_or(u64::MAX)).collect();
+        }
+        out
+    }
+
+    /// Replica side: makes keys hold exactly the owner's state (creating
+    /// their slots as needed). Checks every length and key first; on error
+    /// nothing is changed.
+    pub fn apply_delta(
+        &mut self,
+        keys: KeyRun,
+        versions: &[Version],
+        values: &[f32],
+        state: &[f32],
+        pending: &[u64],
+    ) -> Result<()> {
+        let (n, d) = (keys.len(), self.layout.dim());
+        let bad = |what: String| Error::Config(format!("table {}: replicated state: {what}", self.table));
+        if versions.len() != n || values.len() != n * d {
+            return Err(bad(format!(
+                "{} versions and {} values for {n} keys of dim {d}",
+                versions.len(),
+                values.len()
+            )));
+        }
+        if state.len() != n * self.state_per_key {
+            return Err(bad(format!("{} state values for {n} keys, {} each", state.len(), self.state_per_key)));
+        }
+        if !pending.is_empty() && (pending.len() != n || !self.rule.aggregates()) {
+            return Err(bad(format!("{} pending clocks for {n} keys", pending.len())));
+        }
+        if let KeyRun::List(k) = keys
+            && let Some(i) = k.windows(2).position(|w| w[0] >= w[1])
+        {
+            return Err(bad(format!("keys not sorted at index {}", i + 1)));
+        }
+        self.check_run(&keys)?;
+        let mut ids = std::mem::take(&mut self.slot_ids);
+        let r = self.slot_ids_for(keys, true, &mut ids);
+        if r.is_ok() {
+            let spk = self.state_per_key;
+            if !pending.is_empty() && self.last_touched.len() < self.len {
+                self.last_touched.resize(self.len, u64::MAX);
+            }
+            for (i, &id) in ids.iter().enumerate() {
+                let slot = slot_in(&self.chunks, self.chunk_shift, self.layout.words(), id as usize);
+                slot::store_at(self.layout, slot, &values[i * d..(i + 1) * d], versions[i]);
+                let id = id as usize;
+                self.state[id * spk..(id + 1) * spk].copy_from_slice(&state[i * spk..(i + 1) * spk]);
+                if let Some(&p) = pending.get(i) {
+                    self.last_touched[id] = p;
+                }
+            }
+        }
+        self.slot_ids = ids;
+        r
+    }
+
+    /// Per worker, the seq of the last push run applied.
+    pub fn applied(&self) -> &[u64] {
+        &self.applied
+    }
+
+    /// Replica side: takes the owner's last applied seqs (they only grow).
+    pub fn merge_applied(&mut self, applied: &[u64]) {
+        for (mine, &theirs) in self.applied.iter_mut().zip(applied) {
+            *mine = (*mine).max(theirs);
+        }
+    }
+
+    /// Progress of every worker.
+    pub fn progress_all(&self) -> Vec<u64> {
+        (0..self.workers).map(|w| self.progress(w)).collect()
+    }
+
+    /// Replica side: takes the owner's progress (it only grows). Nothing is
+    /// finalized here: the owner's finalized values arrive as state.
+    pub fn merge_progress(&mut self, progress: &[u64]) {
+        let h = self.header.words();
+        let p = &h[header::PROGRESS..header::PROGRESS + self.workers];
+        for (w, &c) in p.iter().zip(progress) {
+            if c > w.load(Ordering::Relaxed) {
+                // Release: as in `record_progress`.
+                w.store(c, Ordering::Release);
+            }
+        }
+        let min = p.iter().map(|w| w.load(Ordering::Relaxed)).min().unwrap_or(0);
+        h[header::MIN_PROGRESS].store(min, Ordering::Release);
+    }
+
+    /// A replica becomes an owner: the keys holding accumulated pushes are
+    /// listed again by clock, so that they are finalized as clocks complete.
+    pub fn take_ownership(&mut self) {
+        if !self.rule.aggregates() {
+            return;
+        }
+        self.touched.clear();
+        for (id, &c) in self.last_touched.iter().enumerate() {
+            if c != u64::MAX {
+                self.touched.entry(c).or_default().push(id as u32);
+            }
+        }
     }
 
     /// Visits every key that has a slot with its values, in slot order.

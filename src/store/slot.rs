@@ -262,6 +262,15 @@ pub(crate) fn store(layout: SlotLayout, slot: &[AtomicU64], values: &[f32]) -> V
     next
 }
 
+/// Owner-only: publishes `values` at exactly `version` (a copy of another
+/// shard's slot, kept at the same version so that version-filtered pulls
+/// stay right across a failover).
+pub(crate) fn store_at(layout: SlotLayout, slot: &[AtomicU64], values: &[f32], version: Version) {
+    debug_assert_eq!(values.len(), layout.dim());
+    let old = slot[0].load(Ordering::Relaxed) as u32;
+    publish(layout, slot, old, version & !1, values);
+}
+
 /// Owner-only, before the slot has ever been written: sets its initial values
 /// at version 0.
 pub(crate) fn init(layout: SlotLayout, slot: &[AtomicU64], values: &[f32]) {

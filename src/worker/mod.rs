@@ -26,11 +26,11 @@ use rustc_hash::FxHashMap;
 
 use crate::error::{Error, Result};
 use crate::proto::{self, Control, DataHeader, ReplyHeader, Role, RunHeader, RunReply, kind, run_form, status};
-use crate::scheduler::ring::{RangeMap, Ring, Run};
+use crate::scheduler::ring::{NO_SERVER, RangeMap, Ring};
 use crate::table::{Consistency, Key, TableId, TableSpec};
 use crate::transport::{Frame, Handler, Messenger, PeerId, Transport, bytes_of_vec, pod_slice};
 
-use op::{Op, OpRun, Part};
+use op::{Op, OpRun, Part, Sent};
 
 /// Identifies an operation of one worker; increases with every operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -142,7 +142,7 @@ struct TableInfo {
     spec: TableSpec,
     map: RangeMap,
     /// Per server, its shards mapped from shared memory (dense tables).
-    shm: Vec<Option<Vec<ShmView>>>,
+    shm: Vec<Option<Arc<Vec<ShmView>>>>,
 }
 
 /// A server's shard mapped read-only.
@@ -240,6 +240,35 @@ struct Shared {
     servers: RwLock<Vec<PeerId>>,
     scheduler: Mutex<Option<PeerId>>,
     shutdown: std::sync::atomic::AtomicBool,
+    /// Copies of each range besides the owner's (0: a lost server fails
+    /// the operations it had not answered).
+    replicas: AtomicU32,
+    /// Runs answered `MOVED`, with the epoch of the server that said so.
+    moved: Mutex<Vec<(Arc<Op>, usize, u32)>>,
+    /// Membership changes and moved runs for the router thread.
+    router: Mutex<Option<crossbeam::channel::Sender<Route>>>,
+    /// Per server: held while giving push seqs and sending (see `send_runs`).
+    sending: RwLock<Vec<Mutex<()>>>,
+}
+
+/// Work for a worker's router thread.
+enum Route {
+    Membership {
+        epoch: u32,
+        servers: Vec<proto::ServerInfo>,
+    },
+    Moved,
+    /// A server's connection dropped at this instant.
+    Lost {
+        server: u32,
+        at: Instant,
+    },
+}
+
+/// How long runs wait for a new owner after their server's connection
+/// dropped before they fail.
+fn failover_timeout() -> Duration {
+    crate::scheduler::heartbeat::timeout() * 2 + Duration::from_secs(10)
 }
 
 const CONTROL_ID_BASE: u64 = 1 << 63;
@@ -276,7 +305,7 @@ struct Inner {
     net: Arc<dyn Messenger>,
     rank: u32,
     workers: u32,
-    ring: Ring,
+    ring: RwLock<Ring>,
     tables: RwLock<HashMap<TableId, Arc<TableInfo>>>,
     filters: RwLock<HashMap<TableId, Arc<Mutex<TableFilter>>>>,
     next_ts: AtomicU64,
@@ -389,6 +418,10 @@ impl Worker {
             servers: RwLock::new(Vec::new()),
             scheduler: Mutex::new(None),
             shutdown: Default::default(),
+            replicas: AtomicU32::new(0),
+            moved: Mutex::new(Vec::new()),
+            router: Mutex::new(None),
+            sending: RwLock::new(Vec::new()),
         });
         let net = transport.bind("", Arc::new(WorkerHandler { shared: shared.clone() }))?;
         let sched = net.connect(scheduler)?;
@@ -398,14 +431,16 @@ impl Worker {
         shared.control.lock().insert(id, None);
         net.send(sched, reg.to_frame(id))?;
         let welcome = shared.wait_control(id, cfg.join_timeout)?;
-        let Control::Welcome { rank, servers, workers, vnodes, epoch, .. } = welcome else {
+        let Control::Welcome { rank, servers, workers, vnodes, epoch, replicas, incarnation, .. } = welcome else {
             return Err(Error::protocol(net.peer_addr(sched), format!("expected a welcome, got {welcome:?}")));
         };
+        shared.replicas.store(replicas, Ordering::Release);
         let mut peers = Vec::with_capacity(servers.len());
         for s in &servers {
-            peers.push(net.connect(&s.addr)?);
+            peers.push(if s.alive { net.connect(&s.addr)? } else { PeerId(u64::MAX) });
         }
         *shared.push_inflight.write() = (0..peers.len()).map(|_| Default::default()).collect();
+        *shared.sending.write() = (0..peers.len()).map(|_| Mutex::new(())).collect();
         *shared.servers.write() = peers.clone();
         let mut rings = vec![None; peers.len()];
         if cfg.shm != ShmMode::Off {
@@ -427,18 +462,21 @@ impl Worker {
             tracing::info!(servers = n, "shared memory with same-host servers");
         }
         *shared.rings.write() = rings;
-        tracing::debug!(rank, servers = servers.len(), "worker joined the job");
-        Ok(Worker {
+        tracing::debug!(rank, servers = servers.len(), replicas, "worker joined the job");
+        let (tx, rx) = crossbeam::channel::unbounded();
+        *shared.router.lock() = Some(tx);
+        let w = Worker {
             inner: Arc::new(Inner {
                 shared,
                 rank,
                 workers,
-                ring: Ring::new(servers, vnodes, epoch),
+                ring: RwLock::new(Ring::new(servers, vnodes, epoch).with_replicas(replicas)),
                 tables: RwLock::new(HashMap::new()),
                 filters: RwLock::new(HashMap::new()),
                 next_ts: AtomicU64::new(1),
                 next_control: AtomicU64::new(CONTROL_ID_BASE + 1),
-                next_seq: AtomicU64::new(1),
+                // Seqs of a later incarnation of this rank are all larger.
+                next_seq: AtomicU64::new((u64::from(incarnation) << 40) + 1),
                 clock: AtomicU32::new(0),
                 max_inflight: cfg.max_inflight.max(1),
                 finished: Default::default(),
@@ -449,7 +487,13 @@ impl Worker {
                 ))),
                 net,
             }),
-        })
+        };
+        let weak = Arc::downgrade(&w.inner);
+        std::thread::Builder::new()
+            .name(format!("pserver-router-{rank}"))
+            .spawn(move || router(weak, rx))
+            .map_err(|e| Error::io("spawning the worker's router thread", e))?;
+        Ok(w)
     }
 
     /// This worker's rank, `0..num_workers()`.
@@ -459,8 +503,15 @@ impl Worker {
     pub fn num_workers(&self) -> u32 {
         self.inner.workers
     }
+    /// Servers of the job (alive now).
     pub fn num_servers(&self) -> usize {
-        self.inner.ring.servers().len()
+        self.inner.ring.read().live()
+    }
+
+    /// The membership epoch this worker routes with (1 until a server
+    /// fails, joins or leaves).
+    pub fn epoch(&self) -> u32 {
+        self.inner.ring.read().epoch()
     }
 
     /// Declares a table on every server. Idempotent: every worker declares
@@ -479,7 +530,7 @@ impl Worker {
                 other => return Err(Error::protocol("server", format!("unexpected reply {other:?}"))),
             }
         }
-        let map = self.inner.ring.ranges(spec.keys);
+        let map = self.inner.ring.read().ranges(spec.keys);
         let shm = self.map_shards(&spec)?;
         self.inner.tables.write().insert(spec.id, Arc::new(TableInfo { spec, map, shm }));
         Ok(())
@@ -487,9 +538,9 @@ impl Worker {
 
     /// Maps the shards of a dense table from the servers this worker shares
     /// memory with.
-    fn map_shards(&self, spec: &TableSpec) -> Result<Vec<Option<Vec<ShmView>>>> {
+    fn map_shards(&self, spec: &TableSpec) -> Result<Vec<Option<Arc<Vec<ShmView>>>>> {
         let rings = self.inner.shared.rings.read().clone();
-        let mut out: Vec<Option<Vec<ShmView>>> = rings.iter().map(|_| None).collect();
+        let mut out: Vec<Option<Arc<Vec<ShmView>>>> = rings.iter().map(|_| None).collect();
         if spec.storage != crate::table::Storage::Dense {
             return Ok(out);
         }
@@ -518,7 +569,7 @@ impl Worker {
                 views.push(view);
             }
             views.sort_by_key(|v| v.range.start);
-            out[s] = Some(views);
+            out[s] = Some(Arc::new(views));
         }
         Ok(out)
     }
@@ -686,22 +737,9 @@ impl Worker {
     /// Ends the current clock: tells every server that all pushes issued so
     /// far belong to finished clocks. Returns the new clock.
     pub fn clock(&self) -> Result<u32> {
+        let ring = self.inner.ring.read();
         let c = self.inner.clock.fetch_add(1, Ordering::AcqRel) + 1;
-        let h = DataHeader {
-            table: 0,
-            worker: self.inner.rank,
-            clock: c,
-            epoch: self.inner.ring.epoch(),
-            runs: 0,
-            flags: 0,
-            seq: self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
-            tau: proto::TAU_EVENTUAL,
-            reserved: 0,
-        };
-        let meta = proto::build_meta::<DataHeader, RunHeader>(&h, &[]);
-        for &p in self.inner.shared.servers.read().iter() {
-            self.inner.net.send(p, Frame::new(kind::CLOCK, 0, meta.clone()))?;
-        }
+        self.inner.send_clock(&ring, c)?;
         Ok(c)
     }
 
@@ -944,7 +982,8 @@ impl Inner {
         {
             let backlog = self.shared.push_inflight.read();
             if runs.iter().any(|r| {
-                info.shm[r.server as usize].is_none() || backlog[r.server as usize].load(Ordering::Acquire) > 0
+                info.shm.get(r.server as usize).is_none_or(Option::is_none)
+                    || backlog.get(r.server as usize).is_none_or(|b| b.load(Ordering::Acquire) > 0)
             }) {
                 return Ok(None);
             }
@@ -1046,8 +1085,6 @@ impl Inner {
                 got: v.len() / 4,
             });
         }
-        let mut runs = Vec::new();
-        info.map.split(n, |i| keys_s[i], &mut runs);
         let out = out.map(|mut b| {
             b.clear();
             b.resize(n * dim, 0.0);
@@ -1056,35 +1093,67 @@ impl Inner {
         let ts = self.next_ts.fetch_add(1, Ordering::AcqRel);
         let clock = self.clock.load(Ordering::Acquire);
         let tau = consistency.unwrap_or(info.spec.consistency).tau().unwrap_or(proto::TAU_EVENTUAL);
-        let op_runs = runs.iter().map(|r| OpRun::new(r.lo, r.hi - r.lo, r.server)).collect();
-        let op = Arc::new(Op::new(ts, clock, dim, op_runs, out, k != kind::PULL));
+        let is_push = k != kind::PULL;
         {
             let mut ops = self.shared.ops.lock();
             while ops.len() >= self.max_inflight {
                 self.shared.ops_changed.wait(&mut ops);
             }
-            if !runs.is_empty() {
-                ops.insert(ts, op.clone());
-            }
         }
+        // Routing happens under the ring's read lock: a membership change
+        // waits until this operation is sent, then re-routes it if needed.
+        let ring = self.ring.read();
+        let info = self.table(table)?; // the map of the current epoch
+        let mut runs = Vec::new();
+        info.map.split(n, |i| keys_s[i], &mut runs);
+        if let Some(r) = runs.iter().find(|r| r.server == NO_SERVER) {
+            return Err(Error::Disconnected(format!("no live server holds key {}", keys_s[r.lo])));
+        }
+        let op_runs = runs.iter().map(|r| OpRun::new(r.lo, r.hi - r.lo, r.server)).collect();
+        let sent = Sent { kind: k, table, keys: keys.clone(), vals: vals.clone(), known: known.clone(), tau };
+        let op = Arc::new(Op::new(ts, clock, dim, op_runs, out, is_push).with_sent(sent));
         if runs.is_empty() {
             op.mark_done();
             return Ok(op);
         }
-        let mut by_server: Vec<Vec<(usize, &Run)>> = vec![Vec::new(); self.ring.servers().len()];
-        for (i, r) in runs.iter().enumerate() {
-            by_server[r.server as usize].push((i, r));
+        self.shared.ops.lock().insert(ts, op.clone());
+        let all: Vec<usize> = (0..runs.len()).collect();
+        self.send_runs(&ring, &info, &op, &all, true);
+        Ok(op)
+    }
+
+    /// Sends runs `which` of `op` to their servers, one frame per server.
+    /// `first_time`: the key cache and the shared-memory ring may be used
+    /// (a retry spells its keys out and takes the connection).
+    fn send_runs(&self, ring: &Ring, info: &TableInfo, op: &Arc<Op>, which: &[usize], first_time: bool) {
+        let sent = op.sent.as_ref().expect("network operations keep their request");
+        let (k, table, dim) = (sent.kind, sent.table, info.spec.dim as usize);
+        let key_view = pod_slice::<Key>(&sent.keys);
+        let keys_s: &[Key] = &key_view;
+        let mut by_server: Vec<Vec<usize>> = vec![Vec::new(); ring.servers().len()];
+        for &i in which {
+            let s = op.runs()[i].server() as usize;
+            if s < by_server.len() {
+                by_server[s].push(i);
+            }
         }
         let peers = self.shared.servers.read().clone();
         let filter = self.filter(table);
-        let key_cache = filter.as_ref().is_some_and(|f| f.lock().key_cache());
+        let key_cache = first_time && filter.as_ref().is_some_and(|f| f.lock().key_cache());
+        let locks = self.shared.sending.read();
         for (server, rs) in by_server.iter().enumerate().filter(|(_, rs)| !rs.is_empty()) {
+            // A worker's push seqs must reach each shard in increasing order
+            // (a shard skips a seq not above the last it applied): they are
+            // given, and the frame sent, under the server's send lock.
+            let _order = locks.get(server).map(|l| l.lock());
             let mut headers = Vec::with_capacity(rs.len());
             let mut segments = Vec::with_capacity(rs.len() * 2);
-            for &(i, r) in rs {
-                let (first, last) = (keys_s[r.lo], keys_s[r.hi - 1]);
-                let count = (r.hi - r.lo) as u64;
-                let run_keys = keys.slice(r.lo * 8..r.hi * 8);
+            for &i in rs {
+                let r = &op.runs()[i];
+                let (lo, hi) = (r.lo, r.lo + r.count);
+                let (first, last) = (keys_s[lo], keys_s[hi - 1]);
+                let count = r.count as u64;
+                let run_keys = sent.keys.slice(lo * 8..hi * 8);
                 let (form, digest) = if last - first + 1 == count {
                     (run_form::RANGE, 0)
                 } else if key_cache {
@@ -1096,60 +1165,259 @@ impl Inner {
                 } else {
                     (run_form::LIST, 0)
                 };
-                headers.push(RunHeader { run: i as u32, form, first, count, digest });
+                if first_time && op.is_push {
+                    r.set_seq(self.next_seq.fetch_add(1, Ordering::Relaxed));
+                }
+                headers.push(RunHeader { run: i as u32, form, first, count, digest, seq: r.seq() });
                 if run_form::has_keys(form) {
                     segments.push(run_keys);
                 }
-                if let Some(kv) = &known {
-                    segments.push(kv.slice(r.lo * 4..r.hi * 4));
+                if let Some(kv) = &sent.known {
+                    segments.push(kv.slice(lo * 4..hi * 4));
                 }
-                if let Some(v) = &vals {
-                    segments.push(v.slice(r.lo * dim * 4..r.hi * dim * 4));
+                if let Some(v) = &sent.vals {
+                    segments.push(v.slice(lo * dim * 4..hi * dim * 4));
                 }
             }
             let h = DataHeader {
                 table,
                 worker: self.rank,
-                clock,
-                epoch: self.ring.epoch(),
+                clock: op.clock,
+                epoch: ring.epoch(),
                 runs: headers.len() as u32,
-                flags: if known.is_some() { proto::flags::VERSIONED } else { 0 },
-                seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
-                tau,
+                flags: if sent.known.is_some() { proto::flags::VERSIONED } else { 0 },
+                seq: 0,
+                tau: sent.tau,
                 reserved: 0,
             };
-            let mut frame = Frame::new(k, ts, proto::build_meta(&h, &headers));
+            let mut frame = Frame::new(k, op.ts, proto::build_meta(&h, &headers));
             frame.segments = segments;
             let t = &self.shared.traffic;
             t.requests.fetch_add(1, Ordering::Relaxed);
             t.keys_sent.fetch_add(headers.iter().map(|r| r.count).sum(), Ordering::Relaxed);
             t.bytes_sent.fetch_add(frame.segments.iter().map(|s| s.len() as u64).sum(), Ordering::Relaxed);
-            if op.is_push {
-                self.shared.push_inflight.read()[server].fetch_add(rs.len(), Ordering::AcqRel);
+            if op.is_push
+                && let Some(c) = self.shared.push_inflight.read().get(server)
+            {
+                c.fetch_add(rs.len(), Ordering::AcqRel);
             }
             // Large pushes to a same-host server go through the shared ring;
             // the doorbell keeps their place in the connection's order.
-            let ring = if op.is_push && frame.wire_len() >= RING_MIN_BYTES {
+            let ring_buf = if first_time && op.is_push && frame.wire_len() >= RING_MIN_BYTES {
                 self.shared.rings.read().get(server).cloned().flatten()
             } else {
                 None
             };
-            let sent = match ring.and_then(|r| r.write(&frame)) {
+            let Some(&peer) = peers.get(server) else { continue };
+            let sent = match ring_buf.and_then(|r| r.write(&frame)) {
                 Some((pos, len)) => {
-                    let bell = Frame::new(kind::RING, ts, crate::transport::shm::doorbell_meta(pos, len));
-                    self.net.send(peers[server], bell)
+                    let bell = Frame::new(kind::RING, op.ts, crate::transport::shm::doorbell_meta(pos, len));
+                    self.net.send(peer, bell)
                 }
-                None => self.net.send(peers[server], frame),
+                None => self.net.send(peer, frame),
             };
             if let Err(e) = sent {
-                self.shared.fail_server_runs(&op, server as u32, &e);
+                if self.shared.replicas.load(Ordering::Acquire) > 0 {
+                    // The server may be failing over: its runs wait for the
+                    // new owner (the router fails them if none comes).
+                    tracing::debug!(server, error = %e, "send failed; waiting for a new owner");
+                } else {
+                    self.shared.fail_server_runs(op, server as u32, &e);
+                }
             }
         }
-        Ok(op)
+    }
+
+    /// A new server list: routes every run that is not answered yet and
+    /// whose server lost its range (or answered `MOVED`) to the range's new
+    /// owner, in issue order, then tells every server this worker's clock
+    /// again (so that promoted copies know its progress).
+    fn apply_membership(&self, epoch: u32, servers: Vec<proto::ServerInfo>) {
+        let mut ring = self.ring.write();
+        if epoch <= ring.epoch() {
+            drop(ring);
+            self.reroute_moved();
+            return;
+        }
+        let new = Ring::new(servers, ring.vnodes(), epoch).with_replicas(ring.replicas());
+        // Connections: new servers are connected, dead ones forgotten.
+        {
+            let mut peers = self.shared.servers.write();
+            for (i, s) in new.servers().iter().enumerate() {
+                let changed = ring.servers().get(i).is_none_or(|o| o.addr != s.addr);
+                if i >= peers.len() || (changed && s.alive) {
+                    let p = if s.alive {
+                        self.net.connect(&s.addr).unwrap_or_else(|e| {
+                            tracing::warn!(server = i, error = %e, "cannot reach a server of the new epoch");
+                            PeerId(u64::MAX)
+                        })
+                    } else {
+                        PeerId(u64::MAX)
+                    };
+                    if i < peers.len() {
+                        peers[i] = p;
+                    } else {
+                        peers.push(p);
+                    }
+                }
+            }
+            let mut inflight = self.shared.push_inflight.write();
+            while inflight.len() < peers.len() {
+                inflight.push(Default::default());
+            }
+            let mut sending = self.shared.sending.write();
+            while sending.len() < peers.len() {
+                sending.push(Mutex::new(()));
+            }
+            let mut rings = self.shared.rings.write();
+            rings.resize(peers.len(), None);
+            for (i, r) in rings.iter_mut().enumerate() {
+                if !new.is_alive(i as u32) {
+                    *r = None;
+                }
+            }
+        }
+        let mut tables = self.tables.write();
+        for info in tables.values_mut() {
+            let map = new.ranges(info.spec.keys);
+            // Shared-memory views of servers that are gone are dropped; views
+            // of new owners come with the next `remap`.
+            let shm = info
+                .shm
+                .iter()
+                .enumerate()
+                .map(|(i, v)| if new.is_alive(i as u32) { v.clone() } else { None })
+                .collect();
+            *info = Arc::new(TableInfo { spec: info.spec.clone(), map, shm });
+        }
+        let tables = tables.clone();
+        *ring = new;
+        let moved: Vec<(Arc<Op>, usize, u32)> = std::mem::take(&mut *self.shared.moved.lock());
+        let mut ops: Vec<Arc<Op>> = self.shared.ops.lock().values().cloned().collect();
+        ops.sort_by_key(|o| o.ts);
+        let mut n = 0;
+        for op in ops {
+            let Some(sent) = &op.sent else { continue };
+            let Some(info) = tables.get(&sent.table) else { continue };
+            let keys = pod_slice::<Key>(&sent.keys);
+            let mut which = Vec::new();
+            for (i, r) in op.runs().iter().enumerate() {
+                if r.is_claimed() {
+                    continue;
+                }
+                let was_moved = moved.iter().any(|(m, j, _)| Arc::ptr_eq(m, &op) && *j == i);
+                let Some(ri) = info.map.find(keys[r.lo]) else { continue };
+                let (range, owner) = info.map.range(ri);
+                if owner == r.server() && !was_moved {
+                    continue;
+                }
+                if owner == NO_SERVER || !range.contains(keys[r.lo + r.count - 1]) {
+                    // No live copy, or the range split under the run.
+                    if op.claim(i) {
+                        let e =
+                            Error::Disconnected(format!("keys {}.. have no live owner in epoch {epoch}", keys[r.lo]));
+                        self.shared.finish_run(&op, i, None, Some(e));
+                    }
+                    continue;
+                }
+                if op.is_push
+                    && let Some(c) = self.shared.push_inflight.read().get(r.server() as usize)
+                {
+                    c.fetch_sub(1, Ordering::AcqRel);
+                }
+                r.set_server(owner);
+                which.push(i);
+            }
+            if !which.is_empty() {
+                n += which.len();
+                self.send_runs(&ring, info, &op, &which, false);
+            }
+        }
+        let clock = self.clock.load(Ordering::Acquire);
+        if let Err(e) = self.send_clock(&ring, clock) {
+            tracing::debug!(error = %e, "clock not delivered to every server");
+        }
+        drop(ring);
+        tracing::info!(epoch, runs = n, "new membership: unanswered runs sent to the new owners");
+    }
+
+    /// Runs answered `MOVED` by a server whose epoch is not newer than ours
+    /// go again to the current owner; the others wait for the membership.
+    fn reroute_moved(&self) {
+        let ring = self.ring.read();
+        let moved: Vec<(Arc<Op>, usize)> = {
+            let mut m = self.shared.moved.lock();
+            let (now, later): (Vec<_>, Vec<_>) = m.drain(..).partition(|(_, _, e)| *e <= ring.epoch());
+            *m = later;
+            now.into_iter().map(|(o, i, _)| (o, i)).collect::<Vec<_>>()
+        };
+        for (op, i) in moved {
+            let Some(sent) = &op.sent else { continue };
+            let Ok(info) = self.table(sent.table) else { continue };
+            let keys = pod_slice::<Key>(&sent.keys);
+            let r = &op.runs()[i];
+            let Some(ri) = info.map.find(keys[r.lo]) else { continue };
+            let owner = info.map.range(ri).1;
+            if owner == NO_SERVER {
+                continue;
+            }
+            if op.is_push
+                && let Some(c) = self.shared.push_inflight.read().get(r.server() as usize)
+            {
+                c.fetch_sub(1, Ordering::AcqRel);
+            }
+            r.set_server(owner);
+            self.send_runs(&ring, &info, &op, &[i], false);
+        }
+    }
+
+    /// Tells every live server that this worker finished the clocks below `c`.
+    fn send_clock(&self, ring: &Ring, c: u32) -> Result<()> {
+        let h = DataHeader {
+            table: 0,
+            worker: self.rank,
+            clock: c,
+            epoch: ring.epoch(),
+            runs: 0,
+            flags: 0,
+            seq: 0,
+            tau: proto::TAU_EVENTUAL,
+            reserved: 0,
+        };
+        let meta = proto::build_meta::<DataHeader, RunHeader>(&h, &[]);
+        let peers = self.shared.servers.read().clone();
+        for (i, &p) in peers.iter().enumerate() {
+            if ring.is_alive(i as u32) {
+                self.net.send(p, Frame::new(kind::CLOCK, 0, meta.clone()))?;
+            }
+        }
+        Ok(())
     }
 }
 
 impl Shared {
+    /// The job is over for this worker: whatever is still unanswered fails.
+    fn shut_down(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        self.control_ready.notify_all();
+        let ops: Vec<Arc<Op>> = self.ops.lock().values().cloned().collect();
+        for op in ops {
+            for i in 0..op.runs().len() {
+                if op.claim(i) {
+                    self.finish_run(&op, i, None, Some(Error::ShuttingDown));
+                }
+            }
+        }
+    }
+
+    /// Fails every unanswered run sent to `server`.
+    fn fail_server(&self, server: u32, e: &Error) {
+        let ops: Vec<Arc<Op>> = self.ops.lock().values().cloned().collect();
+        for op in ops {
+            self.fail_server_runs(&op, server, e);
+        }
+    }
+
     fn wait_control(&self, id: u64, timeout: Duration) -> Result<Control> {
         let deadline = Instant::now().checked_add(timeout);
         let mut ctl = self.control.lock();
@@ -1192,7 +1460,7 @@ impl Shared {
     /// Run `i` of `op` is finished (claimed by the caller).
     fn finish_run(&self, op: &Arc<Op>, i: usize, values: Option<Part>, err: Option<Error>) {
         if op.is_push
-            && let Some(c) = self.push_inflight.read().get(op.runs()[i].server as usize)
+            && let Some(c) = self.push_inflight.read().get(op.runs()[i].server() as usize)
         {
             c.fetch_sub(1, Ordering::AcqRel);
         }
@@ -1211,7 +1479,7 @@ impl Shared {
 
     fn fail_server_runs(&self, op: &Arc<Op>, server: u32, e: &Error) {
         for i in 0..op.runs().len() {
-            if op.runs()[i].server == server && op.claim(i) {
+            if op.runs()[i].server() == server && op.claim(i) {
                 self.finish_run(op, i, None, Some(e.clone()));
             }
         }
@@ -1237,9 +1505,26 @@ impl Shared {
             status::CHANGED => 3,
             _ => 0,
         };
+        if runs.iter().any(|r| r.status == status::MOVED) {
+            // Nothing of the request was applied: every run goes again, to
+            // the owner of a map at least as new as the server's.
+            let mut moved = self.moved.lock();
+            for r in &runs {
+                let i = r.run as usize;
+                if op.runs().get(i).is_some_and(|run| run.server() == server) && op.claim(i) {
+                    op.unclaim(i);
+                    moved.push((op.clone(), i, h.epoch));
+                }
+            }
+            drop(moved);
+            if let Some(tx) = self.router.lock().as_ref() {
+                let _ = tx.send(Route::Moved);
+            }
+            return Ok(());
+        }
         let n_vals: usize = runs.iter().map(|r| segs_of(r.status)).sum();
         let n_errs = runs.iter().filter(|r| r.status == status::ERROR).count();
-        if frame.segments.len() != n_vals + n_errs || runs.iter().any(|r| r.status > status::CHANGED) {
+        if frame.segments.len() != n_vals + n_errs || runs.iter().any(|r| r.status > status::MOVED) {
             return Err(Error::protocol(peer(), "reply segment count does not match its runs"));
         }
         let (mut vals, mut errs) = (frame.segments[..n_vals].iter(), frame.segments[n_vals..].iter());
@@ -1248,7 +1533,7 @@ impl Shared {
             let Some(run) = op.runs().get(i) else {
                 return Err(Error::protocol(peer(), format!("reply names run {i} of {}", op.runs().len())));
             };
-            if run.server != server || run.count as u64 != r.count {
+            if run.server() != server || run.count as u64 != r.count {
                 return Err(Error::protocol(peer(), format!("reply for run {i} does not match the request")));
             }
             if !op.claim(i) {
@@ -1292,6 +1577,43 @@ impl Shared {
     }
 }
 
+/// The router thread: applies membership changes and re-sends moved runs
+/// off the transport's threads (it connects and sends, which may block).
+/// It also fails the runs of a server whose connection dropped when no new
+/// owner is announced in time.
+fn router(inner: std::sync::Weak<Inner>, rx: crossbeam::channel::Receiver<Route>) {
+    let mut lost: HashMap<u32, Instant> = HashMap::new();
+    loop {
+        let msg = rx.recv_timeout(Duration::from_millis(500));
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.shared.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        match msg {
+            Ok(Route::Membership { epoch, servers }) => {
+                inner.apply_membership(epoch, servers);
+                let ring = inner.ring.read();
+                lost.retain(|s, _| ring.is_alive(*s));
+            }
+            Ok(Route::Moved) => inner.reroute_moved(),
+            Ok(Route::Lost { server, at }) => {
+                lost.entry(server).or_insert(at);
+            }
+            Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam::channel::RecvTimeoutError::Disconnected) => return,
+        }
+        let limit = failover_timeout();
+        lost.retain(|&server, at| {
+            if at.elapsed() < limit {
+                return true;
+            }
+            let e = Error::Disconnected(format!("server {server}: no new owner announced within {limit:?}"));
+            inner.shared.fail_server(server, &e);
+            false
+        });
+    }
+}
+
 struct WorkerHandler {
     shared: Arc<Shared>,
 }
@@ -1327,8 +1649,13 @@ impl Handler for WorkerHandler {
             }
             kind::CONTROL => match Control::from_frame(&frame, &net.peer_addr(from)) {
                 Ok(Control::Shutdown) => {
-                    sh.shutdown.store(true, Ordering::Release);
-                    sh.control_ready.notify_all();
+                    sh.shut_down();
+                    Ok(())
+                }
+                Ok(Control::Membership { epoch, servers }) => {
+                    if let Some(tx) = sh.router.lock().as_ref() {
+                        let _ = tx.send(Route::Membership { epoch, servers });
+                    }
                     Ok(())
                 }
                 Ok(c) => {
@@ -1350,15 +1677,18 @@ impl Handler for WorkerHandler {
         let sh = &self.shared;
         if let Some(server) = sh.server_index(peer) {
             sh.key_cache.lock().forget(server as usize);
-            let ops: Vec<Arc<Op>> = sh.ops.lock().values().cloned().collect();
-            let e = Error::Disconnected(format!("server {server}"));
-            for op in ops {
-                sh.fail_server_runs(&op, server, &e);
+            if sh.replicas.load(Ordering::Acquire) > 0 {
+                // Its ranges have copies: the scheduler will announce their
+                // new owners; the router fails the runs if it never does.
+                if let Some(tx) = sh.router.lock().as_ref() {
+                    let _ = tx.send(Route::Lost { server, at: Instant::now() });
+                }
+            } else {
+                sh.fail_server(server, &Error::Disconnected(format!("server {server}")));
             }
         }
         if *sh.scheduler.lock() == Some(peer) {
-            sh.shutdown.store(true, Ordering::Release);
-            sh.control_ready.notify_all();
+            sh.shut_down();
         }
     }
 }

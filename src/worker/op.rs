@@ -7,7 +7,7 @@
 //! assembles the output from the parked segments: the transport's receive
 //! loop never spends its time copying large results.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
@@ -19,14 +19,44 @@ pub(super) struct OpRun {
     /// Index of the run's first key in the request.
     pub lo: usize,
     pub count: usize,
-    pub server: u32,
+    /// The server it was sent to (changes when it is sent to a new owner).
+    server: AtomicU32,
+    /// Pushes: the run's sequence number, given when first sent (the same
+    /// on every retry).
+    seq: AtomicU64,
     claimed: AtomicBool,
 }
 
 impl OpRun {
     pub fn new(lo: usize, count: usize, server: u32) -> Self {
-        OpRun { lo, count, server, claimed: AtomicBool::new(false) }
+        OpRun { lo, count, server: AtomicU32::new(server), seq: AtomicU64::new(0), claimed: AtomicBool::new(false) }
     }
+    pub fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+    pub fn set_seq(&self, seq: u64) {
+        self.seq.store(seq, Ordering::Release);
+    }
+    pub fn server(&self) -> u32 {
+        self.server.load(Ordering::Acquire)
+    }
+    pub fn set_server(&self, s: u32) {
+        self.server.store(s, Ordering::Release);
+    }
+    pub fn is_claimed(&self) -> bool {
+        self.claimed.load(Ordering::Acquire)
+    }
+}
+
+/// What an operation sent, kept until it is done so that its runs can be
+/// sent again to a new owner after a failover.
+pub(super) struct Sent {
+    pub kind: u16,
+    pub table: u32,
+    pub keys: Bytes,
+    pub vals: Option<Bytes>,
+    pub known: Option<Bytes>,
+    pub tau: u32,
 }
 
 /// Fills a version-filtered run: (first key index, key count, reply data,
@@ -65,6 +95,8 @@ pub(super) struct Op {
     has_output: bool,
     state: Mutex<OpState>,
     cv: Condvar,
+    /// The request, for sending runs again (none for one-sided pulls).
+    pub sent: Option<Sent>,
 }
 
 impl Op {
@@ -85,7 +117,14 @@ impl Op {
             has_output,
             state: Mutex::new(state),
             cv: Condvar::new(),
+            sent: None,
         }
+    }
+
+    /// The same operation, keeping what it sends.
+    pub fn with_sent(mut self, sent: Sent) -> Op {
+        self.sent = Some(sent);
+        self
     }
 
     pub fn note_progress(&self, p: u64) {
@@ -113,6 +152,14 @@ impl Op {
     /// already taken.
     pub fn claim(&self, i: usize) -> bool {
         self.runs.get(i).is_some_and(|r| !r.claimed.swap(true, Ordering::AcqRel))
+    }
+
+    /// Gives a claimed run back (its server answered `MOVED`): another
+    /// server will answer it.
+    pub fn unclaim(&self, i: usize) {
+        if let Some(r) = self.runs.get(i) {
+            r.claimed.store(false, Ordering::Release);
+        }
     }
 
     /// Finishes claimed run `i` with its values (pulls), or an error; true
