@@ -19,7 +19,7 @@ use pserver::job::{self, JobConfig, LaunchEnv, transport_named};
 use pserver::scheduler::{SchedulerConfig, SchedulerNode};
 use pserver::server::{ServerConfig, ServerNode};
 use pserver::transport::tcp::Tcp;
-use pserver::worker::{ShmMode, WorkerConfig};
+use pserver::worker::{OneSided, ShmMode, WorkerConfig};
 
 #[derive(Parser)]
 #[command(name = "pserver", version, about = "A parameter server for distributed machine learning")]
@@ -286,7 +286,7 @@ struct BenchArgs {
     /// Seconds measured per case.
     #[arg(long, default_value_t = 0.5)]
     seconds: f64,
-    /// Transport between workers and servers: inproc (embedded only), tcp, auto.
+    /// Transport between workers and servers: inproc (embedded only), tcp, shm, rdma, auto.
     #[arg(long, env = "PSERVER_TRANSPORT")]
     transport: Option<String>,
     /// Print one JSON object per result instead of a table.
@@ -312,7 +312,10 @@ fn tune_allocator() {
 fn main() -> ExitCode {
     tune_allocator();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        // Warnings, and the transport each node chose (target "transport").
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,transport=info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
@@ -383,7 +386,7 @@ fn gen_ctr_cmd(a: GenCtrArgs) -> Result<()> {
 
 /// How a command runs: as one worker of a launched job, or as an embedded job.
 enum Mode {
-    Launched(LaunchEnv, ShmMode),
+    Launched(LaunchEnv, OneSided),
     Embedded(JobConfig),
 }
 
@@ -401,7 +404,7 @@ fn mode(transport: &Option<String>, job: &EmbeddedArgs) -> Result<(Mode, Arc<dyn
                 workers: job.workers,
                 lanes: job.lanes,
                 transport: t.clone(),
-                worker: WorkerConfig { shm, ..WorkerConfig::default() },
+                worker: WorkerConfig { shm: shm.shm, rdma: shm.rdma, ..WorkerConfig::default() },
                 ..JobConfig::default()
             }),
             t,
@@ -678,7 +681,12 @@ fn check_cmd(a: CheckArgs) -> Result<()> {
     let (mode, t) = mode(&a.transport, &a.job)?;
     let reports = run_workers(mode, t.as_ref(), |w| pserver::check::run(w, a.keys, a.dim, a.rounds))?;
     for (rank, r) in reports {
-        println!("check passed on worker {rank}: {} values verified after {} pushes", r.keys_checked, r.pushes);
+        let t = &r.traffic;
+        println!(
+            "check passed on worker {rank}: {} values verified after {} pushes \
+             (one-sided: shm_pulls={} rdma_pulls={} rdma_frames={})",
+            r.keys_checked, r.pushes, t.shm_pulls, t.rdma_pulls, t.rdma_frames
+        );
     }
     Ok(())
 }
@@ -691,8 +699,14 @@ fn server_cmd(a: ServerArgs) -> Result<()> {
         Some(m) => Some(bench::parse_size(m).with_context(|| format!("--max-memory {m:?} is not a size"))? as u64),
         None => None,
     };
-    let cfg =
-        ServerConfig { lanes: a.lanes, max_memory, rank: a.rank, shm: shm != ShmMode::Off, ..ServerConfig::default() };
+    let cfg = ServerConfig {
+        lanes: a.lanes,
+        max_memory,
+        rank: a.rank,
+        shm: shm.shm != ShmMode::Off,
+        rdma: shm.rdma,
+        ..ServerConfig::default()
+    };
     let node = ServerNode::start(t.as_ref(), &bind, &a.scheduler, cfg)
         .with_context(|| format!("starting a server registered with {}", a.scheduler))?;
     if let Some(path) = &a.addr_file {

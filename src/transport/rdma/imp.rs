@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::verbs::{
-    AccessFlags, CompChannel, Context, Cq, DeviceAttr, DeviceList, Mr, PathParams, PeerAddr, Pd, Qp, QpCaps, QpState,
+    AccessFlags, CompChannel, Context, Cq, DeviceAttr, DeviceList, Mr, PathParams, Pd, PeerAddr, Qp, QpCaps, QpState,
     Wc, WcOpcode,
 };
 use super::{ConnInfo, RECV_BATCH, RECV_DEPTH, gid_text, is_ipv4_mapped};
@@ -253,8 +253,21 @@ const SIGNAL_EVERY: u64 = 32;
 /// Polls of a completion queue before a waiter arms it and sleeps.
 const SPIN_POLLS: u32 = 200;
 /// How long one operation may wait for completions before the link is
-/// declared dead (the queue pair's own retry timeouts normally end it first).
-const OP_DEADLINE: Duration = Duration::from_secs(60);
+/// declared dead (the queue pair's own retry timeouts normally end it
+/// first; soft-RoCE does not always time out a peer whose queue pair went
+/// to the error state).
+const OP_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Everything this process's links moved (RDMA READ bytes, frames written
+/// into push rings): what tests check to know RDMA was really used.
+static TOTAL_BYTES_READ: AtomicU64 = AtomicU64::new(0);
+static TOTAL_FRAMES: AtomicU64 = AtomicU64::new(0);
+
+/// (bytes read by RDMA READ, frames written into push rings) by every link
+/// of this process so far.
+pub fn totals() -> (u64, u64) {
+    (TOTAL_BYTES_READ.load(Ordering::Relaxed), TOTAL_FRAMES.load(Ordering::Relaxed))
+}
 
 /// What a link moved.
 #[derive(Debug, Default)]
@@ -326,7 +339,8 @@ impl Link {
             rdma.gid_index,
             AccessFlags::NONE, // nobody reads or writes a worker's memory
         )?;
-        let pull = rdma.mr(Arc::new(Region::anon(pull_bytes)?), 0, pull_bytes.div_ceil(64) * 64, AccessFlags::LOCAL_WRITE)?;
+        let pull =
+            rdma.mr(Arc::new(Region::anon(pull_bytes)?), 0, pull_bytes.div_ceil(64) * 64, AccessFlags::LOCAL_WRITE)?;
         let ctl = rdma.mr(Arc::new(Region::anon(64)?), 0, 64, AccessFlags::LOCAL_WRITE)?;
         let psn = random_psn();
         let info = rdma.conn_info(&qp, psn);
@@ -362,7 +376,10 @@ impl Link {
         st.qp.connect(&PeerAddr { mtu: peer_mtu, ..peer }, st.local_psn, params)?;
         let staging = Ring::anon(ring.len as usize)?;
         if staging.capacity() != ring.len {
-            return Err(Error::protocol(&self.peer, format!("a push ring of {} bytes is not a valid ring size", ring.len)));
+            return Err(Error::protocol(
+                &self.peer,
+                format!("a push ring of {} bytes is not a valid ring size", ring.len),
+            ));
         }
         let region = staging.region().expect("anonymous ring").clone();
         let len = region.len_bytes();
@@ -419,7 +436,9 @@ impl Link {
         // completes only once it has).
         let sge = st.ctl.sge(0, 1).expect("ctl has a word");
         let id = st.next_id(false);
-        st.post(&self.peer, |qp| qp.post_read(id, sge, header.id + progress_word as u64 * 8, header.rkey, false, false))?;
+        st.post(&self.peer, |qp| {
+            qp.post_read(id, sge, header.id + progress_word as u64 * 8, header.rkey, false, false)
+        })?;
         let mut last = 0;
         for p in 0..pieces {
             let w0 = p * piece;
@@ -434,6 +453,7 @@ impl Link {
         st.wait_done(&self.peer, last, Instant::now() + OP_DEADLINE)?;
         self.stats.reads.fetch_add(pieces as u64, Ordering::Relaxed);
         self.stats.bytes_read.fetch_add(words as u64 * 8, Ordering::Relaxed);
+        TOTAL_BYTES_READ.fetch_add(words as u64 * 8, Ordering::Relaxed);
         // Acquire: the completion (and the provider's read barrier in
         // poll_cq) ordered the device's stores before it.
         let progress = st.ctl.words()[0].load(Ordering::Acquire);
@@ -471,6 +491,7 @@ impl Link {
                 let id = st.next_id(signaled);
                 st.post(&self.peer, |qp| qp.post_write_imm(id, sge, remote, rkey, (wlen / 8) as u32, signaled))?;
                 self.stats.frames.fetch_add(1, Ordering::Relaxed);
+                TOTAL_FRAMES.fetch_add(1, Ordering::Relaxed);
                 self.stats.bytes_written.fetch_add(wlen, Ordering::Relaxed);
                 return Ok(true);
             }
@@ -577,9 +598,7 @@ impl LinkState {
                 return Err(self.fail(peer, format!("no completion within {OP_DEADLINE:?} (queue pair {state})")));
             }
             match self.channel.wait(left.min(Duration::from_millis(200))) {
-                Ok(true) => {
-                    while let Ok(Some(_)) = self.channel.take_event() {}
-                }
+                Ok(true) => while let Ok(Some(_)) = self.channel.take_event() {},
                 Ok(false) => {
                     // A timeout: a queue pair the device moved to error
                     // would have flushed its requests; check anyway.
@@ -661,8 +680,13 @@ impl Inbox {
     /// Starts the inbox thread; frames go to `deliver`.
     pub fn start(rdma: Arc<Rdma>, limits: Limits, deliver: Deliver) -> Result<Inbox> {
         let channel = rdma.ctx.comp_channel()?;
-        let shared =
-            Arc::new(InboxShared { rdma, channel, conns: Mutex::new(HashMap::new()), stop: AtomicBool::new(false), limits });
+        let shared = Arc::new(InboxShared {
+            rdma,
+            channel,
+            conns: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+            limits,
+        });
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name("pserver-rdma-inbox".into())
@@ -695,17 +719,22 @@ impl Inbox {
         let ring = Ring::anon(ring_bytes)?;
         let region = ring.region().expect("anonymous ring").clone();
         let cap = ring.capacity() as usize;
-        let data = rdma.mr(region.clone(), RING_DATA_BYTE, cap, AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE)?;
+        let data =
+            rdma.mr(region.clone(), RING_DATA_BYTE, cap, AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE)?;
         let ctl = rdma.mr(region, 0, RING_DATA_BYTE, AccessFlags::REMOTE_READ)?;
         qp.post_recvs(0, RECV_DEPTH as usize)?;
         let psn = random_psn();
-        let peer =
-            PeerAddr { qpn: remote.qpn, psn: remote.psn, lid: remote.lid, gid: remote.gid, mtu: remote.mtu.min(rdma.mtu) };
+        let peer = PeerAddr {
+            qpn: remote.qpn,
+            psn: remote.psn,
+            lid: remote.lid,
+            gid: remote.gid,
+            mtu: remote.mtu.min(rdma.mtu),
+        };
         qp.connect(&peer, psn, rdma.params())?;
         cq.arm()?;
         let info = rdma.conn_info(&qp, psn);
-        let accepted =
-            Accepted { info, ring: desc_of(&data, Access::WRITE), ring_ctl: desc_of(&ctl, Access::READ) };
+        let accepted = Accepted { info, ring: desc_of(&data, Access::WRITE), ring_ctl: desc_of(&ctl, Access::READ) };
         let conn = InConn {
             qp,
             cq,

@@ -233,7 +233,8 @@ impl Context {
     pub fn alloc_pd(self: &Arc<Self>) -> Result<Arc<Pd>> {
         // SAFETY: valid context; the PD is owned by the new value.
         let pd = unsafe { sys::ibv_alloc_pd(self.ptr.as_ptr()) };
-        let pd = NonNull::new(pd).ok_or_else(|| os_error(format!("allocating a protection domain on {}", self.name)))?;
+        let pd =
+            NonNull::new(pd).ok_or_else(|| os_error(format!("allocating a protection domain on {}", self.name)))?;
         Ok(Arc::new(Pd { ptr: pd, ctx: self.clone() }))
     }
 
@@ -705,14 +706,7 @@ impl Qp {
     /// An RC QP whose send and receive completions go to `cq`, moved to
     /// INIT on `port` with remote `access` (what peers may do through it:
     /// READ and WRITE for a server's QP, nothing for a worker's).
-    pub fn new(
-        pd: &Arc<Pd>,
-        cq: &Arc<Cq>,
-        caps: QpCaps,
-        port: u8,
-        gid_index: u8,
-        access: AccessFlags,
-    ) -> Result<Qp> {
+    pub fn new(pd: &Arc<Pd>, cq: &Arc<Cq>, caps: QpCaps, port: u8, gid_index: u8, access: AccessFlags) -> Result<Qp> {
         // SAFETY: ibv_qp_init_attr is plain C data; zeroed is a valid start.
         let mut init: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         init.send_cq = cq.ptr.as_ptr();
@@ -847,7 +841,15 @@ impl Qp {
     /// completed (so this one observes memory no older than they did).
     ///
     /// The caller must not touch `local`'s bytes until the completion.
-    pub fn post_read(&self, wr_id: u64, local: Sge, remote_addr: u64, rkey: u32, signaled: bool, fence: bool) -> Result<()> {
+    pub fn post_read(
+        &self,
+        wr_id: u64,
+        local: Sge,
+        remote_addr: u64,
+        rkey: u32,
+        signaled: bool,
+        fence: bool,
+    ) -> Result<()> {
         let mut sge = sys::ibv_sge { addr: local.addr, length: local.len, lkey: local.lkey };
         // SAFETY: ibv_send_wr is plain C data (pointers and integers); zeroed
         // is a valid start and every field the opcode uses is set below.
@@ -864,7 +866,15 @@ impl Qp {
     /// Posts an RDMA WRITE of `local` to `remote_addr` (rkey) that also
     /// consumes a receive request at the peer and completes it with `imm`
     /// (the doorbell), after the data is in place.
-    pub fn post_write_imm(&self, wr_id: u64, local: Sge, remote_addr: u64, rkey: u32, imm: u32, signaled: bool) -> Result<()> {
+    pub fn post_write_imm(
+        &self,
+        wr_id: u64,
+        local: Sge,
+        remote_addr: u64,
+        rkey: u32,
+        imm: u32,
+        signaled: bool,
+    ) -> Result<()> {
         let mut sge = sys::ibv_sge { addr: local.addr, length: local.len, lkey: local.lkey };
         // SAFETY: as in post_read.
         let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
