@@ -196,6 +196,7 @@ pub fn run(
     seconds: f64,
     transport: &str,
     baseline: &mut dyn Baseline,
+    dim: u32,
 ) -> Result<Vec<BenchResult>> {
     let workers = w.num_workers();
     let rank = w.rank();
@@ -204,7 +205,7 @@ pub fn run(
     for (i, &case) in cases.iter().enumerate() {
         let table = CASE_TABLE_BASE + i as u32;
         let before = w.traffic();
-        let mine = run_case(w, case, table, seconds)?;
+        let mine = run_case(w, case, table, seconds, dim)?;
         let after = w.traffic();
         // Report: [bytes/s, keys/s, p50, p99, verified] per sub-result.
         for (j, m) in mine.iter().enumerate() {
@@ -352,14 +353,18 @@ fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
 
 /// Runs one case on this worker; returns its figures (two for sparse: push
 /// then pull) and whether the results were verified.
-fn run_case(w: &Worker, case: Case, table: u32, seconds: f64) -> Result<Vec<(Measured, bool)>> {
+/// Dense cases use tables of `dim` values per key (the bytes of a case are
+/// values, whatever the key count).
+fn run_case(w: &Worker, case: Case, table: u32, seconds: f64, dim: u32) -> Result<Vec<(Measured, bool)>> {
     let workers = u64::from(w.num_workers());
     let rank = u64::from(w.rank());
     match case.op {
         Op::Push | Op::Pull | Op::PushPull | Op::Latency => {
-            let n = (case.bytes / 4).max(1);
-            w.create_table(TableSpec::dense(table, workers * n as u64, 1))?;
-            let keys = KeyList::range(rank * n as u64, (rank + 1) * n as u64);
+            let dm = dim.max(1) as usize;
+            let nk = ((case.bytes / 4) / dm).max(1) as u64;
+            let n = nk as usize * dm;
+            w.create_table(TableSpec::dense(table, workers * nk, dm as u32))?;
+            let keys = KeyList::range(rank * nk, (rank + 1) * nk);
             let d = depth(case.bytes);
             match case.op {
                 Op::Push => {
@@ -371,7 +376,7 @@ fn run_case(w: &Worker, case: Case, table: u32, seconds: f64) -> Result<Vec<(Mea
                     check(got.iter().all(|&v| if exact { v == ops as f32 } else { v > 0.0 }), || {
                         format!("after {ops} pushes of 1.0 a value reads {}", got[0])
                     })?;
-                    Ok(vec![(measured(ops, case.bytes, n, secs, &mut lat), true)])
+                    Ok(vec![(measured(ops, n * 4, n, secs, &mut lat), true)])
                 }
                 Op::Pull | Op::Latency => {
                     let vals: Vec<f32> = (0..n).map(|i| i as f32).collect();
@@ -394,7 +399,7 @@ fn run_case(w: &Worker, case: Case, table: u32, seconds: f64) -> Result<Vec<(Mea
                     check(bad == 0 && last.iter().enumerate().all(|(i, &v)| v == i as f32), || {
                         format!("{bad} pulls returned values that were never pushed")
                     })?;
-                    Ok(vec![(measured(ops, case.bytes, n, secs, &mut lat), true)])
+                    Ok(vec![(measured(ops, n * 4, n, secs, &mut lat), true)])
                 }
                 _ => {
                     let ones: Values = vec![1.0f32; n].into();
@@ -417,7 +422,7 @@ fn run_case(w: &Worker, case: Case, table: u32, seconds: f64) -> Result<Vec<(Mea
                     check(monotone && (!exact || last_seen == ops as f32), || {
                         format!("push-pull returned {last_seen} after {ops} increments")
                     })?;
-                    Ok(vec![(measured(ops, 2 * case.bytes, n, secs, &mut lat), true)])
+                    Ok(vec![(measured(ops, 2 * n * 4, n, secs, &mut lat), true)])
                 }
             }
         }
@@ -552,7 +557,7 @@ mod tests {
             Case { op: Op::Latency, bytes: 4, keys: 1 },
         ];
         let out = crate::job::run(crate::JobConfig::default().servers(2).workers(2), |w| {
-            run(w, &cases, 0.05, "inproc", &mut Memcpy)
+            run(w, &cases, 0.05, "inproc", &mut Memcpy, 1)
         })
         .unwrap();
         let r = &out[0];

@@ -292,6 +292,9 @@ struct BenchArgs {
     /// Print one JSON object per result instead of a table.
     #[arg(long)]
     json: bool,
+    /// Values per key of the dense cases' tables (1: scalar keys).
+    #[arg(long, default_value_t = 1)]
+    dim: u32,
     #[command(flatten)]
     job: EmbeddedArgs,
 }
@@ -766,9 +769,10 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             cfg.servers, cfg.workers, a.seconds
         );
     }
-    let results =
-        rank0(run_workers(mode, t.as_ref(), |w| bench::run(w, &cases, a.seconds, &label, make_baseline().as_mut()))?)
-            .unwrap_or_default();
+    let results = rank0(run_workers(mode, t.as_ref(), |w| {
+        bench::run(w, &cases, a.seconds, &label, make_baseline().as_mut(), a.dim)
+    })?)
+    .unwrap_or_default();
     if results.is_empty() {
         return Ok(()); // not rank 0: rank 0 prints
     }

@@ -405,11 +405,25 @@ fn torn_read_over_rdma_read_no_torn_value_is_ever_accepted() {
     for ((dim, _), (t, w)) in specs.iter().zip(tally.iter().zip(&writes)) {
         let w = w.load(Ordering::Relaxed);
         println!(
-            "rdma, dim {dim}: {w} writes, {} copies accepted, {} torn copies rejected, {} torn values accepted",
-            t.0, t.1, t.2
+            "rdma {}, dim {dim}: {w} writes, {} copies accepted, {} torn copies rejected, {} torn values accepted",
+            dev.name(),
+            t.0,
+            t.1,
+            t.2
         );
-        assert_eq!(t.2, 0, "dim {dim}: a torn value was accepted");
         assert!(t.0 > 300 && w > 1000, "dim {dim}: no progress ({} reads, {w} writes)", t.0);
+        if *dim == 1 && !dev.word_atomic() {
+            // A scalar slot is one word and trusts the reader to copy it
+            // whole. Software RDMA does not (its memcpy may copy bytes at
+            // different times), so pulls of scalar tables over such a
+            // device are served two-sided; what this measured is why.
+            println!(
+                "  {} does not copy 8-byte words atomically: scalar tables are not read one-sided over it",
+                dev.name()
+            );
+            continue;
+        }
+        assert_eq!(t.2, 0, "dim {dim}: a torn value was accepted");
     }
     assert!(link.stats().bytes_read.load(Ordering::Relaxed) > 0, "nothing was read by RDMA");
     assert!(tally[0].1 > 0, "no RDMA READ of a wide slot raced a write: the test did not exercise tearing");

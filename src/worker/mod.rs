@@ -216,6 +216,15 @@ impl View {
         }
     }
 
+    /// Whether each aligned word is copied atomically (scalar slots, whose
+    /// version shares their only word, need it).
+    fn word_atomic(&self) -> bool {
+        match self {
+            View::Shm(_) => true,
+            View::Rdma(v) => v.link.word_atomic(),
+        }
+    }
+
     /// Whether fetching one slot at a time is cheap (a load, not a round trip).
     fn cheap_single_slot(&self) -> bool {
         matches!(self, View::Shm(_))
@@ -1201,7 +1210,7 @@ impl Inner {
                 return Ok(None);
             };
             let range = v.range();
-            if !range.contains(last) {
+            if !range.contains(last) || (layout.dim() == 1 && !v.word_atomic()) {
                 *buf = out;
                 return Ok(None);
             }

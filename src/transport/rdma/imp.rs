@@ -30,6 +30,7 @@ pub struct Rdma {
     mtu: u8,
     attr: DeviceAttr,
     max_msg: u32,
+    word_atomic: bool,
 }
 
 impl std::fmt::Debug for Rdma {
@@ -122,7 +123,18 @@ impl Rdma {
             return Err(Error::Config(format!("GID {gid_index} of {name} port {port} is empty")));
         }
         let pd = ctx.alloc_pd()?;
+        // Software RDMA copies with the kernel's memcpy, which promises no
+        // atomicity at all (under emulation it copies byte by byte: the
+        // RDMA torn-read test sees 8-byte words torn). Hardware reads an
+        // aligned 8-byte word in one PCIe read.
+        let soft = name.starts_with("rxe") || name.starts_with("siw");
+        let word_atomic = match std::env::var("PSERVER_RDMA_WORD_ATOMIC").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => !soft,
+        };
         Ok(Rdma {
+            word_atomic,
             ctx,
             pd,
             port,
@@ -171,6 +183,14 @@ impl Rdma {
 
     pub fn name(&self) -> &str {
         self.ctx.name()
+    }
+
+    /// Whether the device's READs copy each aligned 8-byte word atomically
+    /// (hardware: yes; soft-RoCE and soft-iWARP: no). Scalar slots are
+    /// self-validating only under such reads (`PSERVER_RDMA_WORD_ATOMIC=0|1`
+    /// overrides).
+    pub fn word_atomic(&self) -> bool {
+        self.word_atomic
     }
 
     pub fn gid_index(&self) -> u8 {
@@ -262,11 +282,23 @@ const OP_DEADLINE: Duration = Duration::from_secs(15);
 /// into push rings): what tests check to know RDMA was really used.
 static TOTAL_BYTES_READ: AtomicU64 = AtomicU64::new(0);
 static TOTAL_FRAMES: AtomicU64 = AtomicU64::new(0);
+static TOTAL_LINKS: AtomicU64 = AtomicU64::new(0);
 
-/// (bytes read by RDMA READ, frames written into push rings) by every link
-/// of this process so far.
-pub fn totals() -> (u64, u64) {
-    (TOTAL_BYTES_READ.load(Ordering::Relaxed), TOTAL_FRAMES.load(Ordering::Relaxed))
+/// What every link of this process did so far: bytes read by RDMA READ,
+/// frames written into push rings, links established.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub bytes_read: u64,
+    pub frames: u64,
+    pub links: u64,
+}
+
+pub fn totals() -> Totals {
+    Totals {
+        bytes_read: TOTAL_BYTES_READ.load(Ordering::Relaxed),
+        frames: TOTAL_FRAMES.load(Ordering::Relaxed),
+        links: TOTAL_LINKS.load(Ordering::Relaxed),
+    }
 }
 
 /// What a link moved.
@@ -385,11 +417,17 @@ impl Link {
         let len = region.len_bytes();
         let mr = st.rdma.mr(region, 0, len, AccessFlags::LOCAL_WRITE)?;
         st.ring = Some(RingLink { staging, mr, data: ring, ctl: ring_ctl, frames: 0 });
+        TOTAL_LINKS.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     pub fn stats(&self) -> &LinkStats {
         &self.stats
+    }
+
+    /// See [`Rdma::word_atomic`].
+    pub fn word_atomic(&self) -> bool {
+        self.st.lock().rdma.word_atomic
     }
 
     /// The error that ended this link, if one did.

@@ -99,12 +99,12 @@ pub mod memlock;
 #[cfg(feature = "rdma")]
 pub mod verbs;
 #[cfg(feature = "rdma")]
-pub use imp::{Accepted, Deliver, Inbox, Link, LinkStats, Rdma, Registration, device, totals};
+pub use imp::{Accepted, Deliver, Inbox, Link, LinkStats, Rdma, Registration, Totals, device, totals};
 
 #[cfg(not(feature = "rdma"))]
 mod stub;
 #[cfg(not(feature = "rdma"))]
-pub use stub::{Accepted, Deliver, Inbox, Link, LinkStats, Rdma, Registration, device, totals};
+pub use stub::{Accepted, Deliver, Inbox, Link, LinkStats, Rdma, Registration, Totals, device, totals};
 
 use bytemuck::{Pod, Zeroable};
 
