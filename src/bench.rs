@@ -10,6 +10,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -176,6 +177,89 @@ impl Baseline for Memcpy {
                 let mut m = copy_loop(case.keys * 12, 1);
                 m.keys_per_s = m.bytes_per_s / 12.0;
                 vec![m, m]
+            }
+        })
+    }
+}
+
+/// The baseline for RDMA: the same device and queue-pair set-up as a
+/// pserver link, moving the same value bytes with nothing on top: a pull is
+/// one RDMA READ of the bytes (posted and waited for, as a pserver pull is),
+/// a push one write-with-immediate of a frame carrying them into a push ring
+/// whose frames the receiving thread drops (frames larger than the ring go
+/// as ring-sized pieces). No slots, no validation, no server work: the
+/// ceiling pserver's one-sided path is measured against, in the same run.
+pub struct RawRdma;
+
+impl Baseline for RawRdma {
+    fn name(&self) -> &'static str {
+        "raw rdma"
+    }
+
+    fn measure(&mut self, case: Case, seconds: f64) -> Result<Vec<Measured>> {
+        use crate::store::Region;
+        use crate::transport::rdma::{self, Inbox, Link};
+        use crate::transport::{Access, Frame, Limits};
+        let dev = rdma::device()?;
+        let inbox = Inbox::start(dev.clone(), Limits::default(), Box::new(|_, _| {}))?;
+        let (link, info) = Link::new(&dev, "raw rdma baseline")?;
+        let ring = 8 << 20;
+        let acc = inbox.accept(u64::MAX, &info, ring)?;
+        link.establish(&acc.info, acc.ring, acc.ring_ctl)?;
+        let bytes = match case.op {
+            Op::Sparse => case.keys * 12,
+            Op::Latency => 8,
+            _ => case.bytes,
+        }
+        .max(8);
+        let words = bytes.div_ceil(8);
+        let region = Arc::new(Region::anon(words * 8)?);
+        let reg = dev.register(region, Access::READ)?;
+        let d = reg.desc();
+        let chunk = link.max_read_words();
+        let pull = || -> Result<()> {
+            let mut at = 0;
+            while at < words {
+                let n = chunk.min(words - at);
+                link.read(None, &d, at, n, |_, _| ())?;
+                at += n;
+            }
+            Ok(())
+        };
+        let piece = (bytes).min(ring / 2);
+        let frame = Frame::new(crate::proto::kind::PUSH, 0, bytes::Bytes::new())
+            .with_segment(bytes::Bytes::from(vec![1u8; piece]));
+        let push = || -> Result<()> {
+            let mut left = bytes;
+            while left > 0 {
+                link.send(&frame)?;
+                left = left.saturating_sub(piece);
+            }
+            Ok(())
+        };
+        let run = |f: &dyn Fn() -> Result<()>, per_op: usize| -> Result<Measured> {
+            let mut lat = Vec::new();
+            let start = Instant::now();
+            let deadline = start + Duration::from_secs_f64(seconds);
+            let mut ops = 0u64;
+            while Instant::now() < deadline || ops == 0 {
+                let t = Instant::now();
+                f()?;
+                lat.push(t.elapsed());
+                ops += 1;
+            }
+            Ok(measured(ops, per_op, 0, start.elapsed().as_secs_f64(), &mut lat))
+        };
+        Ok(match case.op {
+            Op::Pull | Op::Latency => vec![run(&pull, bytes)?],
+            Op::Push => vec![run(&push, bytes)?],
+            Op::PushPull => vec![run(&|| push().and_then(|()| pull()), 2 * bytes)?],
+            Op::Sparse => {
+                let mut p = run(&push, bytes)?;
+                let mut q = run(&pull, bytes)?;
+                p.keys_per_s = p.bytes_per_s / 12.0;
+                q.keys_per_s = q.bytes_per_s / 12.0;
+                vec![p, q]
             }
         })
     }

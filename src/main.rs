@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use pserver::apps::Rows;
 use pserver::apps::lr::{self, Iteration, LrConfig};
 use pserver::apps::rica::{self, RicaConfig};
-use pserver::bench::{self, Baseline, Case, Memcpy, Op, PlainTcp};
+use pserver::bench::{self, Baseline, Case, Memcpy, Op, PlainTcp, RawRdma};
 use pserver::data::{CtrConfig, FeatureMode, LabelModel, Shard, Source};
 use pserver::job::{self, JobConfig, LaunchEnv, transport_named};
 use pserver::scheduler::{SchedulerConfig, SchedulerNode};
@@ -759,7 +759,11 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     // Shared memory and in-process pulls are measured against memcpy, the
     // network against a plain socket pair.
     let make_baseline = || -> Box<dyn Baseline> {
-        if name == "inproc" || name == "shm" { Box::new(Memcpy) } else { Box::new(PlainTcp) }
+        match name.as_str() {
+            "inproc" | "shm" => Box::new(Memcpy),
+            "rdma" => Box::new(RawRdma),
+            _ => Box::new(PlainTcp),
+        }
     };
     let transport = Some(name.clone());
     let (mode, t) = mode(&transport, &a.job)?;

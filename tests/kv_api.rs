@@ -29,6 +29,7 @@ fn cfg(t: &T, servers: u32, workers: u32) -> JobConfig {
 /// its own frames went through RDMA push rings.
 fn rdma_or_skip() -> Option<T> {
     if let Err(e) = pserver::transport::rdma::device() {
+        assert!(std::env::var_os("PSERVER_TEST_REQUIRE_RDMA").is_none(), "PSERVER_TEST_REQUIRE_RDMA is set, but: {e}");
         eprintln!("SKIPPED: no usable RDMA device: {e}");
         return None;
     }

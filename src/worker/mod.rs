@@ -194,9 +194,16 @@ impl View {
         }
     }
 
-    /// The shard's minimum progress, then (no earlier) `len` words of its
-    /// slots from word `at`, handed to `f` as atomics.
-    fn fetch<R>(&self, at: usize, len: usize, f: impl FnOnce(u64, &[std::sync::atomic::AtomicU64]) -> R) -> Result<R> {
+    /// The shard's minimum progress (over RDMA only when `progress` asks:
+    /// it costs a round trip; else `u64::MAX`), then (no earlier) `len`
+    /// words of its slots from word `at`, handed to `f` as atomics.
+    fn fetch<R>(
+        &self,
+        at: usize,
+        len: usize,
+        progress: bool,
+        f: impl FnOnce(u64, &[std::sync::atomic::AtomicU64]) -> R,
+    ) -> Result<R> {
         use crate::store::shard::HEADER_MIN_PROGRESS;
         match self {
             View::Shm(v) => {
@@ -204,7 +211,7 @@ impl View {
                 let progress = v.header.load(HEADER_MIN_PROGRESS).unwrap_or(0);
                 Ok(f(progress, v.slots.words_at(at, len)?))
             }
-            View::Rdma(v) => v.link.read(&v.header, HEADER_MIN_PROGRESS, &v.slots, at, len, f),
+            View::Rdma(v) => v.link.read(progress.then_some((&v.header, HEADER_MIN_PROGRESS)), &v.slots, at, len, f),
         }
     }
 
@@ -1169,7 +1176,7 @@ impl Inner {
                     let c = step.min(count - done);
                     let part = &mut dst[done * dim..(done + c) * dim];
                     torn.clear();
-                    let fresh = v.fetch((first + done) * words, c * words, |progress, src| {
+                    let fresh = v.fetch((first + done) * words, c * words, need.is_some(), |progress, src| {
                         *min_progress = (*min_progress).min(progress);
                         let fresh = need.is_none_or(|need| progress >= need);
                         if fresh {
@@ -1185,7 +1192,7 @@ impl Inner {
                         let mut ok = false;
                         for _ in 0..TORN_RETRIES {
                             let mut again = Vec::new();
-                            v.fetch((first + done + t) * words, words, |_, src| {
+                            v.fetch((first + done + t) * words, words, false, |_, src| {
                                 slot::read_run(layout, src, one, &mut again)
                             })?;
                             if again.is_empty() {

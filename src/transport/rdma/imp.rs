@@ -440,13 +440,13 @@ impl Link {
         self.st.lock().pull.len() / 8
     }
 
-    /// Reads word `progress_word` of `header`, then (fenced, so not earlier)
-    /// `words` words from word `at` of `slots`, into the pull buffer, and
-    /// calls `f(progress, slot words)`.
+    /// Reads word `progress_word` of `header` (when given), then (fenced,
+    /// so not earlier) `words` words from word `at` of `slots`, into the
+    /// pull buffer, and calls `f(progress, slot words)` (progress `u64::MAX`
+    /// when not read).
     pub fn read<R>(
         &self,
-        header: &RegionDesc,
-        progress_word: usize,
+        progress: Option<(&RegionDesc, usize)>,
         slots: &RegionDesc,
         at: usize,
         words: usize,
@@ -455,7 +455,7 @@ impl Link {
         let fits = |d: &RegionDesc, w: usize, n: usize| {
             d.access().allows(Access::READ) && w.checked_add(n).is_some_and(|e| e as u64 * 8 <= d.len)
         };
-        if !fits(header, progress_word, 1) || !fits(slots, at, words) || words == 0 {
+        if !progress.is_none_or(|(h, w)| fits(h, w, 1)) || !fits(slots, at, words) || words == 0 {
             return Err(Error::Config(format!(
                 "read of words {at}..+{words} is outside the regions {} offered",
                 self.peer
@@ -472,11 +472,11 @@ impl Link {
         st.reserve(&self.peer, 1 + pieces as u64)?;
         // The progress word first, unsignaled (the fenced READ after it
         // completes only once it has).
-        let sge = st.ctl.sge(0, 1).expect("ctl has a word");
-        let id = st.next_id(false);
-        st.post(&self.peer, |qp| {
-            qp.post_read(id, sge, header.id + progress_word as u64 * 8, header.rkey, false, false)
-        })?;
+        if let Some((header, word)) = progress {
+            let sge = st.ctl.sge(0, 1).expect("ctl has a word");
+            let id = st.next_id(false);
+            st.post(&self.peer, |qp| qp.post_read(id, sge, header.id + word as u64 * 8, header.rkey, false, false))?;
+        }
         let mut last = 0;
         for p in 0..pieces {
             let w0 = p * piece;
@@ -485,7 +485,8 @@ impl Link {
             let signaled = p + 1 == pieces;
             let id = st.next_id(signaled);
             let remote = slots.id + (at + w0) as u64 * 8;
-            st.post(&self.peer, |qp| qp.post_read(id, sge, remote, slots.rkey, signaled, p == 0))?;
+            let fence = p == 0 && progress.is_some();
+            st.post(&self.peer, |qp| qp.post_read(id, sge, remote, slots.rkey, signaled, fence))?;
             last = id;
         }
         st.wait_done(&self.peer, last, Instant::now() + OP_DEADLINE)?;
@@ -494,7 +495,10 @@ impl Link {
         TOTAL_BYTES_READ.fetch_add(words as u64 * 8, Ordering::Relaxed);
         // Acquire: the completion (and the provider's read barrier in
         // poll_cq) ordered the device's stores before it.
-        let progress = st.ctl.words()[0].load(Ordering::Acquire);
+        let progress = match progress {
+            Some(_) => st.ctl.words()[0].load(Ordering::Acquire),
+            None => u64::MAX,
+        };
         Ok(f(progress, &st.pull.words()[..words]))
     }
 

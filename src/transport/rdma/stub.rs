@@ -98,8 +98,7 @@ impl Link {
     }
     pub fn read<R>(
         &self,
-        _header: &RegionDesc,
-        _progress_word: usize,
+        _progress: Option<(&RegionDesc, usize)>,
         _slots: &RegionDesc,
         _at: usize,
         _words: usize,
