@@ -308,8 +308,11 @@ impl SchedulerHandler {
         for (p, &r) in st.servers.iter().zip(&order) {
             by_rank[r] = p;
         }
-        st.server_infos =
-            by_rank.iter().enumerate().map(|(i, p)| ServerInfo { id: i as u32, addr: p.addr.clone(), alive: true }).collect();
+        st.server_infos = by_rank
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ServerInfo { id: i as u32, addr: p.addr.clone(), alive: true })
+            .collect();
         st.server_peers = by_rank.iter().map(|p| p.peer).collect();
         for (rank, p) in by_rank.iter().enumerate() {
             let w = Control::Welcome {
