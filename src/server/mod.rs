@@ -162,6 +162,8 @@ struct Shared {
     conns: Mutex<HashMap<PeerId, ConnState>>,
     /// Connections currently blocked (skip the lock when 0).
     blocked: std::sync::atomic::AtomicUsize,
+    /// Connections with a sequencer (skip the lock when 0).
+    sequenced: std::sync::atomic::AtomicUsize,
     stats: ServerStats,
     lanes: Vec<Arc<Lane>>,
     membership: Mutex<Membership>,
@@ -231,6 +233,7 @@ impl ServerNode {
             cfg,
             conns: Mutex::new(HashMap::new()),
             blocked: Default::default(),
+            sequenced: Default::default(),
             stats: ServerStats::default(),
             lanes,
             membership: Mutex::new(Membership::default()),
@@ -349,10 +352,13 @@ impl Handler for ServerHandler {
         if let Some(inbox) = self.shared.inbox.read().as_ref() {
             inbox.close(peer.0);
         }
-        if let Some(c) = self.shared.conns.lock().remove(&peer)
-            && c.blocked
-        {
-            self.shared.blocked.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if let Some(c) = self.shared.conns.lock().remove(&peer) {
+            if c.blocked {
+                self.shared.blocked.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
+            if c.seq.is_some() {
+                self.shared.sequenced.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
         }
         let mut m = self.shared.membership.lock();
         if m.scheduler == Some(peer) && !m.stopping {
@@ -385,6 +391,9 @@ impl ServerHandler {
     /// An ordered frame from `from`, applied now or, on a sequenced
     /// connection, in its turn. Refusals are replied here.
     fn deliver_ordered(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) {
+        if self.shared.sequenced.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return self.ordered_or_refuse(net, from, frame);
+        }
         let mut frame = frame;
         {
             let mut conns = self.shared.conns.lock();
@@ -494,8 +503,13 @@ impl ServerHandler {
                             Ok(acc) => {
                                 // Sequenced from now on: everything the worker
                                 // sent before this arrived before it.
-                                self.shared.conns.lock().entry(from).or_default().seq =
-                                    Some(Sequencer { next: next_seq, busy: false, held: Default::default() });
+                                let mut conns = self.shared.conns.lock();
+                                let c = conns.entry(from).or_default();
+                                if c.seq.is_none() {
+                                    self.shared.sequenced.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                                }
+                                c.seq = Some(Sequencer { next: next_seq, busy: false, held: Default::default() });
+                                drop(conns);
                                 tracing::debug!(peer = %peer, "accepted an RDMA link");
                                 Control::RdmaAccept {
                                     conn: acc.info.to_bytes(),
