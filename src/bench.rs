@@ -10,6 +10,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -181,6 +182,89 @@ impl Baseline for Memcpy {
     }
 }
 
+/// The baseline for RDMA: the same device and queue-pair set-up as a
+/// pserver link, moving the same value bytes with nothing on top: a pull is
+/// one RDMA READ of the bytes (posted and waited for, as a pserver pull is),
+/// a push one write-with-immediate of a frame carrying them into a push ring
+/// whose frames the receiving thread drops (frames larger than the ring go
+/// as ring-sized pieces). No slots, no validation, no server work: the
+/// ceiling pserver's one-sided path is measured against, in the same run.
+pub struct RawRdma;
+
+impl Baseline for RawRdma {
+    fn name(&self) -> &'static str {
+        "raw rdma"
+    }
+
+    fn measure(&mut self, case: Case, seconds: f64) -> Result<Vec<Measured>> {
+        use crate::store::Region;
+        use crate::transport::rdma::{self, Inbox, Link};
+        use crate::transport::{Access, Frame, Limits};
+        let dev = rdma::device()?;
+        let inbox = Inbox::start(dev.clone(), Limits::default(), Box::new(|_, _| {}))?;
+        let (link, info) = Link::new(&dev, "raw rdma baseline")?;
+        let ring = 8 << 20;
+        let acc = inbox.accept(u64::MAX, &info, ring)?;
+        link.establish(&acc.info, acc.ring, acc.ring_ctl)?;
+        let bytes = match case.op {
+            Op::Sparse => case.keys * 12,
+            Op::Latency => 8,
+            _ => case.bytes,
+        }
+        .max(8);
+        let words = bytes.div_ceil(8);
+        let region = Arc::new(Region::anon(words * 8)?);
+        let reg = dev.register(region, Access::READ)?;
+        let d = reg.desc();
+        let chunk = link.max_read_words();
+        let pull = || -> Result<()> {
+            let mut at = 0;
+            while at < words {
+                let n = chunk.min(words - at);
+                link.read(None, &d, at, n, |_, _| ())?;
+                at += n;
+            }
+            Ok(())
+        };
+        let piece = (bytes).min(ring / 2);
+        let frame = Frame::new(crate::proto::kind::PUSH, 0, bytes::Bytes::new())
+            .with_segment(bytes::Bytes::from(vec![1u8; piece]));
+        let push = || -> Result<()> {
+            let mut left = bytes;
+            while left > 0 {
+                link.send(&frame)?;
+                left = left.saturating_sub(piece);
+            }
+            Ok(())
+        };
+        let run = |f: &dyn Fn() -> Result<()>, per_op: usize| -> Result<Measured> {
+            let mut lat = Vec::new();
+            let start = Instant::now();
+            let deadline = start + Duration::from_secs_f64(seconds);
+            let mut ops = 0u64;
+            while Instant::now() < deadline || ops == 0 {
+                let t = Instant::now();
+                f()?;
+                lat.push(t.elapsed());
+                ops += 1;
+            }
+            Ok(measured(ops, per_op, 0, start.elapsed().as_secs_f64(), &mut lat))
+        };
+        Ok(match case.op {
+            Op::Pull | Op::Latency => vec![run(&pull, bytes)?],
+            Op::Push => vec![run(&push, bytes)?],
+            Op::PushPull => vec![run(&|| push().and_then(|()| pull()), 2 * bytes)?],
+            Op::Sparse => {
+                let mut p = run(&push, bytes)?;
+                let mut q = run(&pull, bytes)?;
+                p.keys_per_s = p.bytes_per_s / 12.0;
+                q.keys_per_s = q.bytes_per_s / 12.0;
+                vec![p, q]
+            }
+        })
+    }
+}
+
 /// Table ids the bench uses (far from what applications pick).
 const STATS_TABLE: u32 = 0xBE00_0000;
 const CASE_TABLE_BASE: u32 = 0xBE00_0001;
@@ -196,6 +280,7 @@ pub fn run(
     seconds: f64,
     transport: &str,
     baseline: &mut dyn Baseline,
+    dim: u32,
 ) -> Result<Vec<BenchResult>> {
     let workers = w.num_workers();
     let rank = w.rank();
@@ -204,7 +289,7 @@ pub fn run(
     for (i, &case) in cases.iter().enumerate() {
         let table = CASE_TABLE_BASE + i as u32;
         let before = w.traffic();
-        let mine = run_case(w, case, table, seconds)?;
+        let mine = run_case(w, case, table, seconds, dim)?;
         let after = w.traffic();
         // Report: [bytes/s, keys/s, p50, p99, verified] per sub-result.
         for (j, m) in mine.iter().enumerate() {
@@ -352,14 +437,18 @@ fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
 
 /// Runs one case on this worker; returns its figures (two for sparse: push
 /// then pull) and whether the results were verified.
-fn run_case(w: &Worker, case: Case, table: u32, seconds: f64) -> Result<Vec<(Measured, bool)>> {
+/// Dense cases use tables of `dim` values per key (the bytes of a case are
+/// values, whatever the key count).
+fn run_case(w: &Worker, case: Case, table: u32, seconds: f64, dim: u32) -> Result<Vec<(Measured, bool)>> {
     let workers = u64::from(w.num_workers());
     let rank = u64::from(w.rank());
     match case.op {
         Op::Push | Op::Pull | Op::PushPull | Op::Latency => {
-            let n = (case.bytes / 4).max(1);
-            w.create_table(TableSpec::dense(table, workers * n as u64, 1))?;
-            let keys = KeyList::range(rank * n as u64, (rank + 1) * n as u64);
+            let dm = dim.max(1) as usize;
+            let nk = ((case.bytes / 4) / dm).max(1) as u64;
+            let n = nk as usize * dm;
+            w.create_table(TableSpec::dense(table, workers * nk, dm as u32))?;
+            let keys = KeyList::range(rank * nk, (rank + 1) * nk);
             let d = depth(case.bytes);
             match case.op {
                 Op::Push => {
@@ -371,7 +460,7 @@ fn run_case(w: &Worker, case: Case, table: u32, seconds: f64) -> Result<Vec<(Mea
                     check(got.iter().all(|&v| if exact { v == ops as f32 } else { v > 0.0 }), || {
                         format!("after {ops} pushes of 1.0 a value reads {}", got[0])
                     })?;
-                    Ok(vec![(measured(ops, case.bytes, n, secs, &mut lat), true)])
+                    Ok(vec![(measured(ops, n * 4, n, secs, &mut lat), true)])
                 }
                 Op::Pull | Op::Latency => {
                     let vals: Vec<f32> = (0..n).map(|i| i as f32).collect();
@@ -394,7 +483,7 @@ fn run_case(w: &Worker, case: Case, table: u32, seconds: f64) -> Result<Vec<(Mea
                     check(bad == 0 && last.iter().enumerate().all(|(i, &v)| v == i as f32), || {
                         format!("{bad} pulls returned values that were never pushed")
                     })?;
-                    Ok(vec![(measured(ops, case.bytes, n, secs, &mut lat), true)])
+                    Ok(vec![(measured(ops, n * 4, n, secs, &mut lat), true)])
                 }
                 _ => {
                     let ones: Values = vec![1.0f32; n].into();
@@ -417,7 +506,7 @@ fn run_case(w: &Worker, case: Case, table: u32, seconds: f64) -> Result<Vec<(Mea
                     check(monotone && (!exact || last_seen == ops as f32), || {
                         format!("push-pull returned {last_seen} after {ops} increments")
                     })?;
-                    Ok(vec![(measured(ops, 2 * case.bytes, n, secs, &mut lat), true)])
+                    Ok(vec![(measured(ops, 2 * n * 4, n, secs, &mut lat), true)])
                 }
             }
         }
@@ -552,7 +641,7 @@ mod tests {
             Case { op: Op::Latency, bytes: 4, keys: 1 },
         ];
         let out = crate::job::run(crate::JobConfig::default().servers(2).workers(2), |w| {
-            run(w, &cases, 0.05, "inproc", &mut Memcpy)
+            run(w, &cases, 0.05, "inproc", &mut Memcpy, 1)
         })
         .unwrap();
         let r = &out[0];

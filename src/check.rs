@@ -18,6 +18,8 @@ const SPARSE: u32 = 0xC4EC_0002;
 pub struct CheckReport {
     pub keys_checked: u64,
     pub pushes: u64,
+    /// What the worker moved, by which channel.
+    pub traffic: crate::worker::Traffic,
 }
 
 fn fail(what: String) -> Error {
@@ -77,5 +79,5 @@ pub fn run(w: &Worker, keys: u64, dim: u32, rounds: u32) -> Result<CheckReport> 
     }
     w.wait_all()?;
     w.barrier()?;
-    Ok(CheckReport { keys_checked: (all.len() + sparse.len()) as u64 * u64::from(dim), pushes })
+    Ok(CheckReport { keys_checked: (all.len() + sparse.len()) as u64 * u64::from(dim), pushes, traffic: w.traffic() })
 }

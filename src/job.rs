@@ -10,8 +10,9 @@ use crate::scheduler::{SchedulerConfig, SchedulerNode};
 use crate::server::{ServerConfig, ServerNode};
 use crate::transport::Transport;
 use crate::transport::inproc::Inproc;
+use crate::transport::rdma::RdmaMode;
 use crate::updater::Rules;
-use crate::worker::{ShmMode, Worker, WorkerConfig};
+use crate::worker::{OneSided, ShmMode, Worker, WorkerConfig};
 
 /// Shape of an embedded job.
 #[derive(Clone)]
@@ -90,6 +91,7 @@ where
         max_memory: cfg.max_memory,
         rank: None,
         shm: cfg.worker.shm != ShmMode::Off,
+        rdma: cfg.worker.rdma,
     };
     let servers = (0..cfg.servers)
         .map(|_| ServerNode::start(t, &cfg.server_addr, &saddr, server_cfg.clone()))
@@ -168,8 +170,8 @@ impl LaunchEnv {
     }
 
     /// Joins the job as a worker.
-    pub fn connect(&self, transport: &dyn Transport, shm: ShmMode) -> Result<Worker> {
-        let cfg = WorkerConfig { rank: self.rank, shm, ..WorkerConfig::default() };
+    pub fn connect(&self, transport: &dyn Transport, sides: OneSided) -> Result<Worker> {
+        let cfg = WorkerConfig { rank: self.rank, shm: sides.shm, rdma: sides.rdma, ..WorkerConfig::default() };
         let w = Worker::connect(transport, &self.scheduler, cfg)?;
         if let Some(n) = self.workers
             && n != w.num_workers()
@@ -191,21 +193,27 @@ impl LaunchEnv {
     }
 }
 
-/// The transport named `name` and whether it uses shared memory with
-/// same-host peers: `inproc` (embedded jobs only), `tcp` (network only),
-/// `shm` (TCP plus shared memory, required), `auto` (TCP plus shared memory
-/// where a peer is on the same host). The TCP I/O back end comes from
-/// `PSERVER_IO`.
-pub fn transport_named(name: &str, embedded: bool) -> Result<(Arc<dyn Transport>, ShmMode)> {
+/// The transport named `name` and the one-sided channels it adds:
+/// `inproc` (embedded jobs only), `tcp` (network only), `shm` (TCP plus
+/// shared memory, required), `rdma` (TCP plus RDMA, required: fails clearly
+/// without a usable device), `auto` (RDMA where a device is usable, else
+/// shared memory where a peer is on the same host, else TCP; the choice is
+/// logged). The TCP I/O back end comes from `PSERVER_IO`.
+pub fn transport_named(name: &str, embedded: bool) -> Result<(Arc<dyn Transport>, OneSided)> {
     let tcp = || -> Result<Arc<dyn Transport>> { Ok(Arc::new(crate::transport::tcp::Tcp::from_env()?)) };
+    let sides = |shm, rdma| OneSided { shm, rdma };
     match name {
-        "inproc" if embedded => Ok((Arc::new(Inproc::new()), ShmMode::Off)),
+        "inproc" if embedded => Ok((Arc::new(Inproc::new()), OneSided::default())),
         "inproc" => Err(Error::Config("the inproc transport only connects threads of one process".into())),
-        "tcp" => Ok((tcp()?, ShmMode::Off)),
-        "shm" => Ok((tcp()?, ShmMode::Require)),
-        "auto" => Ok((tcp()?, ShmMode::Auto)),
-        "rdma" => Err(Error::Config("transport \"rdma\" is not available in this build yet".into())),
-        other => Err(Error::Config(format!("unknown transport {other:?} (inproc, tcp, shm, auto)"))),
+        "tcp" => Ok((tcp()?, OneSided::default())),
+        "shm" => Ok((tcp()?, sides(ShmMode::Require, RdmaMode::Off))),
+        "rdma" => {
+            // Fail now, with the reason, rather than after joining a job.
+            crate::transport::rdma::device().map_err(|e| Error::Config(format!("--transport rdma: {e}")))?;
+            Ok((tcp()?, sides(ShmMode::Off, RdmaMode::Require)))
+        }
+        "auto" => Ok((tcp()?, sides(ShmMode::Auto, RdmaMode::Auto))),
+        other => Err(Error::Config(format!("unknown transport {other:?} (inproc, tcp, shm, rdma, auto)"))),
     }
 }
 

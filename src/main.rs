@@ -13,13 +13,13 @@ use clap::{Args, Parser, Subcommand};
 use pserver::apps::Rows;
 use pserver::apps::lr::{self, Iteration, LrConfig};
 use pserver::apps::rica::{self, RicaConfig};
-use pserver::bench::{self, Baseline, Case, Memcpy, Op, PlainTcp};
+use pserver::bench::{self, Baseline, Case, Memcpy, Op, PlainTcp, RawRdma};
 use pserver::data::{CtrConfig, FeatureMode, LabelModel, Shard, Source};
 use pserver::job::{self, JobConfig, LaunchEnv, transport_named};
 use pserver::scheduler::{SchedulerConfig, SchedulerNode};
 use pserver::server::{ServerConfig, ServerNode};
 use pserver::transport::tcp::Tcp;
-use pserver::worker::{ShmMode, WorkerConfig};
+use pserver::worker::{OneSided, ShmMode, WorkerConfig};
 
 #[derive(Parser)]
 #[command(name = "pserver", version, about = "A parameter server for distributed machine learning")]
@@ -286,12 +286,15 @@ struct BenchArgs {
     /// Seconds measured per case.
     #[arg(long, default_value_t = 0.5)]
     seconds: f64,
-    /// Transport between workers and servers: inproc (embedded only), tcp, auto.
+    /// Transport between workers and servers: inproc (embedded only), tcp, shm, rdma, auto.
     #[arg(long, env = "PSERVER_TRANSPORT")]
     transport: Option<String>,
     /// Print one JSON object per result instead of a table.
     #[arg(long)]
     json: bool,
+    /// Values per key of the dense cases' tables (1: scalar keys).
+    #[arg(long, default_value_t = 1)]
+    dim: u32,
     #[command(flatten)]
     job: EmbeddedArgs,
 }
@@ -312,7 +315,10 @@ fn tune_allocator() {
 fn main() -> ExitCode {
     tune_allocator();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        // Warnings, and the transport each node chose (target "transport").
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,transport=info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
@@ -383,7 +389,7 @@ fn gen_ctr_cmd(a: GenCtrArgs) -> Result<()> {
 
 /// How a command runs: as one worker of a launched job, or as an embedded job.
 enum Mode {
-    Launched(LaunchEnv, ShmMode),
+    Launched(LaunchEnv, OneSided),
     Embedded(JobConfig),
 }
 
@@ -401,7 +407,7 @@ fn mode(transport: &Option<String>, job: &EmbeddedArgs) -> Result<(Mode, Arc<dyn
                 workers: job.workers,
                 lanes: job.lanes,
                 transport: t.clone(),
-                worker: WorkerConfig { shm, ..WorkerConfig::default() },
+                worker: WorkerConfig { shm: shm.shm, rdma: shm.rdma, ..WorkerConfig::default() },
                 ..JobConfig::default()
             }),
             t,
@@ -678,7 +684,12 @@ fn check_cmd(a: CheckArgs) -> Result<()> {
     let (mode, t) = mode(&a.transport, &a.job)?;
     let reports = run_workers(mode, t.as_ref(), |w| pserver::check::run(w, a.keys, a.dim, a.rounds))?;
     for (rank, r) in reports {
-        println!("check passed on worker {rank}: {} values verified after {} pushes", r.keys_checked, r.pushes);
+        let t = &r.traffic;
+        println!(
+            "check passed on worker {rank}: {} values verified after {} pushes \
+             (one-sided: shm_pulls={} rdma_pulls={} rdma_frames={})",
+            r.keys_checked, r.pushes, t.shm_pulls, t.rdma_pulls, t.rdma_frames
+        );
     }
     Ok(())
 }
@@ -691,8 +702,14 @@ fn server_cmd(a: ServerArgs) -> Result<()> {
         Some(m) => Some(bench::parse_size(m).with_context(|| format!("--max-memory {m:?} is not a size"))? as u64),
         None => None,
     };
-    let cfg =
-        ServerConfig { lanes: a.lanes, max_memory, rank: a.rank, shm: shm != ShmMode::Off, ..ServerConfig::default() };
+    let cfg = ServerConfig {
+        lanes: a.lanes,
+        max_memory,
+        rank: a.rank,
+        shm: shm.shm != ShmMode::Off,
+        rdma: shm.rdma,
+        ..ServerConfig::default()
+    };
     let node = ServerNode::start(t.as_ref(), &bind, &a.scheduler, cfg)
         .with_context(|| format!("starting a server registered with {}", a.scheduler))?;
     if let Some(path) = &a.addr_file {
@@ -742,7 +759,11 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     // Shared memory and in-process pulls are measured against memcpy, the
     // network against a plain socket pair.
     let make_baseline = || -> Box<dyn Baseline> {
-        if name == "inproc" || name == "shm" { Box::new(Memcpy) } else { Box::new(PlainTcp) }
+        match name.as_str() {
+            "inproc" | "shm" => Box::new(Memcpy),
+            "rdma" => Box::new(RawRdma),
+            _ => Box::new(PlainTcp),
+        }
     };
     let transport = Some(name.clone());
     let (mode, t) = mode(&transport, &a.job)?;
@@ -752,9 +773,10 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             cfg.servers, cfg.workers, a.seconds
         );
     }
-    let results =
-        rank0(run_workers(mode, t.as_ref(), |w| bench::run(w, &cases, a.seconds, &label, make_baseline().as_mut()))?)
-            .unwrap_or_default();
+    let results = rank0(run_workers(mode, t.as_ref(), |w| {
+        bench::run(w, &cases, a.seconds, &label, make_baseline().as_mut(), a.dim)
+    })?)
+    .unwrap_or_default();
     if results.is_empty() {
         return Ok(()); // not rank 0: rank 0 prints
     }

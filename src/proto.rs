@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::table::TableSpec;
-use crate::transport::Frame;
+use crate::transport::{Frame, RegionDesc};
 
 /// Frame kinds.
 pub mod kind {
@@ -119,7 +119,9 @@ pub struct DataHeader {
     pub epoch: u32,
     pub runs: u32,
     pub flags: u32,
-    /// Per-worker request sequence number.
+    /// Sequence number of the worker's ordered frames to this server:
+    /// consecutive per (worker, server), so that a server can apply frames
+    /// that came by different channels (TCP, RDMA ring) in order.
     pub seq: u64,
     /// Maximal delay: the request completes once every shard it touches has
     /// applied all workers' pushes of clocks `< clock - tau`.
@@ -283,6 +285,16 @@ pub struct ShmShard {
     pub slots: String,
 }
 
+/// A shard as an RDMA worker reads it (dense tables): its key range, and
+/// its header (progress words) and slots, both registered for remote READ.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RdmaShard {
+    pub start: u64,
+    pub end: u64,
+    pub header: RegionDesc,
+    pub slots: RegionDesc,
+}
+
 /// Control-plane messages.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Control {
@@ -333,6 +345,18 @@ pub enum Control {
     OpenRing { bytes: u64 },
     /// Server -> worker: the ring's file.
     RingReady { path: String },
+    /// Worker -> server: open an RDMA link on this connection. `conn` is the
+    /// worker queue pair's `transport::rdma::ConnInfo`; `next_seq` the
+    /// `DataHeader::seq` of the worker's next ordered frame to this server,
+    /// from which the server applies frames in sequence order.
+    RdmaConnect { conn: Vec<u8>, next_seq: u64 },
+    /// Server -> worker: the server's queue pair, and the worker's push ring
+    /// (data: remote WRITE; control words: remote READ).
+    RdmaAccept { conn: Vec<u8>, ring: RegionDesc, ring_ctl: RegionDesc },
+    /// Worker -> server: where are the shards of `table` for RDMA reads?
+    RdmaShardMap { table: u32 },
+    /// Server -> worker: here (empty for sparse tables).
+    RdmaShardMapReply { shards: Vec<RdmaShard> },
     /// Scheduler -> servers: a worker left the job (finished, failed or
     /// died); its clock no longer holds anyone back.
     WorkerLeft { worker: u32 },

@@ -6,29 +6,45 @@ use std::sync::Arc;
 
 use pserver::transport::Transport;
 use pserver::transport::inproc::Inproc;
+use pserver::transport::rdma::RdmaMode;
 use pserver::transport::tcp::{IoMode, Tcp};
 use pserver::updater::{Rules, rule_fn};
 use pserver::worker::ShmMode;
 use pserver::{Error, Init, JobConfig, KeyList, TableSpec, UpdaterSpec, job};
 
-/// A transport, and whether workers and servers share memory over it.
+/// A transport, and whether workers and servers share memory or use RDMA
+/// beside it.
 #[derive(Clone)]
-struct T(Arc<dyn Transport>, ShmMode);
+struct T(Arc<dyn Transport>, ShmMode, RdmaMode);
 
 fn cfg(t: &T, servers: u32, workers: u32) -> JobConfig {
     let mut c = JobConfig::default().servers(servers).workers(workers).transport(t.0.clone());
     c.worker.shm = t.1;
+    c.worker.rdma = t.2;
     c
+}
+
+/// TCP plus RDMA, or `None` (and SKIPPED) without a usable device. Run
+/// inside `tools/rxe-vm` with `--test-threads 1`: each test then checks that
+/// its own frames went through RDMA push rings.
+fn rdma_or_skip() -> Option<T> {
+    if let Err(e) = pserver::transport::rdma::device() {
+        assert!(std::env::var_os("PSERVER_TEST_REQUIRE_RDMA").is_none(), "PSERVER_TEST_REQUIRE_RDMA is set, but: {e}");
+        eprintln!("SKIPPED: no usable RDMA device: {e}");
+        return None;
+    }
+    let t = Tcp::new(IoMode::Std, Default::default());
+    Some(T(Arc::new(t), ShmMode::Off, RdmaMode::Require))
 }
 
 macro_rules! kv_tests {
     ($($name:ident),* $(,)?) => {
         mod inproc {
-            $( #[test] fn $name() { super::$name(&super::T(std::sync::Arc::new(super::Inproc::new()), super::ShmMode::Off)) } )*
+            $( #[test] fn $name() { super::$name(&super::T(std::sync::Arc::new(super::Inproc::new()), super::ShmMode::Off, super::RdmaMode::Off)) } )*
         }
         mod tcp_std {
             $( #[test] fn $name() {
-                super::$name(&super::T(std::sync::Arc::new(super::Tcp::new(super::IoMode::Std, Default::default())), super::ShmMode::Off))
+                super::$name(&super::T(std::sync::Arc::new(super::Tcp::new(super::IoMode::Std, Default::default())), super::ShmMode::Off, super::RdmaMode::Off))
             } )*
         }
         mod shm {
@@ -37,7 +53,7 @@ macro_rules! kv_tests {
                     eprintln!("SKIPPED: no usable shared-memory directory");
                     return;
                 }
-                super::$name(&super::T(std::sync::Arc::new(super::Tcp::new(super::IoMode::Auto, Default::default())), super::ShmMode::Require))
+                super::$name(&super::T(std::sync::Arc::new(super::Tcp::new(super::IoMode::Auto, Default::default())), super::ShmMode::Require, super::RdmaMode::Off))
             } )*
         }
         mod tcp_uring {
@@ -47,7 +63,23 @@ macro_rules! kv_tests {
                     eprintln!("SKIPPED: io_uring is not available on this machine");
                     return;
                 }
-                super::$name(&super::T(std::sync::Arc::new(t), super::ShmMode::Off))
+                super::$name(&super::T(std::sync::Arc::new(t), super::ShmMode::Off, super::RdmaMode::Off))
+            } )*
+        }
+        mod rdma {
+            $( #[test] fn $name() {
+                let Some(t) = super::rdma_or_skip() else { return };
+                let before = pserver::transport::rdma::totals();
+                super::$name(&t);
+                let after = pserver::transport::rdma::totals();
+                assert!(after.links > before.links, "the job opened no RDMA link");
+                // Every test that moves data moved some of it by RDMA.
+                if stringify!($name) != "a_failing_worker_fails_the_job_without_hanging_the_others" {
+                    assert!(
+                        after.frames > before.frames || after.bytes_read > before.bytes_read,
+                        "nothing went through RDMA (no READ, no frame in a push ring)"
+                    );
+                }
             } )*
         }
     };
@@ -68,7 +100,53 @@ kv_tests!(
     a_failing_worker_fails_the_job_without_hanging_the_others,
     stateful_updaters_and_init_work_end_to_end,
     traffic_counts_what_was_sent_and_received,
+    frames_larger_than_a_push_ring_keep_their_place_in_order,
+    pulls_after_acknowledged_pushes_are_one_sided_where_the_transport_allows,
 );
+
+fn frames_larger_than_a_push_ring_keep_their_place_in_order(t: &T) {
+    job::run(cfg(t, 2, 1), |w| {
+        // 12 MiB of values in one frame: more than an RDMA push ring holds,
+        // so it travels by TCP between two frames that go through the ring.
+        let n = 3u64 << 20;
+        w.create_table(TableSpec::dense(1, n, 1))?;
+        let all = KeyList::range(0, n);
+        let small = [1u64, n - 1];
+        w.push(1, &small, &[1.0, 1.0])?;
+        w.push_with(1, &all, vec![2.0f32; n as usize])?;
+        w.push(1, &small, &[4.0, 4.0])?;
+        w.clock()?;
+        assert_eq!(w.pull(1, &[0, 1, n - 1])?.wait()?, vec![2.0, 7.0, 7.0]);
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn pulls_after_acknowledged_pushes_are_one_sided_where_the_transport_allows(t: &T) {
+    job::run(cfg(t, 2, 1), |w| {
+        w.create_table(TableSpec::dense(1, 10_000, 3))?;
+        let keys: Vec<u64> = (0..10_000).step_by(3).collect();
+        let vals: Vec<f32> = (0..keys.len() * 3).map(|i| i as f32).collect();
+        w.wait(w.push(1, &keys, &vals)?)?;
+        let before = w.traffic();
+        for _ in 0..3 {
+            assert_eq!(w.pull(1, &keys)?.wait()?, vals);
+        }
+        let all: Vec<u64> = (0..10_000).collect();
+        let got = w.pull(1, &all)?.wait()?;
+        assert_eq!(&got[9..12], &vals[3..6]);
+        let after = w.traffic();
+        if t.2 == RdmaMode::Require {
+            assert_eq!(after.rdma_pulls - before.rdma_pulls, 4, "pulls served by RDMA READ");
+            assert!(after.rdma_bytes_read - before.rdma_bytes_read >= 10_000 * 16);
+        }
+        if t.1 == ShmMode::Require {
+            assert_eq!(after.shm_pulls - before.shm_pulls, 4, "pulls served from shared memory");
+        }
+        Ok(())
+    })
+    .unwrap();
+}
 
 fn traffic_counts_what_was_sent_and_received(t: &T) {
     job::run(cfg(t, 2, 1), |w| {

@@ -47,6 +47,52 @@ fn same_host_workers_read_shards_through_shared_memory() {
     job.finish(workers, deadline);
 }
 
+/// The multi-process job over RDMA: servers and workers with `--transport
+/// rdma`; every worker reports pulls served by RDMA READ and frames written
+/// into push rings. Needs a device: inside `tools/rxe-vm`, else SKIPPED.
+#[test]
+fn rdma_two_servers_three_workers_read_and_push_over_rdma() {
+    if let Err(e) = pserver::transport::rdma::device() {
+        assert!(std::env::var_os("PSERVER_TEST_REQUIRE_RDMA").is_none(), "PSERVER_TEST_REQUIRE_RDMA is set, but: {e}");
+        eprintln!("SKIPPED: no usable RDMA device: {e}");
+        return;
+    }
+    let deadline = Instant::now() + DEADLINE;
+    let job = start_job_over("std", Some("rdma"), 2, 3, "rdma", deadline);
+    let outs: Vec<_> = (0..3).map(|r| job.dir.join(format!("w{r}.out"))).collect();
+    let args = ["check", "--transport", "rdma", "--keys", "20000", "--dim", "2", "--rounds", "3"];
+    let workers: Vec<Proc> = (0..3)
+        .map(|r| {
+            Proc::spawn(
+                &format!("worker {r}"),
+                Command::new(BIN)
+                    .args(args)
+                    .env("PSERVER_IO", "std")
+                    .env("PSERVER_ROLE", "worker")
+                    .env("PSERVER_RANK", r.to_string())
+                    .env("PSERVER_SCHEDULER", &job.addr)
+                    .stdout(std::fs::File::create(&outs[r as usize]).unwrap()),
+            )
+        })
+        .collect();
+    let dir = job.dir.clone();
+    job.finish_keeping_dir(workers, deadline);
+    for (r, f) in outs.iter().enumerate() {
+        let out = std::fs::read_to_string(f).unwrap();
+        println!("{}", out.trim());
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("check passed on worker"))
+            .unwrap_or_else(|| panic!("worker {r}: {out}"));
+        let num = |k: &str| -> u64 {
+            line.split([' ', '(', ')']).find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap()
+        };
+        assert!(num("rdma_pulls=") > 0, "worker {r} made no RDMA READ pull: {line}");
+        assert!(num("rdma_frames=") > 0, "worker {r} wrote no frame into a push ring: {line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_failing_worker_fails_the_job_and_everything_exits() {
     let deadline = Instant::now() + DEADLINE;

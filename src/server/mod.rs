@@ -35,7 +35,8 @@ use crate::proto::{self, Control, DataHeader, Role, RunHeader, kind, run_form};
 use crate::scheduler::ring::Ring;
 use crate::store::{KeyRange, Shard, ShardConfig};
 use crate::table::{TableId, TableSpec};
-use crate::transport::{Frame, Handler, Messenger, PeerId, Transport};
+use crate::transport::rdma::{self, ConnInfo, RdmaMode};
+use crate::transport::{Access, Frame, Handler, Messenger, PeerId, Transport};
 use crate::updater::Rules;
 
 use lane::{INLINE_MAX_KEYS, Job, Lane, LaneRun, Replication, Request, Target};
@@ -57,12 +58,30 @@ pub struct ServerConfig {
     pub rank: Option<u32>,
     /// Offer same-host workers one-sided access through shared memory.
     pub shm: bool,
+    /// Offer workers RDMA: shards readable one-sided, a push ring per worker.
+    pub rdma: RdmaMode,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { lanes: 4, rules: Rules::default(), max_memory: None, rank: None, shm: false }
+        ServerConfig {
+            lanes: 4,
+            rules: Rules::default(),
+            max_memory: None,
+            rank: None,
+            shm: false,
+            rdma: RdmaMode::Off,
+        }
     }
+}
+
+/// Bytes of a worker's push ring (`PSERVER_RDMA_RING_BYTES`, default 8 MiB).
+fn rdma_ring_bytes() -> usize {
+    std::env::var("PSERVER_RDMA_RING_BYTES")
+        .ok()
+        .and_then(|v| crate::bench::parse_size(&v))
+        .unwrap_or(8 << 20)
+        .clamp(1 << 16, 1 << 30)
 }
 
 /// A shard of a table on this server: its range, lane and id.
@@ -79,6 +98,10 @@ struct Table {
     map: crate::scheduler::ring::RangeMap,
     /// Where same-host workers find the shards (dense tables, shm on).
     shm: Vec<proto::ShmShard>,
+    /// Where RDMA workers read the shards (dense tables, RDMA on), and the
+    /// registrations that keep them readable.
+    rdma: Vec<proto::RdmaShard>,
+    _registered: Vec<Arc<rdma::Registration>>,
     /// Shards here (owned ranges and copies), disjoint, sorted by start.
     shards: Vec<ShardRef>,
 }
@@ -146,6 +169,27 @@ struct ConnState {
     bytes: usize,
     blocked: bool,
     parked: std::collections::VecDeque<Frame>,
+    /// Set once the connection has an RDMA link: its ordered frames arrive
+    /// by two channels and are applied in sequence-number order.
+    seq: Option<Sequencer>,
+}
+
+/// Applies one connection's ordered frames in `DataHeader::seq` order,
+/// whichever channel (TCP, RDMA ring) brought them; see `transport::rdma`.
+#[derive(Debug)]
+struct Sequencer {
+    /// The next sequence number to apply.
+    next: u64,
+    /// A thread is applying this connection's frames (it applies the held
+    /// ones that become next before it lets go).
+    busy: bool,
+    held: std::collections::BTreeMap<u64, Frame>,
+}
+
+/// The sequence number of an ordered frame (every one starts with a DataHeader).
+fn seq_of(frame: &Frame) -> Option<u64> {
+    let h: DataHeader = bytemuck::try_pod_read_unaligned(frame.meta.get(..std::mem::size_of::<DataHeader>())?).ok()?;
+    Some(h.seq)
 }
 
 /// Requests a connection may have held while it resupplies key lists.
@@ -161,15 +205,21 @@ pub struct ServerStats {
     pub key_cache_bytes_saved: std::sync::atomic::AtomicU64,
     /// Times a worker had to resupply key lists.
     pub key_cache_misses: std::sync::atomic::AtomicU64,
+    /// Frames that arrived through RDMA push rings.
+    pub rdma_frames: std::sync::atomic::AtomicU64,
 }
 
 struct Shared {
     cfg: ServerConfig,
     /// Files of this server's shared memory (shm on).
     shm: Option<Arc<crate::transport::shm::Namespace>>,
+    /// RDMA links of this server's workers (RDMA on and a device usable).
+    inbox: RwLock<Option<Arc<rdma::Inbox>>>,
     conns: Mutex<HashMap<PeerId, ConnState>>,
     /// Connections currently blocked (skip the lock when 0).
     blocked: std::sync::atomic::AtomicUsize,
+    /// Connections with a sequencer (skip the lock when 0).
+    sequenced: std::sync::atomic::AtomicUsize,
     stats: ServerStats,
     lanes: Vec<Arc<Lane>>,
     membership: Mutex<Membership>,
@@ -230,11 +280,26 @@ impl ServerNode {
         } else {
             None
         };
+        let device = match cfg.rdma {
+            RdmaMode::Off => None,
+            mode => match rdma::device() {
+                Ok(d) => Some(d),
+                Err(e) if mode == RdmaMode::Require => {
+                    return Err(Error::Config(format!("--transport rdma: {e}")));
+                }
+                Err(e) => {
+                    tracing::info!(target: "transport", reason = %e, "server: RDMA unavailable, offering shm/tcp");
+                    None
+                }
+            },
+        };
         let shared = Arc::new(Shared {
             shm,
+            inbox: RwLock::new(None),
             cfg,
             conns: Mutex::new(HashMap::new()),
             blocked: Default::default(),
+            sequenced: Default::default(),
             stats: ServerStats::default(),
             lanes,
             membership: Mutex::new(Membership::default()),
@@ -260,6 +325,36 @@ impl ServerNode {
                 }
             })
             .map_err(|e| Error::io("spawning the server's control thread", e))?;
+        if let Some(dev) = device {
+            // Frames from push rings go where TCP frames go; the closure holds
+            // only weak references (the inbox lives inside `shared`).
+            let (weak_shared, weak_net) = (Arc::downgrade(&shared), Arc::downgrade(&net));
+            let deliver: rdma::Deliver = Box::new(move |token, frame| {
+                let (Some(shared), Some(net)) = (weak_shared.upgrade(), weak_net.upgrade()) else { return };
+                let h = ServerHandler { shared };
+                let peer = PeerId(token);
+                match frame {
+                    Ok(f) => {
+                        h.shared.stats.rdma_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        h.deliver_ordered(&net, peer, f)
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %net.peer_addr(peer), error = %e, "closing a worker's connection: its RDMA link failed");
+                        net.disconnect(peer);
+                    }
+                }
+            });
+            match rdma::Inbox::start(dev.clone(), crate::transport::Limits::default(), deliver) {
+                Ok(inbox) => {
+                    tracing::info!(target: "transport", "server offers transport=rdma {}", dev.describe());
+                    *shared.inbox.write() = Some(Arc::new(inbox));
+                }
+                Err(e) if shared.cfg.rdma == RdmaMode::Require => return Err(e),
+                Err(e) => {
+                    tracing::info!(target: "transport", reason = %e, "server: RDMA unavailable, offering shm/tcp")
+                }
+            }
+        }
         let mut node = ServerNode { shared, net, helpers, heartbeat: None, control: Some(control) };
         let sched = node.net.connect(scheduler)?;
         node.shared.membership.lock().scheduler = Some(sched);
@@ -329,6 +424,8 @@ impl Drop for ServerNode {
         self.heartbeat.take();
         self.shared.control.lock().take();
         self.net.shutdown();
+        // Joins the inbox thread and releases the links' queue pairs.
+        self.shared.inbox.write().take();
         for l in &self.shared.lanes {
             l.stop();
         }
@@ -345,10 +442,16 @@ impl Drop for ServerNode {
 
 impl Handler for ServerHandler {
     fn on_disconnect(&self, _net: &Arc<dyn Messenger>, peer: PeerId) {
-        if let Some(c) = self.shared.conns.lock().remove(&peer)
-            && c.blocked
-        {
-            self.shared.blocked.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if let Some(inbox) = self.shared.inbox.read().as_ref() {
+            inbox.close(peer.0);
+        }
+        if let Some(c) = self.shared.conns.lock().remove(&peer) {
+            if c.blocked {
+                self.shared.blocked.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
+            if c.seq.is_some() {
+                self.shared.sequenced.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
         }
         let mut m = self.shared.membership.lock();
         m.peers.retain(|_, p| *p != peer);
@@ -364,7 +467,10 @@ impl Handler for ServerHandler {
         let id = frame.id;
         let result = match frame.kind {
             kind::CONTROL => self.on_control(net, from, &frame),
-            kind::PUSH | kind::PULL | kind::PUSH_PULL | kind::CLOCK | kind::RING => self.on_ordered(net, from, frame),
+            kind::PUSH | kind::PULL | kind::PUSH_PULL | kind::CLOCK | kind::RING => {
+                self.deliver_ordered(net, from, frame);
+                Ok(())
+            }
             kind::KEYS => self.on_keys(net, from, &frame),
             kind::REPLICATE => self.on_replicate(net, from, frame),
             kind::REPLICATED => self.on_replicated(net, from, &frame),
@@ -378,6 +484,73 @@ impl Handler for ServerHandler {
 }
 
 impl ServerHandler {
+    /// An ordered frame from `from`, applied now or, on a sequenced
+    /// connection, in its turn. Refusals are replied here.
+    fn deliver_ordered(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) {
+        if self.shared.sequenced.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return self.ordered_or_refuse(net, from, frame);
+        }
+        let mut frame = frame;
+        {
+            let mut conns = self.shared.conns.lock();
+            let seq = conns.get_mut(&from).and_then(|c| c.seq.as_mut());
+            if let Some(sq) = seq {
+                let Some(n) = seq_of(&frame) else {
+                    drop(conns);
+                    let e = Error::protocol(net.peer_addr(from), "an ordered frame without a data header");
+                    let _ = net.send(from, proto::refused(frame.id, &e.to_string()));
+                    return;
+                };
+                if n < sq.next || sq.held.contains_key(&n) {
+                    drop(conns);
+                    let e = Error::protocol(net.peer_addr(from), format!("frame sequence number {n} repeats"));
+                    let _ = net.send(from, proto::refused(frame.id, &e.to_string()));
+                    return;
+                }
+                if n != sq.next || sq.busy {
+                    if sq.held.len() >= MAX_PARKED_FRAMES {
+                        drop(conns);
+                        tracing::warn!(peer = %net.peer_addr(from), "a worker's frame {n} never came; closing");
+                        net.disconnect(from);
+                        return;
+                    }
+                    sq.held.insert(n, frame);
+                    return;
+                }
+                sq.busy = true;
+                sq.next += 1;
+            } else {
+                drop(conns);
+                return self.ordered_or_refuse(net, from, frame);
+            }
+        }
+        // This thread applies the connection's frames in order until the
+        // next one has not arrived yet.
+        loop {
+            self.ordered_or_refuse(net, from, frame);
+            let mut conns = self.shared.conns.lock();
+            let Some(sq) = conns.get_mut(&from).and_then(|c| c.seq.as_mut()) else { return };
+            match sq.held.remove(&sq.next) {
+                Some(f) => {
+                    sq.next += 1;
+                    frame = f;
+                }
+                None => {
+                    sq.busy = false;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn ordered_or_refuse(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) {
+        let id = frame.id;
+        if let Err(e) = self.on_ordered(net, from, frame) {
+            tracing::debug!(peer = %net.peer_addr(from), error = %e, "refused a request");
+            let _ = net.send(from, proto::refused(id, &e.to_string()));
+        }
+    }
+
     fn on_control(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: &Frame) -> Result<()> {
         let peer = net.peer_addr(from);
         match Control::from_frame(frame, &peer)? {
@@ -415,6 +588,47 @@ impl ServerHandler {
                             Err(e) => Control::Error(format!("cannot create a push ring: {e}")),
                         }
                     }
+                };
+                net.send(from, reply.to_frame(frame.id))
+            }
+            Control::RdmaConnect { conn, next_seq } => {
+                let inbox = self.shared.inbox.read().clone();
+                let reply = match inbox {
+                    None => Control::Error("this server offers no RDMA".into()),
+                    Some(inbox) => match ConnInfo::from_bytes(&conn) {
+                        Err(m) => Control::Error(m),
+                        Ok(remote) => match inbox.accept(from.0, &remote, rdma_ring_bytes()) {
+                            Ok(acc) => {
+                                // Sequenced from now on: everything the worker
+                                // sent before this arrived before it.
+                                let mut conns = self.shared.conns.lock();
+                                let c = conns.entry(from).or_default();
+                                if c.seq.is_none() {
+                                    self.shared.sequenced.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                                }
+                                c.seq = Some(Sequencer { next: next_seq, busy: false, held: Default::default() });
+                                drop(conns);
+                                tracing::debug!(peer = %peer, "accepted an RDMA link");
+                                Control::RdmaAccept {
+                                    conn: acc.info.to_bytes(),
+                                    ring: acc.ring,
+                                    ring_ctl: acc.ring_ctl,
+                                }
+                            }
+                            Err(e) => Control::Error(format!("cannot accept an RDMA link: {e}")),
+                        },
+                    },
+                };
+                net.send(from, reply.to_frame(frame.id))
+            }
+            Control::RdmaShardMap { table } => {
+                let has_link = self.shared.conns.lock().get(&from).is_some_and(|c| c.seq.is_some());
+                let shards = self.shared.tables.read().get(&table).map(|t| t.rdma.clone());
+                let reply = match shards {
+                    // Addresses and rkeys only to a worker with a link on this connection.
+                    _ if !has_link => Control::Error("no RDMA link on this connection".into()),
+                    Some(shards) => Control::RdmaShardMapReply { shards },
+                    None => Control::Error(Error::UnknownTable(table).to_string()),
                 };
                 net.send(from, reply.to_frame(frame.id))
             }
@@ -611,6 +825,9 @@ impl ServerHandler {
             targets[at].push(Target { range: r, peers });
         }
         let mut shm = Vec::new();
+        let mut rdma_shards: Vec<proto::RdmaShard> = old.map(|t| t.rdma.clone()).unwrap_or_default();
+        let mut registered: Vec<Arc<rdma::Registration>> = old.map(|t| t._registered.clone()).unwrap_or_default();
+        let inbox = self.shared.inbox.read().clone();
         let mut fresh: HashMap<u32, Shard> = built.into_iter().map(|(r, s)| (r.id, s)).collect();
         for (at, sref) in shards.iter().enumerate() {
             let (act, tg) = (active[at], std::mem::take(&mut targets[at]));
@@ -620,6 +837,18 @@ impl ServerHandler {
                         let (hdr, chunks) = shard.regions();
                         if let (Some(h), Some(c)) = (hdr.path(), chunks.first().and_then(|c| c.path())) {
                             shm.push((sref.range, h.display().to_string(), c.display().to_string()));
+                        }
+                        // Remote READ only: slots and the header's progress words.
+                        if let (Some(inbox), Some(c)) = (&inbox, chunks.first()) {
+                            let h = inbox.rdma().register(hdr.clone(), Access::READ)?;
+                            let sl = inbox.rdma().register(c.clone(), Access::READ)?;
+                            rdma_shards.push(proto::RdmaShard {
+                                start: sref.range.start,
+                                end: sref.range.end,
+                                header: h.desc(),
+                                slots: sl.desc(),
+                            });
+                            registered.extend([Arc::new(h), Arc::new(sl)]);
                         }
                     }
                     let job = Job::Install { id: sref.id, shard: Box::new(shard), active: act, targets: tg };
@@ -642,7 +871,7 @@ impl ServerHandler {
             header,
             slots,
         }));
-        Ok(Table { spec: spec.clone(), map, shm: shm_all, shards })
+        Ok(Table { spec: spec.clone(), map, shm: shm_all, rdma: rdma_shards, _registered: registered, shards })
     }
 
     /// A new epoch: ranges of dead servers pass to their first replica here,
@@ -790,9 +1019,9 @@ impl ServerHandler {
             std::mem::take(&mut c.parked)
         };
         // Replayed in order on this (the connection's) thread; a frame that
-        // blocks again holds the ones after it.
+        // blocks again holds the ones after it. (They were sequenced already.)
         for f in parked {
-            self.on_frame(net, from, f);
+            self.ordered_or_refuse(net, from, f);
         }
         Ok(())
     }

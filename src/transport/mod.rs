@@ -8,11 +8,13 @@
 //! [`RemoteMemory`].
 //!
 //! Implementations: [`inproc`] (threads of one process; the embedded job and
-//! the tests). TCP, shm and RDMA plug in behind the same traits.
+//! the tests), [`tcp`], and the one-sided side channels beside TCP: [`shm`]
+//! (same host) and [`rdma`].
 
 pub mod auth;
 pub mod frame;
 pub mod inproc;
+pub mod rdma;
 pub mod shm;
 pub mod tcp;
 
@@ -114,7 +116,7 @@ impl Access {
 
 /// The wire description of a registered region: enough for a peer to read or
 /// write it one-sided. Fixed size, plain old data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable, serde::Serialize, serde::Deserialize)]
 #[repr(C)]
 pub struct RegionDesc {
     /// Registry id (inproc, shm) or remote address (RDMA).

@@ -15,6 +15,7 @@
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -155,10 +156,24 @@ impl Mapped {
     }
 }
 
-/// Ring header words; data starts at byte 64.
+/// Ring header words; data starts at byte 64 ([`RING_DATA_BYTE`]).
 const RING_MAGIC: u64 = u64::from_le_bytes(*b"PSRING01");
-const RING_HEAD: usize = 2;
+/// Consumer position: bytes released so far (only grows).
+pub const RING_HEAD: usize = 2;
+/// Frames the consumer has taken so far (RDMA flow control).
+pub const RING_CONSUMED: usize = 3;
 const RING_DATA_WORD: usize = 8;
+/// Where a ring's data starts, in bytes from the start of its region.
+pub const RING_DATA_BYTE: usize = RING_DATA_WORD * 8;
+
+/// Where a frame of `len` bytes goes when the producer is at `tail`: frames
+/// never wrap, so one that does not fit before the end starts at the next
+/// lap. Producer and consumer both follow this rule, which is what lets a
+/// doorbell carry only a length.
+pub fn ring_place(tail: u64, len: u64, cap: u64) -> u64 {
+    let at = tail % cap;
+    if at + len > cap { tail + (cap - at) } else { tail }
+}
 
 /// A single-producer (worker), single-consumer (server) ring of frames in a
 /// shared file. Positions are byte counts that only grow; a frame never wraps
@@ -171,14 +186,15 @@ pub struct Ring {
 }
 
 enum RingMem {
-    Owned(Region),
+    Owned(Arc<Region>),
     Opened(Region),
 }
 
 impl RingMem {
     fn words(&self) -> &[AtomicU64] {
         match self {
-            RingMem::Owned(r) | RingMem::Opened(r) => r.words(),
+            RingMem::Owned(r) => r.words(),
+            RingMem::Opened(r) => r.words(),
         }
     }
 }
@@ -186,18 +202,59 @@ impl RingMem {
 impl Ring {
     /// Server side: a new ring of `bytes` of data.
     pub fn create(ns: &Namespace, bytes: usize) -> Result<Ring> {
-        let cap = (bytes.max(4096) as u64).div_ceil(8) * 8;
-        let region = ns.create("ring", RING_DATA_WORD * 8 + cap as usize)?;
+        let cap = Self::capacity_for(bytes);
+        Self::init(ns.create("ring", RING_DATA_WORD * 8 + cap as usize)?, cap)
+    }
+
+    /// A ring in anonymous memory (RDMA: the server's ring, registered for
+    /// remote write, and the worker's staging copy of it).
+    pub fn anon(bytes: usize) -> Result<Ring> {
+        let cap = Self::capacity_for(bytes);
+        Self::init(Region::anon(RING_DATA_WORD * 8 + cap as usize)?, cap)
+    }
+
+    /// The data capacity a ring of `bytes` gets.
+    pub fn capacity_for(bytes: usize) -> u64 {
+        (bytes.max(4096) as u64).div_ceil(8) * 8
+    }
+
+    fn init(region: Region, cap: u64) -> Result<Ring> {
         let w = region.words();
         w[0].store(RING_MAGIC, Ordering::Relaxed);
         w[1].store(cap, Ordering::Relaxed);
-        Ok(Ring { region: RingMem::Owned(region), cap, tail: Mutex::new(0) })
+        Ok(Ring { region: RingMem::Owned(Arc::new(region)), cap, tail: Mutex::new(0) })
+    }
+
+    /// Bytes of data the ring holds.
+    pub fn capacity(&self) -> u64 {
+        self.cap
+    }
+
+    /// The ring's memory (header, then data from [`RING_DATA_BYTE`]), for
+    /// registering it with a NIC; `None` for a ring opened from a file.
+    pub fn region(&self) -> Option<&Arc<Region>> {
+        match &self.region {
+            RingMem::Owned(r) => Some(r),
+            RingMem::Opened(_) => None,
+        }
+    }
+
+    /// A header word (RDMA: the worker's mirror of the server's head and
+    /// frame count lives in its staging ring's header).
+    pub fn header_word(&self, word: usize) -> u64 {
+        self.region.words()[word].load(Ordering::Acquire)
+    }
+
+    /// The producer's position: bytes written so far.
+    pub fn tail(&self) -> u64 {
+        *self.tail.lock()
     }
 
     /// The file the worker maps.
     pub fn path(&self) -> Option<&Path> {
         match &self.region {
-            RingMem::Owned(r) | RingMem::Opened(r) => r.path(),
+            RingMem::Owned(r) => r.path(),
+            RingMem::Opened(r) => r.path(),
         }
     }
 
@@ -230,11 +287,7 @@ impl Ring {
         let mut tail = self.tail.lock();
         // Acquire: the consumer released this space after it finished reading.
         let head = self.region.words()[RING_HEAD].load(Ordering::Acquire);
-        let mut pos = *tail;
-        let at = pos % self.cap;
-        if at + len > self.cap {
-            pos += self.cap - at; // skip the short end
-        }
+        let pos = ring_place(*tail, len, self.cap);
         if pos + len - head > self.cap {
             return None;
         }
@@ -271,7 +324,9 @@ impl Ring {
         let mut buf = vec![0u64; (len / 8) as usize];
         crate::store::slot::copy_words(&self.data()[(at / 8) as usize..((at + len) / 8) as usize], &mut buf);
         // Release: the producer may reuse the space once it sees this.
-        self.region.words()[RING_HEAD].store(pos + len, Ordering::Release);
+        let w = self.region.words();
+        w[RING_HEAD].store(pos + len, Ordering::Release);
+        w[RING_CONSUMED].store(w[RING_CONSUMED].load(Ordering::Relaxed) + 1, Ordering::Release);
         let bytes = super::bytes_of_vec(buf);
         let header: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().expect("length checked");
         let h = FrameHeader::parse(&header, limits).map_err(|e| bad(e.to_string()))?;
@@ -279,6 +334,19 @@ impl Ring {
             return Err(bad(format!("frame of {} bytes in a {len}-byte doorbell", h.body_len + HEADER_LEN as u64)));
         }
         frame::decode_body(&h, bytes.slice(HEADER_LEN..)).map_err(|e| bad(e.to_string()))
+    }
+}
+
+impl Ring {
+    /// Consumer: the next frame, of `len` bytes, placed by [`ring_place`]
+    /// after the current head (a doorbell that carries only the length:
+    /// RDMA write-with-immediate). Checked like [`Ring::read`].
+    pub fn read_next(&self, len: u64, limits: &Limits) -> Result<Frame> {
+        let head = self.region.words()[RING_HEAD].load(Ordering::Relaxed);
+        if len == 0 || len > self.cap {
+            return Err(Error::protocol("ring", format!("doorbell for {len} bytes in a ring of {}", self.cap)));
+        }
+        self.read(ring_place(head, len, self.cap), len, limits)
     }
 }
 

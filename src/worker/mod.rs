@@ -28,7 +28,8 @@ use crate::error::{Error, Result};
 use crate::proto::{self, Control, DataHeader, ReplyHeader, Role, RunHeader, RunReply, kind, run_form, status};
 use crate::scheduler::ring::{NO_SERVER, RangeMap, Ring};
 use crate::table::{Consistency, Key, TableId, TableSpec};
-use crate::transport::{Frame, Handler, Messenger, PeerId, Transport, bytes_of_vec, pod_slice};
+use crate::transport::rdma::{self, ConnInfo, Link, RdmaMode};
+use crate::transport::{Frame, Handler, Messenger, PeerId, RegionDesc, Transport, bytes_of_vec, pod_slice};
 
 use op::{Op, OpRun, Part, Sent};
 
@@ -119,6 +120,13 @@ pub enum ShmMode {
     Require,
 }
 
+/// The one-sided channels a node uses beside its transport's messages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OneSided {
+    pub shm: ShmMode,
+    pub rdma: RdmaMode,
+}
+
 /// How a worker joins a job.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -130,19 +138,28 @@ pub struct WorkerConfig {
     /// How long to wait for the rest of the job to register.
     pub join_timeout: Duration,
     pub shm: ShmMode,
+    /// RDMA with the servers (tried before shared memory).
+    pub rdma: RdmaMode,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { rank: None, max_inflight: 1024, join_timeout: Duration::from_secs(120), shm: ShmMode::Off }
+        WorkerConfig {
+            rank: None,
+            max_inflight: 1024,
+            join_timeout: Duration::from_secs(120),
+            shm: ShmMode::Off,
+            rdma: RdmaMode::Off,
+        }
     }
 }
 
 struct TableInfo {
     spec: TableSpec,
     map: RangeMap,
-    /// Per server, its shards mapped from shared memory (dense tables).
-    shm: Vec<Option<Arc<Vec<ShmView>>>>,
+    /// Per server, its shards readable one-sided (dense tables), by shared
+    /// memory or RDMA.
+    one_sided: Vec<Option<Arc<Vec<View>>>>,
 }
 
 /// A server's shard mapped read-only.
@@ -150,6 +167,75 @@ struct ShmView {
     range: crate::store::KeyRange,
     header: crate::transport::shm::Mapped,
     slots: crate::transport::shm::Mapped,
+}
+
+/// A server's shard registered for RDMA READ, and the link that reads it.
+struct RdmaView {
+    range: crate::store::KeyRange,
+    header: RegionDesc,
+    slots: RegionDesc,
+    link: Arc<Link>,
+}
+
+/// A shard the worker reads one-sided. The pull routine
+/// (`Inner::try_one_sided_pull`) is the same for both; they differ only in
+/// how the words get to the worker: loads from a mapping, or RDMA READs into
+/// a registered buffer. Either way `slot::read_run` validates them.
+enum View {
+    Shm(ShmView),
+    Rdma(RdmaView),
+}
+
+impl View {
+    fn range(&self) -> crate::store::KeyRange {
+        match self {
+            View::Shm(v) => v.range,
+            View::Rdma(v) => v.range,
+        }
+    }
+
+    /// The shard's minimum progress (over RDMA only when `progress` asks:
+    /// it costs a round trip; else `u64::MAX`), then (no earlier) `len`
+    /// words of its slots from word `at`, handed to `f` as atomics.
+    fn fetch<R>(
+        &self,
+        at: usize,
+        len: usize,
+        progress: bool,
+        f: impl FnOnce(u64, &[std::sync::atomic::AtomicU64]) -> R,
+    ) -> Result<R> {
+        use crate::store::shard::HEADER_MIN_PROGRESS;
+        match self {
+            View::Shm(v) => {
+                // Acquire: the slot stores of the progress it shows are visible.
+                let progress = v.header.load(HEADER_MIN_PROGRESS).unwrap_or(0);
+                Ok(f(progress, v.slots.words_at(at, len)?))
+            }
+            View::Rdma(v) => v.link.read(progress.then_some((&v.header, HEADER_MIN_PROGRESS)), &v.slots, at, len, f),
+        }
+    }
+
+    /// The most words one fetch takes.
+    fn max_words(&self) -> usize {
+        match self {
+            View::Shm(v) => v.slots.len_words(),
+            View::Rdma(v) => v.link.max_read_words(),
+        }
+    }
+
+    /// Whether each aligned word is copied atomically (scalar slots, whose
+    /// version shares their only word, need it).
+    fn word_atomic(&self) -> bool {
+        match self {
+            View::Shm(_) => true,
+            View::Rdma(v) => v.link.word_atomic(),
+        }
+    }
+
+    /// Whether fetching one slot at a time is cheap (a load, not a round trip).
+    fn cheap_single_slot(&self) -> bool {
+        matches!(self, View::Shm(_))
+    }
 }
 
 /// Bytes and keys a worker moved: payload bytes (keys, values, versions and
@@ -163,6 +249,12 @@ pub struct Traffic {
     /// Pulls served by reading servers' shared memory, and the bytes read.
     pub shm_pulls: u64,
     pub shm_bytes_read: u64,
+    /// Pulls served by RDMA READs of servers' shards, and the bytes read.
+    pub rdma_pulls: u64,
+    pub rdma_bytes_read: u64,
+    /// Frames written into servers' push rings by RDMA, and their bytes.
+    pub rdma_frames: u64,
+    pub rdma_bytes_written: u64,
 }
 
 #[derive(Default)]
@@ -173,6 +265,10 @@ struct TrafficCounters {
     bytes_received: AtomicU64,
     shm_bytes_read: AtomicU64,
     shm_pulls: AtomicU64,
+    rdma_pulls: AtomicU64,
+    rdma_bytes_read: AtomicU64,
+    rdma_frames: AtomicU64,
+    rdma_bytes_written: AtomicU64,
 }
 
 /// Key lists this worker asked servers to keep (see `proto::run_form`).
@@ -226,6 +322,10 @@ struct Shared {
     traffic: TrafficCounters,
     /// Per server: the shared-memory push ring, when there is one.
     rings: RwLock<Vec<Option<Arc<crate::transport::shm::Ring>>>>,
+    /// Per server: the RDMA link, when there is one.
+    links: RwLock<Vec<Option<Arc<Link>>>>,
+    /// Per server: the `DataHeader::seq` of the next ordered frame.
+    seqs: RwLock<Vec<AtomicU64>>,
     /// Per server: push runs sent and not yet acknowledged. A one-sided pull
     /// must not overtake them.
     push_inflight: RwLock<Vec<std::sync::atomic::AtomicUsize>>,
@@ -310,7 +410,8 @@ struct Inner {
     filters: RwLock<HashMap<TableId, Arc<Mutex<TableFilter>>>>,
     next_ts: AtomicU64,
     next_control: AtomicU64,
-    next_seq: AtomicU64,
+    /// The next push run's seq (see `RunHeader::seq`).
+    next_push_seq: AtomicU64,
     clock: AtomicU32,
     max_inflight: usize,
     finished: std::sync::atomic::AtomicBool,
@@ -409,6 +510,8 @@ impl Worker {
             key_cache: Mutex::new(KeyCache::default()),
             traffic: TrafficCounters::default(),
             rings: RwLock::new(Vec::new()),
+            links: RwLock::new(Vec::new()),
+            seqs: RwLock::new(Vec::new()),
             push_inflight: RwLock::new(Vec::new()),
             ops: Mutex::new(FxHashMap::default()),
             ops_changed: Condvar::new(),
@@ -441,10 +544,44 @@ impl Worker {
         }
         *shared.push_inflight.write() = (0..peers.len()).map(|_| Default::default()).collect();
         *shared.sending.write() = (0..peers.len()).map(|_| Mutex::new(())).collect();
+        *shared.seqs.write() = (0..peers.len()).map(|_| AtomicU64::new(1)).collect();
         *shared.servers.write() = peers.clone();
+        let mut links: Vec<Option<Arc<Link>>> = vec![None; peers.len()];
+        if cfg.rdma != RdmaMode::Off {
+            let required = cfg.rdma == RdmaMode::Require;
+            match rdma::device() {
+                Ok(dev) => {
+                    for (s, &p) in peers.iter().enumerate() {
+                        match open_link(&shared, &net, p, &dev, &servers[s].addr) {
+                            Ok(l) => links[s] = Some(Arc::new(l)),
+                            Err(e) if required => {
+                                return Err(Error::Config(format!(
+                                    "--transport rdma: no RDMA link with server {s} ({}): {e}",
+                                    servers[s].addr
+                                )));
+                            }
+                            Err(e) => tracing::info!(target: "transport", server = s, reason = %e,
+                                "RDMA unavailable with this server; falling back to shm/tcp"),
+                        }
+                    }
+                    let n = links.iter().filter(|l| l.is_some()).count();
+                    if n > 0 {
+                        tracing::info!(target: "transport", "transport=rdma {} servers={n}", dev.describe());
+                    }
+                }
+                Err(e) if required => return Err(Error::Config(format!("--transport rdma: {e}"))),
+                Err(e) => {
+                    tracing::info!(target: "transport", reason = %e, "RDMA unavailable; falling back to shm/tcp")
+                }
+            }
+        }
+        *shared.links.write() = links.clone();
         let mut rings = vec![None; peers.len()];
         if cfg.shm != ShmMode::Off {
             for (s, &p) in peers.iter().enumerate() {
+                if links[s].is_some() {
+                    continue;
+                }
                 let r = if net.same_host(p) {
                     open_ring(&shared, &net, p)
                 } else {
@@ -460,6 +597,9 @@ impl Worker {
             }
             let n = rings.iter().filter(|r| r.is_some()).count();
             tracing::info!(servers = n, "shared memory with same-host servers");
+            if n > 0 {
+                tracing::info!(target: "transport", "transport=shm servers={n}");
+            }
         }
         *shared.rings.write() = rings;
         tracing::debug!(rank, servers = servers.len(), replicas, "worker joined the job");
@@ -476,7 +616,7 @@ impl Worker {
                 next_ts: AtomicU64::new(1),
                 next_control: AtomicU64::new(CONTROL_ID_BASE + 1),
                 // Seqs of a later incarnation of this rank are all larger.
-                next_seq: AtomicU64::new((u64::from(incarnation) << 40) + 1),
+                next_push_seq: AtomicU64::new((u64::from(incarnation) << 40) + 1),
                 clock: AtomicU32::new(0),
                 max_inflight: cfg.max_inflight.max(1),
                 finished: Default::default(),
@@ -531,22 +671,50 @@ impl Worker {
             }
         }
         let map = self.inner.ring.read().ranges(spec.keys);
-        let shm = self.map_shards(&spec)?;
-        self.inner.tables.write().insert(spec.id, Arc::new(TableInfo { spec, map, shm }));
+        let one_sided = self.map_shards(&spec)?;
+        self.inner.tables.write().insert(spec.id, Arc::new(TableInfo { spec, map, one_sided }));
         Ok(())
     }
 
-    /// Maps the shards of a dense table from the servers this worker shares
+    /// Where the shards of a dense table can be read one-sided: by RDMA
+    /// from servers with a link, else from the servers this worker shares
     /// memory with.
-    fn map_shards(&self, spec: &TableSpec) -> Result<Vec<Option<Arc<Vec<ShmView>>>>> {
+    fn map_shards(&self, spec: &TableSpec) -> Result<Vec<Option<Arc<Vec<View>>>>> {
         let rings = self.inner.shared.rings.read().clone();
-        let mut out: Vec<Option<Arc<Vec<ShmView>>>> = rings.iter().map(|_| None).collect();
+        let links = self.inner.shared.links.read().clone();
+        let mut out: Vec<Option<Arc<Vec<View>>>> = rings.iter().map(|_| None).collect();
         if spec.storage != crate::table::Storage::Dense {
             return Ok(out);
         }
         let peers = self.inner.shared.servers.read().clone();
+        for (s, link) in links.iter().enumerate() {
+            let Some(link) = link else { continue };
+            let id = self.inner.control_send(peers[s], &Control::RdmaShardMap { table: spec.id })?;
+            let shards = match self.inner.shared.wait_control(id, Duration::from_secs(60))? {
+                Control::RdmaShardMapReply { shards } => shards,
+                Control::Error(m) => return Err(Error::Remote { peer: format!("server {s}"), message: m }),
+                other => return Err(Error::protocol("server", format!("unexpected reply {other:?}"))),
+            };
+            let layout = crate::store::SlotLayout::new(spec.dim).ok_or(Error::UnknownTable(spec.id))?;
+            let mut views = Vec::with_capacity(shards.len());
+            for sh in shards {
+                let range = crate::store::KeyRange::new(sh.start, sh.end);
+                // The slots must hold the whole range (a peer's word is
+                // checked, not trusted): reads are bounded by them.
+                let need = range.len().checked_mul(layout.bytes() as u64);
+                if range.is_empty() || need.is_none_or(|n| n > sh.slots.len) || sh.header.len < 64 {
+                    return Err(Error::protocol(
+                        format!("server {s}"),
+                        format!("shard {range} does not fit its region"),
+                    ));
+                }
+                views.push(View::Rdma(RdmaView { range, header: sh.header, slots: sh.slots, link: link.clone() }));
+            }
+            views.sort_by_key(|v| v.range().start);
+            out[s] = Some(Arc::new(views));
+        }
         for (s, ring) in rings.iter().enumerate() {
-            if ring.is_none() {
+            if ring.is_none() || out[s].is_some() {
                 continue;
             }
             let id = self.inner.control_send(peers[s], &Control::ShardMap { table: spec.id })?;
@@ -566,9 +734,9 @@ impl Worker {
                 if layout as u32 != spec.dim {
                     return Err(Error::Config(format!("shared shard {} does not hold dim {}", sh.slots, spec.dim)));
                 }
-                views.push(view);
+                views.push(View::Shm(view));
             }
-            views.sort_by_key(|v| v.range.start);
+            views.sort_by_key(|v| v.range().start);
             out[s] = Some(Arc::new(views));
         }
         Ok(out)
@@ -667,6 +835,10 @@ impl Worker {
             bytes_received: t.bytes_received.load(Ordering::Relaxed),
             shm_pulls: t.shm_pulls.load(Ordering::Relaxed),
             shm_bytes_read: t.shm_bytes_read.load(Ordering::Relaxed),
+            rdma_pulls: t.rdma_pulls.load(Ordering::Relaxed),
+            rdma_bytes_read: t.rdma_bytes_read.load(Ordering::Relaxed),
+            rdma_frames: t.rdma_frames.load(Ordering::Relaxed),
+            rdma_bytes_written: t.rdma_bytes_written.load(Ordering::Relaxed),
         }
     }
 
@@ -854,7 +1026,7 @@ impl Scoped<'_> {
         let mut buf = buf;
         if k == kind::PULL
             && known.is_none()
-            && let Some(op) = self.w.inner.try_shm_pull(table, &keys, &mut buf, self.consistency)?
+            && let Some(op) = self.w.inner.try_one_sided_pull(table, &keys, &mut buf, self.consistency)?
         {
             return Ok(Pull { ts: Timestamp(op.ts), op, shared: self.w.inner.shared.clone(), observe });
         }
@@ -910,13 +1082,44 @@ impl Scoped<'_> {
     }
 }
 
-/// Asks server `peer` for a push ring and maps it.
-fn open_ring(shared: &Arc<Shared>, net: &Arc<dyn Messenger>, peer: PeerId) -> Result<crate::transport::shm::Ring> {
+/// A control call made while joining (before `Inner` exists).
+fn join_call(shared: &Arc<Shared>, net: &Arc<dyn Messenger>, peer: PeerId, msg: &Control) -> Result<Control> {
     static NEXT: AtomicU64 = AtomicU64::new(CONTROL_ID_BASE / 2);
     let id = NEXT.fetch_add(1, Ordering::Relaxed) | CONTROL_ID_BASE;
     shared.control.lock().insert(id, None);
-    net.send(peer, Control::OpenRing { bytes: 64 << 20 }.to_frame(id))?;
-    match shared.wait_control(id, Duration::from_secs(60))? {
+    if let Err(e) = net.send(peer, msg.to_frame(id)) {
+        shared.control.lock().remove(&id);
+        return Err(e);
+    }
+    shared.wait_control(id, Duration::from_secs(60))
+}
+
+/// Opens an RDMA link with server `peer`: our queue pair's description
+/// goes over the TCP connection, the server's and our push ring come back.
+fn open_link(
+    shared: &Arc<Shared>,
+    net: &Arc<dyn Messenger>,
+    peer: PeerId,
+    dev: &Arc<rdma::Rdma>,
+    addr: &str,
+) -> Result<Link> {
+    let (link, info) = Link::new(dev, addr)?;
+    let server = shared.server_index(peer).map_or(0, |s| s as usize);
+    let next_seq = shared.seqs.read()[server].load(Ordering::Acquire);
+    match join_call(shared, net, peer, &Control::RdmaConnect { conn: info.to_bytes(), next_seq })? {
+        Control::RdmaAccept { conn, ring, ring_ctl } => {
+            let remote = ConnInfo::from_bytes(&conn).map_err(|m| Error::protocol(addr, m))?;
+            link.establish(&remote, ring, ring_ctl)?;
+            Ok(link)
+        }
+        Control::Error(m) => Err(Error::Remote { peer: addr.into(), message: m }),
+        other => Err(Error::protocol(addr, format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Asks server `peer` for a push ring and maps it.
+fn open_ring(shared: &Arc<Shared>, net: &Arc<dyn Messenger>, peer: PeerId) -> Result<crate::transport::shm::Ring> {
+    match join_call(shared, net, peer, &Control::OpenRing { bytes: 64 << 20 })? {
         Control::RingReady { path } => crate::transport::shm::Ring::open(std::path::Path::new(&path)),
         Control::Error(m) => Err(Error::Remote { peer: "server".into(), message: m }),
         other => Err(Error::protocol("server", format!("unexpected reply {other:?}"))),
@@ -949,12 +1152,17 @@ impl Inner {
         self.tables.read().get(&id).cloned().ok_or(Error::UnknownTable(id))
     }
 
-    /// A pull served by reading the servers' shared memory, when every run
-    /// can be: each touched server shares memory with us, none of our pushes
-    /// to it is unacknowledged (a pull must observe them), and every touched
-    /// shard's progress already satisfies the consistency model. `None` means
-    /// "ask the servers"; `buf` then comes back untouched.
-    fn try_shm_pull(
+    /// A pull served one-sided (shared memory or RDMA READ), when every run
+    /// can be: each touched server offers its shards to us, none of our
+    /// pushes to it is unacknowledged (a pull must observe them), and every
+    /// touched shard's progress already satisfies the consistency model.
+    /// `None` means "ask the servers"; `buf` then comes back untouched.
+    ///
+    /// The routine is the same for every one-sided transport; a [`View`]
+    /// only says how words are fetched. Whatever fetched them, the copy is
+    /// validated by `slot::read_run`; torn slots are read again, then the
+    /// pull falls back to the server.
+    fn try_one_sided_pull(
         &self,
         table: TableId,
         keys: &Bytes,
@@ -962,10 +1170,9 @@ impl Inner {
         consistency: Option<Consistency>,
     ) -> Result<Option<Arc<Op>>> {
         use crate::store::SlotLayout;
-        use crate::store::shard::HEADER_MIN_PROGRESS;
         use crate::store::slot;
         let info = self.table(table)?;
-        if info.shm.iter().all(Option::is_none) {
+        if info.one_sided.iter().all(Option::is_none) {
             return Ok(None);
         }
         let view = pod_slice::<Key>(keys);
@@ -982,7 +1189,7 @@ impl Inner {
         {
             let backlog = self.shared.push_inflight.read();
             if runs.iter().any(|r| {
-                info.shm.get(r.server as usize).is_none_or(Option::is_none)
+                info.one_sided.get(r.server as usize).is_none_or(Option::is_none)
                     || backlog.get(r.server as usize).is_none_or(|b| b.load(Ordering::Acquire) > 0)
             }) {
                 return Ok(None);
@@ -998,63 +1205,142 @@ impl Inner {
         out.clear();
         out.resize(n * dim, 0.0);
         let words = layout.words();
-        let (mut img, mut torn) = (Vec::new(), Vec::new());
-        let (mut min_progress, mut bytes) = (u64::MAX, 0u64);
-        // One slot again, until a copy validates.
-        let reread = |v: &ShmView, slot_at: usize, img: &mut Vec<u64>, dst: &mut [f32]| -> Result<bool> {
-            img.resize(words, 0);
-            for _ in 0..TORN_RETRIES {
-                v.slots.read(slot_at * words, img)?;
-                if slot::validate(layout, img, dst).is_ok() {
-                    return Ok(true);
+        let mut torn = Vec::new();
+        let (mut min_progress, mut shm_bytes, mut rdma_bytes) = (u64::MAX, 0u64, 0u64);
+        // Slots `first..first+count` of `v` into `dst`; false when the
+        // progress is too old or a slot stays torn (ask the server then).
+        let mut read =
+            |v: &View, first: usize, count: usize, dst: &mut [f32], min_progress: &mut u64| -> Result<bool> {
+                let step = (v.max_words() / words).max(1);
+                let mut done = 0;
+                while done < count {
+                    let c = step.min(count - done);
+                    let part = &mut dst[done * dim..(done + c) * dim];
+                    torn.clear();
+                    let fresh = v.fetch((first + done) * words, c * words, need.is_some(), |progress, src| {
+                        *min_progress = (*min_progress).min(progress);
+                        let fresh = need.is_none_or(|need| progress >= need);
+                        if fresh {
+                            slot::read_run(layout, src, part, &mut torn);
+                        }
+                        fresh
+                    })?;
+                    if !fresh {
+                        return Ok(false);
+                    }
+                    for &t in &torn {
+                        let one = &mut part[t * dim..(t + 1) * dim];
+                        let mut ok = false;
+                        for _ in 0..TORN_RETRIES {
+                            let mut again = Vec::new();
+                            v.fetch((first + done + t) * words, words, false, |_, src| {
+                                slot::read_run(layout, src, one, &mut again)
+                            })?;
+                            if again.is_empty() {
+                                ok = true;
+                                break;
+                            }
+                            std::hint::spin_loop();
+                        }
+                        if !ok {
+                            return Ok(false);
+                        }
+                    }
+                    done += c;
                 }
-                std::hint::spin_loop();
-            }
-            Ok(false)
-        };
+                Ok(true)
+            };
         for r in &runs {
-            let views = info.shm[r.server as usize].as_ref().expect("checked");
+            let views = info.one_sided[r.server as usize].as_ref().expect("checked");
             let (first, last) = (ks[r.lo], ks[r.hi - 1]);
-            let Some(v) = views.partition_point(|v| v.range.start <= first).checked_sub(1).map(|i| &views[i]) else {
+            let Some(v) = views.partition_point(|v| v.range().start <= first).checked_sub(1).map(|i| &views[i]) else {
                 *buf = out;
                 return Ok(None);
             };
-            let progress = v.header.load(HEADER_MIN_PROGRESS).unwrap_or(0);
-            if !v.range.contains(last) || need.is_some_and(|need| progress < need) {
+            let range = v.range();
+            if !range.contains(last) || (layout.dim() == 1 && !v.word_atomic()) {
                 *buf = out;
                 return Ok(None);
             }
-            min_progress = min_progress.min(progress);
             let count = r.hi - r.lo;
             let dst = &mut out[r.lo * dim..r.hi * dim];
-            let base = (first - v.range.start) as usize;
-            if (last - first) as usize + 1 == count {
-                torn.clear();
-                slot::read_run(layout, v.slots.words_at(base * words, count * words)?, dst, &mut torn);
-                for &t in &torn {
-                    if !reread(v, base + t, &mut img, &mut dst[t * dim..(t + 1) * dim])? {
-                        *buf = out;
-                        return Ok(None);
-                    }
-                }
-            } else {
+            let base = (first - range.start) as usize;
+            let span = (last - first) as usize + 1;
+            let mut fetched = span;
+            let ok = if span == count {
+                read(v, base, count, dst, &mut min_progress)?
+            } else if v.cheap_single_slot() {
+                fetched = count;
+                let mut ok = true;
                 for (j, &k) in ks[r.lo..r.hi].iter().enumerate() {
-                    let at = (k - v.range.start) as usize;
-                    if !reread(v, at, &mut img, &mut dst[j * dim..(j + 1) * dim])? {
-                        *buf = out;
-                        return Ok(None);
+                    let at = (k - range.start) as usize;
+                    if !read(v, at, 1, &mut dst[j * dim..(j + 1) * dim], &mut min_progress)? {
+                        ok = false;
+                        break;
                     }
                 }
+                ok
+            } else if span <= 4 * count {
+                // Scattered keys over a remote link: one READ of the span
+                // beats a round trip per key.
+                let mut all = vec![0.0f32; span * dim];
+                let ok = read(v, base, span, &mut all, &mut min_progress)?;
+                for (j, &k) in ks[r.lo..r.hi].iter().enumerate() {
+                    let at = (k - first) as usize;
+                    dst[j * dim..(j + 1) * dim].copy_from_slice(&all[at * dim..(at + 1) * dim]);
+                }
+                ok
+            } else {
+                false
+            };
+            if !ok {
+                *buf = out;
+                return Ok(None);
             }
-            bytes += (count * words * 8) as u64;
+            let b = (fetched * words * 8) as u64;
+            match v {
+                View::Shm(_) => shm_bytes += b,
+                View::Rdma(_) => rdma_bytes += b,
+            }
         }
         let ts = self.next_ts.fetch_add(1, Ordering::AcqRel);
         let op = Arc::new(Op::new(ts, clock, dim, Vec::new(), Some(out), false));
         op.note_progress(min_progress);
         op.mark_done();
-        self.shared.traffic.shm_pulls.fetch_add(1, Ordering::Relaxed);
-        self.shared.traffic.shm_bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        let t = &self.shared.traffic;
+        if shm_bytes > 0 {
+            t.shm_pulls.fetch_add(1, Ordering::Relaxed);
+            t.shm_bytes_read.fetch_add(shm_bytes, Ordering::Relaxed);
+        }
+        if rdma_bytes > 0 {
+            t.rdma_pulls.fetch_add(1, Ordering::Relaxed);
+            t.rdma_bytes_read.fetch_add(rdma_bytes, Ordering::Relaxed);
+        }
         Ok(Some(op))
+    }
+
+    /// Sends an ordered frame (push, pull, push-pull, clock) to `server`:
+    /// through its RDMA push ring when there is a link and the frame fits,
+    /// else over the connection (the frame's sequence number keeps its
+    /// place). A failed link closes the connection, which fails everything
+    /// in flight to that server with the link's error.
+    fn send_ordered(&self, server: usize, peer: PeerId, frame: Frame) -> Result<()> {
+        let link = self.shared.links.read().get(server).cloned().flatten();
+        let Some(link) = link else { return self.net.send(peer, frame) };
+        match link.send(&frame) {
+            Ok(true) => {
+                let t = &self.shared.traffic;
+                t.rdma_frames.fetch_add(1, Ordering::Relaxed);
+                t.rdma_bytes_written.fetch_add(frame.wire_len(), Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(false) => self.net.send(peer, frame),
+            Err(e) => {
+                tracing::warn!(server, error = %e, "closing the connection to a server whose RDMA link failed");
+                self.net.disconnect(peer);
+                Err(e)
+            }
+        }
     }
 
     /// Checks, splits and sends one operation. `keys` are sorted and unique
@@ -1166,7 +1452,7 @@ impl Inner {
                     (run_form::LIST, 0)
                 };
                 if first_time && op.is_push {
-                    r.set_seq(self.next_seq.fetch_add(1, Ordering::Relaxed));
+                    r.set_seq(self.next_push_seq.fetch_add(1, Ordering::Relaxed));
                 }
                 headers.push(RunHeader { run: i as u32, form, first, count, digest, seq: r.seq() });
                 if run_form::has_keys(form) {
@@ -1186,7 +1472,7 @@ impl Inner {
                 epoch: ring.epoch(),
                 runs: headers.len() as u32,
                 flags: if sent.known.is_some() { proto::flags::VERSIONED } else { 0 },
-                seq: 0,
+                seq: self.shared.next_seq(server),
                 tau: sent.tau,
                 reserved: 0,
             };
@@ -1214,7 +1500,7 @@ impl Inner {
                     let bell = Frame::new(kind::RING, op.ts, crate::transport::shm::doorbell_meta(pos, len));
                     self.net.send(peer, bell)
                 }
-                None => self.net.send(peer, frame),
+                None => self.send_ordered(server, peer, frame),
             };
             if let Err(e) = sent {
                 if self.shared.replicas.load(Ordering::Acquire) > 0 {
@@ -1269,6 +1555,17 @@ impl Inner {
             while sending.len() < peers.len() {
                 sending.push(Mutex::new(()));
             }
+            let mut seqs = self.shared.seqs.write();
+            while seqs.len() < peers.len() {
+                seqs.push(AtomicU64::new(1));
+            }
+            let mut links = self.shared.links.write();
+            links.resize(peers.len(), None);
+            for (i, l) in links.iter_mut().enumerate() {
+                if !new.is_alive(i as u32) {
+                    *l = None;
+                }
+            }
             let mut rings = self.shared.rings.write();
             rings.resize(peers.len(), None);
             for (i, r) in rings.iter_mut().enumerate() {
@@ -1282,13 +1579,13 @@ impl Inner {
             let map = new.ranges(info.spec.keys);
             // Shared-memory views of servers that are gone are dropped; views
             // of new owners come with the next `remap`.
-            let shm = info
-                .shm
+            let one_sided = info
+                .one_sided
                 .iter()
                 .enumerate()
                 .map(|(i, v)| if new.is_alive(i as u32) { v.clone() } else { None })
                 .collect();
-            *info = Arc::new(TableInfo { spec: info.spec.clone(), map, shm });
+            *info = Arc::new(TableInfo { spec: info.spec.clone(), map, one_sided });
         }
         let tables = tables.clone();
         *ring = new;
@@ -1373,23 +1670,26 @@ impl Inner {
 
     /// Tells every live server that this worker finished the clocks below `c`.
     fn send_clock(&self, ring: &Ring, c: u32) -> Result<()> {
-        let h = DataHeader {
-            table: 0,
-            worker: self.rank,
-            clock: c,
-            epoch: ring.epoch(),
-            runs: 0,
-            flags: 0,
-            seq: 0,
-            tau: proto::TAU_EVENTUAL,
-            reserved: 0,
-        };
-        let meta = proto::build_meta::<DataHeader, RunHeader>(&h, &[]);
         let peers = self.shared.servers.read().clone();
-        for (i, &p) in peers.iter().enumerate() {
-            if ring.is_alive(i as u32) {
-                self.net.send(p, Frame::new(kind::CLOCK, 0, meta.clone()))?;
+        let locks = self.shared.sending.read();
+        for (server, &p) in peers.iter().enumerate() {
+            if !ring.is_alive(server as u32) {
+                continue;
             }
+            let _order = locks.get(server).map(|l| l.lock());
+            let h = DataHeader {
+                table: 0,
+                worker: self.rank,
+                clock: c,
+                epoch: ring.epoch(),
+                runs: 0,
+                flags: 0,
+                seq: self.shared.next_seq(server),
+                tau: proto::TAU_EVENTUAL,
+                reserved: 0,
+            };
+            let meta = proto::build_meta::<DataHeader, RunHeader>(&h, &[]);
+            self.send_ordered(server, p, Frame::new(kind::CLOCK, 0, meta))?;
         }
         Ok(())
     }
@@ -1483,6 +1783,11 @@ impl Shared {
                 self.finish_run(op, i, None, Some(e.clone()));
             }
         }
+    }
+
+    /// The sequence number of the next ordered frame to `server`.
+    fn next_seq(&self, server: usize) -> u64 {
+        self.seqs.read().get(server).map_or(0, |s| s.fetch_add(1, Ordering::Relaxed))
     }
 
     fn server_index(&self, peer: PeerId) -> Option<u32> {

@@ -76,6 +76,18 @@ pub struct Job {
 }
 
 pub fn start_job(io: &'static str, servers: u32, workers: u32, tag: &str, deadline: Instant) -> Job {
+    start_job_over(io, None, servers, workers, tag, deadline)
+}
+
+/// [`start_job`] with servers started with `--transport transport`.
+pub fn start_job_over(
+    io: &'static str,
+    transport: Option<&str>,
+    servers: u32,
+    workers: u32,
+    tag: &str,
+    deadline: Instant,
+) -> Job {
     let dir = tempdir(tag);
     let af = dir.join("scheduler.addr");
     let mut scheduler = Proc::spawn(
@@ -93,7 +105,11 @@ pub fn start_job(io: &'static str, servers: u32, workers: u32, tag: &str, deadli
         let f = dir.join(format!("server{i}.addr"));
         let mut p = Proc::spawn(
             &format!("server {i}"),
-            Command::new(BIN).args(["server", "--scheduler", &addr, "--addr-file"]).arg(&f).env("PSERVER_IO", io),
+            Command::new(BIN)
+                .args(["server", "--scheduler", &addr, "--addr-file"])
+                .arg(&f)
+                .args(transport.map(|t| ["--transport", t]).into_iter().flatten())
+                .env("PSERVER_IO", io),
         );
         server_addrs.push(read_addr(&f, &mut p, deadline));
         procs.push(p);
