@@ -5,6 +5,8 @@
 //! mismatch. Useful after deploying, and it is what the multi-process tests
 //! run as their workers.
 
+use std::time::{Duration, Instant};
+
 use crate::error::{Error, Result};
 use crate::table::{TableSpec, mix64};
 use crate::worker::Worker;
@@ -12,6 +14,8 @@ use crate::worker::Worker;
 /// Table ids used by the check (far from application ids).
 const DENSE: u32 = 0xC4EC_0001;
 const SPARSE: u32 = 0xC4EC_0002;
+const COUNT_DENSE: u32 = 0xC4EC_0003;
+const COUNT_SPARSE: u32 = 0xC4EC_0004;
 
 /// What a worker verified.
 #[derive(Clone, Debug, PartialEq)]
@@ -80,4 +84,86 @@ pub fn run(w: &Worker, keys: u64, dim: u32, rounds: u32) -> Result<CheckReport> 
     w.wait_all()?;
     w.barrier()?;
     Ok(CheckReport { keys_checked: (all.len() + sparse.len()) as u64 * u64::from(dim), pushes, traffic: w.traffic() })
+}
+
+/// What a worker of the counting check saw.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CountingReport {
+    /// Rounds whose pushes were acknowledged (all of them, or the check fails).
+    pub acked: u64,
+    /// The value every counter ended with.
+    pub counter: f32,
+    /// The longest a round's pushes took to be acknowledged: across a
+    /// failover, the time from the failure to the first push served by the
+    /// new owner, plus one round trip.
+    pub slowest_ms: f64,
+    /// The membership epoch at the end (above 1 after a failover).
+    pub epoch: u32,
+}
+
+/// The counting check, for fault injection: each round every worker adds 1
+/// to every counter of a dense and a sparse table and waits until the
+/// pushes are acknowledged; at the end every counter must equal the number
+/// of acknowledged pushes of all workers. A lost acknowledged push shows as
+/// a smaller counter, a push applied twice as a larger one.
+pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration) -> Result<CountingReport> {
+    w.create_table(TableSpec::dense(COUNT_DENSE, keys, 1))?;
+    w.create_table(TableSpec::sparse(COUNT_SPARSE, u64::MAX, 1))?;
+    let all: Vec<u64> = (0..keys).collect();
+    let mut sparse: Vec<u64> = (0..keys).map(|i| mix64(i ^ 0x5eed)).collect();
+    sparse.sort_unstable();
+    sparse.dedup();
+    let (ones, sparse_ones) = (vec![1.0f32; all.len()], vec![1.0f32; sparse.len()]);
+    w.barrier()?;
+    let mut slowest = Duration::ZERO;
+    for round in 0..rounds {
+        let t0 = Instant::now();
+        let a = w.push(COUNT_DENSE, &all, &ones)?;
+        let b = w.push(COUNT_SPARSE, &sparse, &sparse_ones)?;
+        w.wait(a)?;
+        w.wait(b)?;
+        slowest = slowest.max(t0.elapsed());
+        w.clock()?;
+        if round % 10 == 9 {
+            eprintln!("counting: worker {} round {} acknowledged", w.rank(), round + 1);
+        }
+        if !pace.is_zero() {
+            std::thread::sleep(pace);
+        }
+    }
+    w.barrier()?;
+    // Every worker acknowledged every round (or returned the error above).
+    let expect = (u64::from(rounds) * u64::from(w.num_workers())) as f32;
+    for (table, ks) in [(COUNT_DENSE, &all), (COUNT_SPARSE, &sparse)] {
+        let got = w.pull(table, ks)?.wait()?;
+        if let Some(i) = got.iter().position(|&v| v != expect) {
+            let wrong = got.iter().filter(|&&v| v != expect).count();
+            // The wrong keys as runs of consecutive indices, for diagnosis.
+            let mut spans: Vec<String> = Vec::new();
+            let mut j = 0;
+            while j < got.len() && spans.len() < 16 {
+                if got[j] == expect {
+                    j += 1;
+                    continue;
+                }
+                let k = (j..got.len()).find(|&k| got[k] != got[j]).unwrap_or(got.len());
+                spans.push(format!("keys {}..={} count {}", ks[j], ks[k - 1], got[j]));
+                j = k;
+            }
+            return Err(fail(format!(
+                "table {table:#x}: key {} counts {}, expected {expect} acknowledged pushes ({wrong} of {} counters wrong: {})",
+                ks[i],
+                got[i],
+                ks.len(),
+                spans.join(", ")
+            )));
+        }
+    }
+    w.barrier()?;
+    Ok(CountingReport {
+        acked: u64::from(rounds) * 2,
+        counter: expect,
+        slowest_ms: slowest.as_secs_f64() * 1e3,
+        epoch: w.epoch(),
+    })
 }

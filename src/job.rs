@@ -30,6 +30,9 @@ pub struct JobConfig {
     pub scheduler_addr: String,
     /// Address each server binds (empty: any).
     pub server_addr: String,
+    /// Copies of every range besides its owner's (`None`: 1 with at least
+    /// 2 servers).
+    pub replicas: Option<u32>,
 }
 
 impl Default for JobConfig {
@@ -45,6 +48,7 @@ impl Default for JobConfig {
             transport: Arc::new(Inproc::new()),
             scheduler_addr: String::new(),
             server_addr: String::new(),
+            replicas: None,
         }
     }
 }
@@ -66,6 +70,10 @@ impl JobConfig {
         self.transport = t;
         self
     }
+    pub fn replicas(mut self, k: u32) -> Self {
+        self.replicas = Some(k);
+        self
+    }
 }
 
 /// Runs `work` on every worker of a fresh embedded job and returns the
@@ -81,6 +89,7 @@ where
         servers: cfg.servers,
         workers: cfg.workers,
         vnodes: cfg.vnodes,
+        replicas: cfg.replicas,
         ..SchedulerConfig::default()
     };
     let sched = SchedulerNode::start(t, &cfg.scheduler_addr, sched_cfg)?;

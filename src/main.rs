@@ -203,6 +203,14 @@ struct CheckArgs {
     /// Push rounds per worker.
     #[arg(long, default_value_t = 5)]
     rounds: u32,
+    /// Counting mode, for fault injection: every round adds 1 to every
+    /// counter and waits for the acknowledgement; at the end every counter
+    /// must equal the pushes acknowledged by all workers.
+    #[arg(long)]
+    counting: bool,
+    /// Counting mode: pause between rounds, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pace_ms: u64,
     /// Transport (embedded: inproc by default; launched: tcp).
     #[arg(long, env = "PSERVER_TRANSPORT")]
     transport: Option<String>,
@@ -224,6 +232,11 @@ struct SchedulerArgs {
     /// Ring tokens per server.
     #[arg(long, env = "PSERVER_VNODES", default_value_t = SchedulerConfig::default().vnodes)]
     vnodes: u32,
+    /// Copies of every key range besides its owner's, on the next servers of
+    /// the ring; a push is acknowledged once they have it, and a server that
+    /// dies is replaced by them (default: 1 with at least 2 servers).
+    #[arg(long, env = "PSERVER_REPLICAS")]
+    replicas: Option<u32>,
     /// Write the address nodes should use into this file once listening.
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -270,6 +283,10 @@ struct EmbeddedArgs {
     /// Lanes per server (independently locked sets of shards).
     #[arg(long, env = "PSERVER_LANES", default_value_t = ServerConfig::default().lanes)]
     lanes: usize,
+    /// Copies of every key range besides its owner's (default: 1 with at
+    /// least 2 servers).
+    #[arg(long, env = "PSERVER_REPLICAS")]
+    replicas: Option<u32>,
 }
 
 #[derive(Args)]
@@ -344,8 +361,13 @@ fn run(cli: Cli) -> Result<()> {
 
 fn scheduler_cmd(a: SchedulerArgs) -> Result<()> {
     let t = Tcp::from_env()?;
-    let cfg =
-        SchedulerConfig { servers: a.servers, workers: a.workers, vnodes: a.vnodes, ..SchedulerConfig::default() };
+    let cfg = SchedulerConfig {
+        servers: a.servers,
+        workers: a.workers,
+        vnodes: a.vnodes,
+        replicas: a.replicas,
+        ..SchedulerConfig::default()
+    };
     let node =
         SchedulerNode::start(&t, &a.bind, cfg).with_context(|| format!("starting the scheduler on {}", a.bind))?;
     let addr = node.addr();
@@ -406,6 +428,7 @@ fn mode(transport: &Option<String>, job: &EmbeddedArgs) -> Result<(Mode, Arc<dyn
                 servers: job.servers,
                 workers: job.workers,
                 lanes: job.lanes,
+                replicas: job.replicas,
                 transport: t.clone(),
                 worker: WorkerConfig { shm: shm.shm, rdma: shm.rdma, ..WorkerConfig::default() },
                 ..JobConfig::default()
@@ -682,6 +705,18 @@ fn check_cmd(a: CheckArgs) -> Result<()> {
         bail!("--keys, --dim and --rounds must be positive");
     }
     let (mode, t) = mode(&a.transport, &a.job)?;
+    if a.counting {
+        let pace = Duration::from_millis(a.pace_ms);
+        let reports = run_workers(mode, t.as_ref(), |w| pserver::check::counting(w, a.keys, a.rounds, pace))?;
+        for (rank, r) in reports {
+            println!(
+                "counting passed on worker {rank}: {} pushes acknowledged, every counter = {}, \
+                 slowest acknowledgement {:.1} ms, epoch {}",
+                r.acked, r.counter, r.slowest_ms, r.epoch
+            );
+        }
+        return Ok(());
+    }
     let reports = run_workers(mode, t.as_ref(), |w| pserver::check::run(w, a.keys, a.dim, a.rounds))?;
     for (rank, r) in reports {
         let t = &r.traffic;

@@ -547,6 +547,15 @@ impl LaneState {
             tracing::warn!(table = h.table, "replicated state for a shard that is not here");
             return;
         };
+        // Checked again here, in the lane's order: state the old owner sent
+        // before it died may be read off its connection after this server
+        // took the range over (and applied retried pushes to it). Applying
+        // it now would overwrite newer pushes.
+        let range = KeyRange::new(h.start, h.end);
+        if e.targets.iter().any(|t| t.range.start < range.end && range.start < t.range.end) {
+            tracing::debug!(table = h.table, %range, from = h.from, "dropped state from a former owner of a range this server owns");
+            return;
+        }
         match apply_delta_frame(e, &h, &segs) {
             Ok(()) => {
                 if h.batch != 0 {
@@ -660,19 +669,25 @@ impl Lane {
                     }
                 }
                 st.replicate(&self.repl, &mut outbox);
-            }
-            // Release: the next runner sees everything applied above.
-            self.running.store(false, Ordering::Release);
-            // Frames go out after the lane is released: a slow peer never
-            // holds a lane. Replicas first, so that their acknowledgements
-            // (which release held replies) come as early as possible.
-            if let Some(net) = self.repl.net.get() {
-                for (peer, f) in outbox {
-                    if let Err(e) = net.send(peer, f) {
-                        tracing::debug!(error = %e, "replication frame not delivered");
+                // Replicated state goes out while this thread is still the
+                // runner: a replica must receive a shard's states in the
+                // order they were made (the next runner, on another thread,
+                // could otherwise send a newer state first, and the older
+                // one would then overwrite it). Sends only queue when the
+                // socket is full, so a slow replica delays but never blocks
+                // this lane for long.
+                if let Some(net) = self.repl.net.get() {
+                    for (peer, f) in outbox.drain(..) {
+                        if let Err(e) = net.send(peer, f) {
+                            tracing::debug!(error = %e, "replication frame not delivered");
+                        }
                     }
                 }
             }
+            // Release: the next runner sees everything applied above.
+            self.running.store(false, Ordering::Release);
+            // Replies go out after the lane is released: a slow worker never
+            // holds a lane.
             for (req, reply) in replies {
                 req.deliver(reply);
             }
@@ -726,7 +741,16 @@ fn push_run(shards: &mut HashMap<u32, Entry>, r: &LaneRun, clock: u64, worker: u
     let view = r.keys.as_ref().map(pod_slice::<u64>);
     let keys = run_keys(r, &view)?;
     let vals = pod_slice::<f32>(r.vals.as_ref().expect("checked by the handler"));
-    e.shard.push_from(keys, &vals, clock, worker, r.header.seq).map(|_| ()).map_err(|e| e.to_string())
+    let applied = e.shard.push_from(keys, &vals, clock, worker, r.header.seq).map_err(|e| e.to_string())?;
+    if !applied {
+        tracing::trace!(
+            worker,
+            seq = r.header.seq,
+            first = r.header.first,
+            "a retried push run was applied before; skipped"
+        );
+    }
+    Ok(())
 }
 
 fn pull_run(shards: &HashMap<u32, Entry>, r: &LaneRun) -> Result<RunOut, String> {

@@ -229,9 +229,9 @@ struct Shared {
     memory: Mutex<u64>,
     repl: Arc<Replication>,
     control: Mutex<Option<crossbeam::channel::Sender<ControlJob>>>,
-    /// REPLICATE frames from owners ahead of this server's epoch, held until
-    /// the membership catches up.
-    early: Mutex<Vec<(PeerId, Frame)>>,
+    /// The epoch whose tables are in place (replicated state stamped with a
+    /// later one waits), and the REPLICATE frames held until it catches up.
+    early: Mutex<(u32, Vec<(PeerId, Frame)>)>,
 }
 
 /// REPLICATE frames a server holds for a newer epoch before it refuses more.
@@ -309,7 +309,7 @@ impl ServerNode {
             memory: Mutex::new(0),
             repl,
             control: Mutex::new(None),
-            early: Mutex::new(Vec::new()),
+            early: Mutex::new((0, Vec::new())),
         });
         let net = transport.bind(bind, Arc::new(ServerHandler { shared: shared.clone() }))?;
         let _ = shared.repl.net.set(net.clone());
@@ -464,7 +464,7 @@ impl Handler for ServerHandler {
     }
 
     fn on_frame(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) {
-        let id = frame.id;
+        let (id, frame_kind) = (frame.id, frame.kind);
         let result = match frame.kind {
             kind::CONTROL => self.on_control(net, from, &frame),
             kind::PUSH | kind::PULL | kind::PUSH_PULL | kind::CLOCK | kind::RING => {
@@ -478,7 +478,14 @@ impl Handler for ServerHandler {
         };
         if let Err(e) = result {
             tracing::debug!(peer = %net.peer_addr(from), error = %e, "refused a request");
-            let _ = net.send(from, proto::refused(id, &e.to_string()));
+            // Servers talk to each other only to replicate: a refusal is
+            // logged, never answered (two servers would refuse each other's
+            // refusals forever).
+            if !matches!(frame_kind, kind::REPLICATE | kind::REPLICATED | kind::REFUSED) {
+                let _ = net.send(from, proto::refused(id, &e.to_string()));
+            } else {
+                tracing::warn!(peer = %net.peer_addr(from), error = %e, "dropped a replication frame");
+            }
         }
     }
 }
@@ -668,6 +675,7 @@ impl ServerHandler {
                 }
                 self.shared.repl.me.store(rank, std::sync::atomic::Ordering::Relaxed);
                 self.shared.repl.epoch.store(epoch, std::sync::atomic::Ordering::Release);
+                self.shared.early.lock().0 = epoch;
                 self.shared.changed.notify_all();
                 tracing::info!(rank, workers, replicas, "server joined the job");
                 let _ = net.send(from, Control::Ready { rank }.to_frame(id));
@@ -893,15 +901,23 @@ impl ServerHandler {
             (me, ring)
         };
         tracing::info!(epoch, live = ring.live(), "membership changed");
+        // What this server replicates from now on carries the new epoch
+        // (its copies to new replicas included), so receivers still in the
+        // old epoch hold it until they catch up.
+        self.shared.repl.epoch.store(epoch, std::sync::atomic::Ordering::Release);
         let tables: Vec<Arc<Table>> = self.shared.tables.read().values().cloned().collect();
         for t in tables {
             let table = self.layout(net, &t.spec, &ring, me, Some(&t))?;
             self.shared.tables.write().insert(t.spec.id, Arc::new(table));
         }
-        self.shared.repl.epoch.store(epoch, std::sync::atomic::Ordering::Release);
         self.shared.repl.forget(|s| !ring.is_alive(s));
-        // Replicated state that arrived ahead of this epoch.
-        let early = std::mem::take(&mut *self.shared.early.lock());
+        // The new epoch's tables are in place: replicated state that arrived
+        // ahead of them is applied now.
+        let early = {
+            let mut e = self.shared.early.lock();
+            e.0 = epoch;
+            std::mem::take(&mut e.1)
+        };
         for (from, f) in early {
             if let Err(e) = self.on_replicate(net, from, f) {
                 tracing::debug!(error = %e, "dropped early replicated state");
@@ -915,14 +931,17 @@ impl ServerHandler {
         let bad = |d: String| Error::protocol(net.peer_addr(from), d);
         let h: proto::ReplHeader =
             bytemuck::try_pod_read_unaligned(&frame.meta).map_err(|_| bad("REPLICATE meta is malformed".into()))?;
-        let mine = self.shared.repl.epoch.load(std::sync::atomic::Ordering::Acquire);
-        if h.epoch > mine {
+        {
+            // Checked and parked under one lock with the epoch's change, so
+            // nothing parked is missed by the replay.
             let mut early = self.shared.early.lock();
-            if early.len() >= MAX_EARLY_FRAMES {
-                return Err(Error::LimitExceeded("replicated state far ahead of this server's epoch".into()));
+            if h.epoch > early.0 {
+                if early.1.len() >= MAX_EARLY_FRAMES {
+                    return Err(Error::LimitExceeded("replicated state far ahead of this server's epoch".into()));
+                }
+                early.1.push((from, frame));
+                return Ok(());
             }
-            early.push((from, frame));
-            return Ok(());
         }
         let table = self.shared.tables.read().get(&h.table).cloned().ok_or(Error::UnknownTable(h.table))?;
         if h.end <= h.start || !table.owns(h.from, h.start, h.end - 1) {

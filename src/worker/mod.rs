@@ -1622,6 +1622,14 @@ impl Inner {
                 {
                     c.fetch_sub(1, Ordering::AcqRel);
                 }
+                tracing::debug!(
+                    ts = op.ts,
+                    first = keys[r.lo],
+                    from = r.server(),
+                    to = owner,
+                    seq = r.seq(),
+                    "re-routing a run"
+                );
                 r.set_server(owner);
                 which.push(i);
             }
@@ -1689,7 +1697,14 @@ impl Inner {
                 reserved: 0,
             };
             let meta = proto::build_meta::<DataHeader, RunHeader>(&h, &[]);
-            self.send_ordered(server, p, Frame::new(kind::CLOCK, 0, meta))?;
+            match self.send_ordered(server, p, Frame::new(kind::CLOCK, 0, meta)) {
+                // A server failing over: the new owners of its ranges are
+                // told this clock again once the membership changes.
+                Err(e) if self.shared.replicas.load(Ordering::Acquire) > 0 => {
+                    tracing::debug!(server, error = %e, "clock not delivered; waiting for a new owner")
+                }
+                r => r?,
+            }
         }
         Ok(())
     }

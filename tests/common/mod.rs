@@ -88,6 +88,19 @@ pub fn start_job_over(
     tag: &str,
     deadline: Instant,
 ) -> Job {
+    start_job_with(io, transport, servers, workers, tag, deadline, &[])
+}
+
+/// [`start_job_over`] with more arguments for the scheduler.
+pub fn start_job_with(
+    io: &'static str,
+    transport: Option<&str>,
+    servers: u32,
+    workers: u32,
+    tag: &str,
+    deadline: Instant,
+    scheduler_args: &[&str],
+) -> Job {
     let dir = tempdir(tag);
     let af = dir.join("scheduler.addr");
     let mut scheduler = Proc::spawn(
@@ -96,6 +109,7 @@ pub fn start_job_over(
             .args(["scheduler", "--bind", "127.0.0.1:0", "--servers", &servers.to_string()])
             .args(["--workers", &workers.to_string(), "--addr-file"])
             .arg(&af)
+            .args(scheduler_args)
             .env("PSERVER_IO", io),
     );
     let addr = read_addr(&af, &mut scheduler, deadline);

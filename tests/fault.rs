@@ -1,0 +1,163 @@
+//! Fault injection on real processes (DESIGN section 6): servers killed
+//! with SIGKILL while workers push, on 127.0.0.1. Every test is bounded in
+//! time, and asserts on results, never on speed.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A worker process whose stdout and stderr are collected as it runs.
+struct Watched {
+    proc: Proc,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Watched {
+    /// Waits for the process and for everything it wrote.
+    fn finish(&mut self, deadline: Instant) -> std::process::ExitStatus {
+        let st = self.proc.wait(deadline);
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        st
+    }
+}
+
+fn collect(r: impl Read + Send + 'static) -> (Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let b = buf.clone();
+    let t = std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            let mut b = b.lock().unwrap();
+            b.push_str(&line);
+            b.push('\n');
+        }
+    });
+    (buf, t)
+}
+
+fn watched_worker(job: &Job, rank: u32, workers: u32, args: &[&str]) -> Watched {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("PSERVER_IO", job.io)
+        .env("PSERVER_ROLE", "worker")
+        .env("PSERVER_RANK", rank.to_string())
+        .env("PSERVER_SCHEDULER", &job.addr)
+        .env("PSERVER_NUM_SERVERS", job.servers.len().to_string())
+        .env("PSERVER_NUM_WORKERS", workers.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut proc = Proc::spawn(&format!("worker {rank}"), &mut cmd);
+    let (out, r1) = collect(proc.child.stdout.take().unwrap());
+    let (err, r2) = collect(proc.child.stderr.take().unwrap());
+    Watched { proc, out, err, readers: vec![r1, r2] }
+}
+
+/// Waits until every worker printed `needle` on stderr.
+fn wait_for(ws: &mut [Watched], needle: &str, deadline: Instant) {
+    for w in ws.iter_mut() {
+        loop {
+            if w.err.lock().unwrap().contains(needle) {
+                break;
+            }
+            if let Some(st) = w.proc.child.try_wait().unwrap() {
+                panic!("{} exited ({st}) before {needle:?}:\n{}", w.proc.name, w.err.lock().unwrap());
+            }
+            assert!(Instant::now() < deadline, "{} never printed {needle:?}", w.proc.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// "... slowest acknowledgement X ms, epoch E" of a counting worker.
+fn parse_counting(out: &str) -> (f64, u32) {
+    let line = out.lines().find(|l| l.starts_with("counting passed")).unwrap_or_else(|| panic!("no result in {out:?}"));
+    let ms: f64 = line.split("slowest acknowledgement ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let epoch: u32 = line.rsplit("epoch ").next().unwrap().trim().parse().unwrap();
+    (ms, epoch)
+}
+
+fn counting_survives_a_killed_primary(io: &'static str) {
+    let deadline = Instant::now() + DEADLINE;
+    let (servers, workers) = (3u32, 2u32);
+    let mut job = start_job(io, servers, workers, &format!("fault-count-{io}"), deadline);
+    let args = ["check", "--counting", "--keys", "3000", "--rounds", "150", "--pace-ms", "5"];
+    let mut ws: Vec<Watched> = (0..workers).map(|r| watched_worker(&job, r, workers, &args)).collect();
+    wait_for(&mut ws, "round 20 acknowledged", deadline);
+    // SIGKILL: no goodbye, no flush; the victim owns about a third of
+    // every table.
+    job.servers[1].child.kill().unwrap();
+    let killed = Instant::now();
+    let _ = job.servers[1].child.wait();
+    if let Some(w) = ws.iter().find(|w| w.err.lock().unwrap().contains("round 150 acknowledged")) {
+        panic!("{} finished before the kill: the test proves nothing", w.proc.name);
+    }
+    let mut recovery = 0f64;
+    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
+    if statuses.iter().any(|st| !st.success()) {
+        let all: Vec<String> = ws
+            .iter()
+            .zip(&statuses)
+            .map(|(w, st)| format!("== {} ({st}):\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
+            .collect();
+        panic!("a worker failed:\n{}", all.join("\n"));
+    }
+    for w in &mut ws {
+        let out = w.out.lock().unwrap().clone();
+        let (slowest, epoch) = parse_counting(&out);
+        assert!(epoch >= 2, "{}: no failover happened (epoch {epoch})", w.proc.name);
+        recovery = recovery.max(slowest);
+    }
+    eprintln!(
+        "{io}: counters exact after a SIGKILLed server; slowest acknowledgement across the failover {recovery:.1} ms \
+         (workers done {:.1} s after the kill)",
+        killed.elapsed().as_secs_f64()
+    );
+    let st = job.scheduler.wait(deadline);
+    assert!(st.success(), "scheduler failed: {st}");
+    for (i, s) in job.servers.iter_mut().enumerate() {
+        if i != 1 {
+            let st = s.wait(deadline);
+            assert!(st.success(), "{} failed: {st}", s.name);
+        }
+    }
+}
+
+#[test]
+fn counters_are_exact_after_a_primary_is_killed_std() {
+    counting_survives_a_killed_primary("std");
+}
+
+#[test]
+fn counters_are_exact_after_a_primary_is_killed_uring() {
+    if !uring_works() {
+        eprintln!("SKIPPED: io_uring is not available on this machine");
+        return;
+    }
+    counting_survives_a_killed_primary("uring");
+}
+
+#[test]
+fn without_replicas_a_killed_server_fails_the_job_with_a_clear_error() {
+    let deadline = Instant::now() + DEADLINE;
+    let workers = 2u32;
+    let mut job = start_job_with("std", None, 2, workers, "fault-norep", deadline, &["--replicas", "0"]);
+    let args = ["check", "--counting", "--keys", "1000", "--rounds", "100000", "--pace-ms", "5"];
+    let mut ws: Vec<Watched> = (0..workers).map(|r| watched_worker(&job, r, workers, &args)).collect();
+    wait_for(&mut ws, "round 10 acknowledged", deadline);
+    job.servers[0].child.kill().unwrap();
+    for w in &mut ws {
+        let st = w.finish(deadline);
+        assert!(!st.success(), "{} succeeded although its data was lost", w.proc.name);
+    }
+    let st = job.scheduler.wait(deadline);
+    assert!(!st.success(), "the scheduler reported success although a server's data was lost");
+    let _ = job.servers[1].wait(deadline);
+}
