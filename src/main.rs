@@ -752,8 +752,33 @@ fn server_cmd(a: ServerArgs) -> Result<()> {
     }
     let rank = node.wait_welcome(Duration::from_secs(a.join_timeout))?;
     tracing::info!(rank, addr = %node.addr(), "server running");
+    // SIGTERM (and SIGINT): leave the job gracefully, handing the ranges to
+    // their replicas, instead of dying.
+    let node = std::sync::Arc::new(node);
+    let term = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, term.clone()).context("installing the SIGTERM handler")?;
+    }
+    let watcher = {
+        let (node, term) = (node.clone(), term.clone());
+        std::thread::spawn(move || {
+            while !term.load(std::sync::atomic::Ordering::Acquire) {
+                if node.is_stopping() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            tracing::info!(rank, "SIGTERM: leaving the job");
+            let r = node.leave(Duration::from_secs(60));
+            node.stop();
+            r
+        })
+    };
     node.wait();
-    Ok(())
+    match watcher.join() {
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("leaving the job")),
+        _ => Ok(()),
+    }
 }
 
 fn bench_cases(a: &BenchArgs) -> Result<Vec<Case>> {

@@ -320,6 +320,10 @@ pub enum Control {
     Membership { epoch: u32, servers: Vec<ServerInfo> },
     /// Server -> scheduler: the membership of `epoch` is in effect here.
     MembershipAck { epoch: u32 },
+    /// Server -> scheduler: this server leaves the job (SIGTERM); its
+    /// replicas take over its ranges. Answered by `Shutdown`, or by `Error`
+    /// when its ranges have no replica to take them.
+    Leave { rank: u32 },
     /// Server -> scheduler: welcomed, ready for workers.
     Ready { rank: u32 },
     /// Worker -> server: create the table (idempotent for an identical spec).

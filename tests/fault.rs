@@ -90,6 +90,12 @@ fn parse_counting(out: &str) -> (f64, u32) {
 }
 
 fn counting_survives_a_killed_primary(io: &'static str) {
+    counting_survives_losing_a_primary(io, false)
+}
+
+/// `graceful`: SIGTERM (the server leaves the job and exits 0) instead of
+/// SIGKILL.
+fn counting_survives_losing_a_primary(io: &'static str, graceful: bool) {
     let deadline = Instant::now() + DEADLINE;
     let (servers, workers) = (3u32, 2u32);
     let mut job = start_job(io, servers, workers, &format!("fault-count-{io}"), deadline);
@@ -98,9 +104,16 @@ fn counting_survives_a_killed_primary(io: &'static str) {
     wait_for(&mut ws, "round 20 acknowledged", deadline);
     // SIGKILL: no goodbye, no flush; the victim owns about a third of
     // every table.
-    job.servers[1].child.kill().unwrap();
     let killed = Instant::now();
-    let _ = job.servers[1].child.wait();
+    if graceful {
+        // SAFETY: kill(2) with a valid pid of our own child.
+        assert_eq!(unsafe { libc::kill(job.servers[1].child.id() as i32, libc::SIGTERM) }, 0);
+        let st = job.servers[1].wait(deadline);
+        assert!(st.success(), "the server did not leave cleanly on SIGTERM: {st}");
+    } else {
+        job.servers[1].child.kill().unwrap();
+        let _ = job.servers[1].child.wait();
+    }
     if let Some(w) = ws.iter().find(|w| w.err.lock().unwrap().contains("round 150 acknowledged")) {
         panic!("{} finished before the kill: the test proves nothing", w.proc.name);
     }
@@ -121,8 +134,9 @@ fn counting_survives_a_killed_primary(io: &'static str) {
         recovery = recovery.max(slowest);
     }
     eprintln!(
-        "{io}: counters exact after a SIGKILLed server; slowest acknowledgement across the failover {recovery:.1} ms \
-         (workers done {:.1} s after the kill)",
+        "{io}: counters exact after a server {}; slowest acknowledgement across the failover {recovery:.1} ms \
+         (workers done {:.1} s after the signal)",
+        if graceful { "left on SIGTERM" } else { "was SIGKILLed" },
         killed.elapsed().as_secs_f64()
     );
     let st = job.scheduler.wait(deadline);
@@ -147,6 +161,11 @@ fn counters_are_exact_after_a_primary_is_killed_uring() {
         return;
     }
     counting_survives_a_killed_primary("uring");
+}
+
+#[test]
+fn a_server_leaving_on_sigterm_hands_its_ranges_over_and_counters_stay_exact() {
+    counting_survives_losing_a_primary("std", true);
 }
 
 #[test]

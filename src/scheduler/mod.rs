@@ -311,6 +311,23 @@ impl SchedulerHandler {
                 }
             }
             Control::Heartbeat => {}
+            Control::Leave { rank } => {
+                let r = rank as usize;
+                if st.server_peers.get(r) != Some(&from) {
+                    out.push((from, Control::Error(format!("server {rank} is not this connection")).to_frame(id)));
+                    return;
+                }
+                if cfg.replicas() == 0 {
+                    out.push((
+                        from,
+                        Control::Error("cannot leave: the job keeps no replicas, its ranges would be lost".into())
+                            .to_frame(id),
+                    ));
+                    return;
+                }
+                tracing::info!(server = rank, "server leaves the job");
+                self.server_failed(st, r, "left the job", out);
+            }
             Control::MembershipAck { epoch } => {
                 let Some(rank) = st.server_peers.iter().position(|p| *p == from) else { return };
                 let complete = match &mut st.applying {
@@ -364,7 +381,11 @@ impl SchedulerHandler {
             let (_, owner) = map.range(i);
             std::iter::once(owner).chain(map.replicas(i)).all(|s| !after.is_alive(s))
         });
-        tracing::error!(server = rank, why, "server failed");
+        if why == "left the job" {
+            tracing::info!(server = rank, "server left; its replicas take its ranges");
+        } else {
+            tracing::error!(server = rank, why, "server failed");
+        }
         // Tell a server declared dead that it is out, in case it still runs.
         out.push((st.server_peers[rank], Control::Shutdown.to_frame(0)));
         if lost {

@@ -133,7 +133,12 @@ struct Membership {
     /// Connections this server opened to other servers (its replicas), by
     /// server index.
     peers: HashMap<u32, PeerId>,
+    /// The scheduler refused to let this server leave.
+    refusal: Option<String>,
 }
+
+/// Control id of a server's request to leave.
+const LEAVE_ID: u64 = u64::MAX - 1;
 
 /// Work for the control thread, in arrival order.
 enum ControlJob {
@@ -384,6 +389,11 @@ impl ServerNode {
         m.index.ok_or(Error::ShuttingDown)
     }
 
+    /// Whether the node stopped (the job ended, or it left).
+    pub fn is_stopping(&self) -> bool {
+        self.shared.membership.lock().stopping
+    }
+
     /// Blocks until the scheduler ends the job.
     pub fn wait(&self) {
         let mut m = self.shared.membership.lock();
@@ -409,6 +419,31 @@ impl ServerNode {
     /// Replication batches whose replicas have not all acknowledged.
     pub fn pending_replication(&self) -> usize {
         self.shared.repl.pending()
+    }
+
+    /// Leaves the job gracefully: asks the scheduler to hand this server's
+    /// ranges to their replicas and waits (up to `timeout`) until it says
+    /// this server is out. Pushes it acknowledged are on its replicas
+    /// already; those it did not are sent again by the workers to the new
+    /// owners. An error when the job keeps no replicas (the ranges would be
+    /// lost) or the scheduler does not answer.
+    pub fn leave(&self, timeout: Duration) -> Result<()> {
+        let (sched, rank) = {
+            let m = self.shared.membership.lock();
+            (m.scheduler.ok_or(Error::ShuttingDown)?, m.index.ok_or(Error::ShuttingDown)?)
+        };
+        self.net.send(sched, Control::Leave { rank }.to_frame(LEAVE_ID))?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut m = self.shared.membership.lock();
+        while !m.stopping {
+            if let Some(e) = m.refusal.take() {
+                return Err(Error::Remote { peer: "scheduler".into(), message: e });
+            }
+            if self.shared.changed.wait_until(&mut m, deadline).timed_out() {
+                return Err(Error::Config(format!("the scheduler did not let this server leave within {timeout:?}")));
+            }
+        }
+        Ok(())
     }
 
     /// Stops serving now.
@@ -648,6 +683,11 @@ impl ServerHandler {
             }
             Control::Shutdown => {
                 self.shared.membership.lock().stopping = true;
+                self.shared.changed.notify_all();
+                Ok(())
+            }
+            Control::Error(m) if frame.id == LEAVE_ID => {
+                self.shared.membership.lock().refusal = Some(m);
                 self.shared.changed.notify_all();
                 Ok(())
             }
