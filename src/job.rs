@@ -33,6 +33,10 @@ pub struct JobConfig {
     /// Copies of every range besides its owner's (`None`: 1 with at least
     /// 2 servers).
     pub replicas: Option<u32>,
+    /// Where checkpoints go (the newest one there is restored at the start).
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Checkpoint every this many clocks (0: never).
+    pub checkpoint_every: u32,
 }
 
 impl Default for JobConfig {
@@ -49,6 +53,8 @@ impl Default for JobConfig {
             scheduler_addr: String::new(),
             server_addr: String::new(),
             replicas: None,
+            checkpoint_dir: None,
+            checkpoint_every: 0,
         }
     }
 }
@@ -74,6 +80,13 @@ impl JobConfig {
         self.replicas = Some(k);
         self
     }
+    /// Checkpoints into `dir` every `every` clocks, restoring the newest
+    /// one found there first.
+    pub fn checkpoints(mut self, dir: impl Into<std::path::PathBuf>, every: u32) -> Self {
+        self.checkpoint_dir = Some(dir.into());
+        self.checkpoint_every = every;
+        self
+    }
 }
 
 /// Runs `work` on every worker of a fresh embedded job and returns the
@@ -90,6 +103,8 @@ where
         workers: cfg.workers,
         vnodes: cfg.vnodes,
         replicas: cfg.replicas,
+        checkpoint_dir: cfg.checkpoint_dir.clone(),
+        checkpoint_every: cfg.checkpoint_every,
         ..SchedulerConfig::default()
     };
     let sched = SchedulerNode::start(t, &cfg.scheduler_addr, sched_cfg)?;

@@ -237,6 +237,8 @@ struct SchedulerArgs {
     /// dies is replaced by them (default: 1 with at least 2 servers).
     #[arg(long, env = "PSERVER_REPLICAS")]
     replicas: Option<u32>,
+    #[command(flatten)]
+    checkpoints: CheckpointArgs,
     /// Write the address nodes should use into this file once listening.
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -287,6 +289,19 @@ struct EmbeddedArgs {
     /// least 2 servers).
     #[arg(long, env = "PSERVER_REPLICAS")]
     replicas: Option<u32>,
+    #[command(flatten)]
+    checkpoints: CheckpointArgs,
+}
+
+#[derive(Args, Clone)]
+struct CheckpointArgs {
+    /// Directory of checkpoints: the newest one there is restored when the
+    /// job starts (a damaged one is refused), and new ones are written there.
+    #[arg(long, env = "PSERVER_CHECKPOINT_DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every this many clocks (with --checkpoint-dir; 0: never).
+    #[arg(long, env = "PSERVER_CHECKPOINT_EVERY", default_value_t = 0)]
+    checkpoint_every: u32,
 }
 
 #[derive(Args)]
@@ -366,6 +381,8 @@ fn scheduler_cmd(a: SchedulerArgs) -> Result<()> {
         workers: a.workers,
         vnodes: a.vnodes,
         replicas: a.replicas,
+        checkpoint_dir: a.checkpoints.checkpoint_dir.clone(),
+        checkpoint_every: a.checkpoints.checkpoint_every,
         ..SchedulerConfig::default()
     };
     let node =
@@ -429,6 +446,8 @@ fn mode(transport: &Option<String>, job: &EmbeddedArgs) -> Result<(Mode, Arc<dyn
                 workers: job.workers,
                 lanes: job.lanes,
                 replicas: job.replicas,
+                checkpoint_dir: job.checkpoints.checkpoint_dir.clone(),
+                checkpoint_every: job.checkpoints.checkpoint_every,
                 transport: t.clone(),
                 worker: WorkerConfig { shm: shm.shm, rdma: shm.rdma, ..WorkerConfig::default() },
                 ..JobConfig::default()

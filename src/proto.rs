@@ -295,6 +295,16 @@ pub struct RdmaShard {
     pub slots: RegionDesc,
 }
 
+/// How a job checkpoints, and what it restores from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointPlan {
+    /// Workers wait for a checkpoint at every clock divisible by this (0:
+    /// never).
+    pub every: u32,
+    /// The checkpoint to restore (its directory) and its clock.
+    pub restore: Option<(String, u32)>,
+}
+
 /// Control-plane messages.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Control {
@@ -314,12 +324,24 @@ pub enum Control {
         epoch: u32,
         replicas: u32,
         incarnation: u32,
+        checkpoint: Option<CheckpointPlan>,
     },
     /// Scheduler -> nodes: the server list changed (a server died, joined or
     /// left); ranges move as the new ring says.
     Membership { epoch: u32, servers: Vec<ServerInfo> },
     /// Server -> scheduler: the membership of `epoch` is in effect here.
     MembershipAck { epoch: u32 },
+    /// Worker -> scheduler: all my pushes of clocks below `clock` are
+    /// acknowledged; checkpoint once every worker says so.
+    Checkpoint { worker: u32, clock: u32 },
+    /// Scheduler -> worker: the checkpoint at `clock` is written (or, when
+    /// `written` is false, was abandoned; the job goes on).
+    CheckpointDone { clock: u32, written: bool },
+    /// Scheduler -> server: write the ranges you own into `dir`.
+    Snapshot { clock: u32, dir: String },
+    /// Server -> scheduler: the files written for `Snapshot`, and the specs
+    /// of the tables they hold.
+    SnapshotDone { clock: u32, files: Vec<crate::server::checkpoint::FileEntry>, tables: Vec<TableSpec> },
     /// Server -> scheduler: this server leaves the job (SIGTERM); its
     /// replicas take over its ranges. Answered by `Shutdown`, or by `Error`
     /// when its ranges have no replica to take them.

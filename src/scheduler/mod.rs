@@ -39,11 +39,23 @@ pub struct SchedulerConfig {
     /// Copies of every range besides its owner's; `None`: 1 when the job has
     /// at least 2 servers, else 0.
     pub replicas: Option<u32>,
+    /// Where checkpoints go (and the newest one is restored from).
+    pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// Checkpoint at every clock divisible by this (0: never).
+    pub checkpoint_every: u32,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { servers: 2, workers: 2, vnodes: 64, heartbeat_timeout: heartbeat::timeout(), replicas: None }
+        SchedulerConfig {
+            servers: 2,
+            workers: 2,
+            vnodes: 64,
+            heartbeat_timeout: heartbeat::timeout(),
+            replicas: None,
+            checkpoint_dir: None,
+            checkpoint_every: 0,
+        }
     }
 }
 
@@ -84,6 +96,19 @@ struct State {
     /// A membership change the servers are applying: its epoch and the
     /// servers that have not acknowledged it.
     applying: Option<(u32, HashSet<u32>)>,
+    /// The checkpoint restored at the start: its directory and clock.
+    restore: Option<(String, u32)>,
+    /// The checkpoint being taken.
+    checkpoint: Option<CheckpointRound>,
+}
+
+/// A checkpoint in progress: workers that arrived, servers still writing.
+struct CheckpointRound {
+    clock: u32,
+    workers: Vec<(PeerId, u64)>,
+    servers: HashSet<u32>,
+    files: Vec<crate::server::checkpoint::FileEntry>,
+    tables: Vec<crate::table::TableSpec>,
 }
 
 struct Shared {
@@ -107,7 +132,22 @@ impl SchedulerNode {
                 cfg.servers, cfg.workers
             )));
         }
-        let shared = Arc::new(Shared { cfg, state: Mutex::new(State::default()), changed: Condvar::new() });
+        let mut state = State::default();
+        if let Some(root) = &cfg.checkpoint_dir
+            && let Some((dir, m)) = crate::server::checkpoint::latest(root)?
+        {
+            if m.workers != cfg.workers {
+                return Err(Error::Config(format!(
+                    "the checkpoint in {} was taken by {} workers; this job has {}",
+                    dir.display(),
+                    m.workers,
+                    cfg.workers
+                )));
+            }
+            tracing::info!(dir = %dir.display(), clock = m.clock, tables = m.tables.len(), "restoring a checkpoint");
+            state.restore = Some((dir.display().to_string(), m.clock));
+        }
+        let shared = Arc::new(Shared { cfg, state: Mutex::new(state), changed: Condvar::new() });
         let net = transport.bind(bind, Arc::new(SchedulerHandler { shared: shared.clone() }))?;
         let (sh, n2) = (shared.clone(), net.clone());
         let monitor = std::thread::Builder::new()
@@ -311,6 +351,84 @@ impl SchedulerHandler {
                 }
             }
             Control::Heartbeat => {}
+            Control::Checkpoint { worker, clock } => {
+                let Some(root) = cfg.checkpoint_dir.clone() else {
+                    out.push((from, Control::CheckpointDone { clock, written: false }.to_frame(id)));
+                    return;
+                };
+                let round = st.checkpoint.get_or_insert_with(|| CheckpointRound {
+                    clock,
+                    workers: Vec::new(),
+                    servers: HashSet::new(),
+                    files: Vec::new(),
+                    tables: Vec::new(),
+                });
+                if round.clock != clock {
+                    tracing::warn!(worker, clock, pending = round.clock, "a checkpoint request for another clock");
+                    out.push((from, Control::CheckpointDone { clock, written: false }.to_frame(id)));
+                    return;
+                }
+                round.workers.push((from, id));
+                let alive = st.done.iter().filter(|d| !**d).count();
+                if st.checkpoint.as_ref().is_some_and(|r| r.workers.len() >= alive && r.servers.is_empty()) {
+                    let dir = crate::server::checkpoint::dir_for(&root, clock).display().to_string();
+                    let live: Vec<usize> = (0..st.server_infos.len()).filter(|&s| st.server_infos[s].alive).collect();
+                    for &s in &live {
+                        out.push((st.server_peers[s], Control::Snapshot { clock, dir: dir.clone() }.to_frame(0)));
+                    }
+                    if let Some(r) = &mut st.checkpoint {
+                        r.servers = live.into_iter().map(|s| s as u32).collect();
+                    }
+                    tracing::info!(clock, "taking a checkpoint");
+                }
+            }
+            Control::SnapshotDone { clock, files, tables } => {
+                let Some(rank) = st.server_peers.iter().position(|p| *p == from) else { return };
+                let Some(round) = st.checkpoint.as_mut().filter(|r| r.clock == clock) else { return };
+                round.servers.remove(&(rank as u32));
+                round.files.extend(files);
+                for t in tables {
+                    if !round.tables.iter().any(|x| x.id == t.id) {
+                        round.tables.push(t);
+                    }
+                }
+                if round.servers.is_empty() {
+                    let round = st.checkpoint.take().expect("present");
+                    let root = cfg.checkpoint_dir.clone().expect("a round needs a directory");
+                    let m = crate::server::checkpoint::Manifest {
+                        format: 1,
+                        clock,
+                        workers: cfg.workers,
+                        tables: round.tables,
+                        files: round.files,
+                    };
+                    let written = match crate::server::checkpoint::commit(&root, &m) {
+                        Ok(()) => {
+                            tracing::info!(clock, files = m.files.len(), dir = %root.display(), "checkpoint written");
+                            true
+                        }
+                        Err(e) => {
+                            tracing::error!(clock, error = %e, "checkpoint not written");
+                            false
+                        }
+                    };
+                    for (p, i) in round.workers {
+                        out.push((p, Control::CheckpointDone { clock, written }.to_frame(i)));
+                    }
+                }
+            }
+            Control::Error(m) => {
+                // Never answered (that would echo forever); a server that
+                // could not write its part of a checkpoint abandons it.
+                tracing::warn!(peer = %net.peer_addr(from), error = %m, "a node reported an error");
+                let is_server = st.server_peers.contains(&from);
+                if is_server && let Some(round) = st.checkpoint.take_if(|r| !r.servers.is_empty()) {
+                    tracing::error!(clock = round.clock, "checkpoint abandoned: {m}");
+                    for (p, i) in round.workers {
+                        out.push((p, Control::CheckpointDone { clock: round.clock, written: false }.to_frame(i)));
+                    }
+                }
+            }
             Control::Leave { rank } => {
                 let r = rank as usize;
                 if st.server_peers.get(r) != Some(&from) {
@@ -386,6 +504,12 @@ impl SchedulerHandler {
         } else {
             tracing::error!(server = rank, why, "server failed");
         }
+        if let Some(round) = st.checkpoint.take_if(|r| !r.servers.is_empty()) {
+            tracing::warn!(clock = round.clock, "checkpoint abandoned: a server failed while writing it");
+            for (p, i) in round.workers {
+                out.push((p, Control::CheckpointDone { clock: round.clock, written: false }.to_frame(i)));
+            }
+        }
         // Tell a server declared dead that it is out, in case it still runs.
         out.push((st.server_peers[rank], Control::Shutdown.to_frame(0)));
         if lost {
@@ -421,6 +545,11 @@ impl SchedulerHandler {
         }
     }
 
+    fn plan(&self, st: &State) -> crate::proto::CheckpointPlan {
+        let every = if self.shared.cfg.checkpoint_dir.is_some() { self.shared.cfg.checkpoint_every } else { 0 };
+        crate::proto::CheckpointPlan { every, restore: st.restore.clone() }
+    }
+
     fn welcome_servers(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
         let cfg = &self.shared.cfg;
         let order = assign_ranks(&st.servers, cfg.servers as usize);
@@ -445,6 +574,7 @@ impl SchedulerHandler {
                 epoch: st.epoch,
                 replicas: cfg.replicas(),
                 incarnation: 0,
+                checkpoint: Some(self.plan(st)),
             };
             out.push((p.peer, w.to_frame(p.id)));
         }
@@ -468,6 +598,7 @@ impl SchedulerHandler {
                 epoch: st.epoch,
                 replicas: cfg.replicas(),
                 incarnation: st.registrations,
+                checkpoint: Some(self.plan(st)),
             };
             out.push((p.peer, m.to_frame(p.id)));
         }

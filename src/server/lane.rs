@@ -299,6 +299,20 @@ pub(super) enum Job {
         header: ReplHeader,
         segments: Vec<Bytes>,
     },
+    /// The state of the keys of `range`, as frames, for a checkpoint.
+    Checkpoint {
+        id: u32,
+        range: KeyRange,
+        reply: crossbeam::channel::Sender<Vec<Frame>>,
+    },
+    /// Restores the keys of the shard's range found in checkpoint frames;
+    /// every worker's progress becomes `clock`.
+    Restore {
+        id: u32,
+        frames: Vec<Frame>,
+        clock: u64,
+        reply: crossbeam::channel::Sender<Result<(), String>>,
+    },
 }
 
 #[derive(Default)]
@@ -570,7 +584,51 @@ impl LaneState {
     }
 }
 
+impl LaneState {
+    /// Checkpoint frames into shard `id`: the keys inside its range.
+    fn restore(&mut self, id: u32, frames: &[Frame], clock: u64) -> Result<(), String> {
+        let e = self.shards.get_mut(&id).ok_or_else(|| format!("shard {id} is not on this lane"))?;
+        let range = e.shard.range();
+        for f in frames {
+            let h: ReplHeader =
+                bytemuck::try_pod_read_unaligned(&f.meta).map_err(|_| "a malformed frame".to_string())?;
+            if h.table != e.shard.table() {
+                return Err(format!("a frame of table {} in a file of table {}", h.table, e.shard.table()));
+            }
+            // Not the seqs: they belong to the workers of the job that wrote
+            // the checkpoint, and this job's workers count afresh.
+            apply_delta_parts(e, &h, &f.segments, Some(range), false)?;
+        }
+        let workers = e.shard.applied().len();
+        if e.active {
+            for w in 0..workers {
+                let _ = e.shard.record_progress(w, clock);
+            }
+        } else {
+            e.shard.merge_progress(&vec![clock; workers]);
+        }
+        Ok(())
+    }
+}
+
 fn apply_delta_frame(e: &mut Entry, h: &ReplHeader, segs: &[Bytes]) -> Result<(), String> {
+    apply_delta_parts(e, h, segs, None, true)?;
+    let progress = segs.last().map(pod_slice::<u64>).unwrap_or_default();
+    if !e.active {
+        e.shard.merge_progress(&progress);
+    }
+    Ok(())
+}
+
+/// Applies a REPLICATE frame's keys (those inside `only`, when given) and
+/// its applied seqs; returns nothing of its progress (callers decide).
+fn apply_delta_parts(
+    e: &mut Entry,
+    h: &ReplHeader,
+    segs: &[Bytes],
+    only: Option<KeyRange>,
+    seqs: bool,
+) -> Result<(), String> {
     let mut it = segs.iter();
     let mut next = |what: &str| it.next().ok_or_else(|| format!("no {what} segment"));
     let keys_seg = if h.flags & repl::RANGE == 0 { Some(next("keys")?) } else { None };
@@ -580,6 +638,9 @@ fn apply_delta_frame(e: &mut Entry, h: &ReplHeader, segs: &[Bytes]) -> Result<()
     let pending = if h.flags & repl::PENDING != 0 { pod_slice::<u64>(next("pending")?) } else { Default::default() };
     let applied = pod_slice::<u64>(next("applied seqs")?);
     let progress = pod_slice::<u64>(next("progress")?);
+    if it.next().is_some() {
+        return Err("more segments than the header announces".into());
+    }
     if applied.len() != h.workers as usize || progress.len() != h.workers as usize {
         return Err(format!("{} seqs and {} progress words for {} workers", applied.len(), progress.len(), h.workers));
     }
@@ -591,12 +652,41 @@ fn apply_delta_frame(e: &mut Entry, h: &ReplHeader, segs: &[Bytes]) -> Result<()
     if keys.len() as u64 != h.count {
         return Err(format!("{} keys, header says {}", keys.len(), h.count));
     }
-    if !keys.is_empty() {
-        e.shard.apply_delta(keys, &versions, &values, &state, &pending).map_err(|x| x.to_string())?;
+    // The part of the keys inside `only` (keys are sorted).
+    let (lo, hi) = match only {
+        None => (0, keys.len()),
+        Some(r) => {
+            let n = keys.len();
+            let (mut a, mut b) = (0, n);
+            while a < b {
+                let m = (a + b) / 2;
+                if keys.get(m) < r.start { a = m + 1 } else { b = m }
+            }
+            let lo = a;
+            let (mut a, mut b) = (lo, n);
+            while a < b {
+                let m = (a + b) / 2;
+                if keys.get(m) < r.end { a = m + 1 } else { b = m }
+            }
+            (lo, a)
+        }
+    };
+    let d = e.shard.layout().dim();
+    let spk = if keys.is_empty() { 0 } else { state.len() / keys.len() };
+    if hi > lo {
+        let part = match keys {
+            KeyRun::List(k) => KeyRun::List(&k[lo..hi]),
+            KeyRun::Range { first, .. } => KeyRun::Range { first: first + lo as u64, count: hi - lo },
+        };
+        let short = || format!("{} versions and {} values for {} keys", versions.len(), values.len(), keys.len());
+        let pend: &[u64] = if pending.is_empty() { &[] } else { pending.get(lo..hi).ok_or_else(short)? };
+        let st: &[f32] = if state.is_empty() { &[] } else { state.get(lo * spk..hi * spk).ok_or_else(short)? };
+        let vs = versions.get(lo..hi).ok_or_else(short)?;
+        let vals = values.get(lo * d..hi * d).ok_or_else(short)?;
+        e.shard.apply_delta(part, vs, vals, st, pend).map_err(|x| x.to_string())?;
     }
-    e.shard.merge_applied(&applied);
-    if !e.active {
-        e.shard.merge_progress(&progress);
+    if seqs {
+        e.shard.merge_applied(&applied);
     }
     Ok(())
 }
@@ -666,6 +756,16 @@ impl Lane {
                         Job::Roles { id, active, targets } => st.roles(id, active, targets),
                         Job::Snapshot { id, range, to } => st.snapshot(&self.repl, id, range, to.1, &mut outbox),
                         Job::Delta { id, from, header, segments } => st.delta(id, from, header, segments, &mut outbox),
+                        Job::Checkpoint { id, range, reply } => {
+                            let frames = st.shards.get(&id).map_or_else(Vec::new, |e| {
+                                let ids = e.shard.slots_in(range);
+                                st.delta_frames(&self.repl, e, range, &ids, repl::SNAPSHOT)
+                            });
+                            let _ = reply.send(frames);
+                        }
+                        Job::Restore { id, frames, clock, reply } => {
+                            let _ = reply.send(st.restore(id, &frames, clock));
+                        }
                     }
                 }
                 st.replicate(&self.repl, &mut outbox);

@@ -21,6 +21,7 @@
 //! the shards and tells the lanes what each shard is for; a new replica of
 //! an owned range first receives a full copy of it.
 
+pub mod checkpoint;
 mod lane;
 
 use std::collections::HashMap;
@@ -151,6 +152,7 @@ enum ControlJob {
         vnodes: u32,
         epoch: u32,
         replicas: u32,
+        checkpoint: Option<proto::CheckpointPlan>,
     },
     Membership {
         from: PeerId,
@@ -161,6 +163,11 @@ enum ControlJob {
         from: PeerId,
         id: u64,
         spec: TableSpec,
+    },
+    Snapshot {
+        from: PeerId,
+        clock: u32,
+        dir: String,
     },
 }
 
@@ -234,6 +241,8 @@ struct Shared {
     memory: Mutex<u64>,
     repl: Arc<Replication>,
     control: Mutex<Option<crossbeam::channel::Sender<ControlJob>>>,
+    /// The checkpoint this job restores (its directory, manifest and clock).
+    restore: Mutex<Option<(std::path::PathBuf, checkpoint::Manifest, u32)>>,
     /// The epoch whose tables are in place (replicated state stamped with a
     /// later one waits), and the REPLICATE frames held until it catches up.
     early: Mutex<(u32, Vec<(PeerId, Frame)>)>,
@@ -315,6 +324,7 @@ impl ServerNode {
             repl,
             control: Mutex::new(None),
             early: Mutex::new((0, Vec::new())),
+            restore: Mutex::new(None),
         });
         let net = transport.bind(bind, Arc::new(ServerHandler { shared: shared.clone() }))?;
         let _ = shared.repl.net.set(net.clone());
@@ -596,17 +606,28 @@ impl ServerHandler {
     fn on_control(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: &Frame) -> Result<()> {
         let peer = net.peer_addr(from);
         match Control::from_frame(frame, &peer)? {
-            Control::Welcome { role: Role::Server, rank, servers, workers, vnodes, epoch, replicas, .. } => self
-                .to_control(ControlJob::Welcome {
-                    from,
-                    id: frame.id,
-                    servers,
-                    rank,
-                    workers,
-                    vnodes,
-                    epoch,
-                    replicas,
-                }),
+            Control::Welcome {
+                role: Role::Server,
+                rank,
+                servers,
+                workers,
+                vnodes,
+                epoch,
+                replicas,
+                checkpoint,
+                ..
+            } => self.to_control(ControlJob::Welcome {
+                from,
+                id: frame.id,
+                servers,
+                rank,
+                workers,
+                vnodes,
+                epoch,
+                replicas,
+                checkpoint,
+            }),
+            Control::Snapshot { clock, dir } => self.to_control(ControlJob::Snapshot { from, clock, dir }),
             Control::Membership { epoch, servers } => self.to_control(ControlJob::Membership { from, epoch, servers }),
             Control::ShardMap { table } => {
                 let shards = self.shared.tables.read().get(&table).map(|t| t.shm.clone());
@@ -706,7 +727,21 @@ impl ServerHandler {
     /// The control thread: membership changes and table creation, in order.
     fn control_job(&self, net: &Arc<dyn Messenger>, job: ControlJob) {
         match job {
-            ControlJob::Welcome { from, id, servers, rank, workers, vnodes, epoch, replicas } => {
+            ControlJob::Welcome { from, id, servers, rank, workers, vnodes, epoch, replicas, checkpoint } => {
+                if let Some((dir, clock)) = checkpoint.and_then(|c| c.restore) {
+                    let dir = std::path::PathBuf::from(dir);
+                    match checkpoint::open(&dir) {
+                        Ok(m) => *self.shared.restore.lock() = Some((dir, m, clock)),
+                        Err(e) => {
+                            // Never serve a fresh model in place of the
+                            // checkpoint the job was started to resume.
+                            tracing::error!(error = %e, "cannot restore the checkpoint; stopping");
+                            self.shared.membership.lock().stopping = true;
+                            self.shared.changed.notify_all();
+                            return;
+                        }
+                    }
+                }
                 {
                     let mut m = self.shared.membership.lock();
                     m.index = Some(rank);
@@ -725,6 +760,16 @@ impl ServerHandler {
                     tracing::error!(epoch, error = %e, "could not apply a membership change");
                 }
                 let _ = net.send(from, Control::MembershipAck { epoch }.to_frame(0));
+            }
+            ControlJob::Snapshot { from, clock, dir } => {
+                let reply = match self.snapshot(std::path::Path::new(&dir)) {
+                    Ok((files, tables)) => Control::SnapshotDone { clock, files, tables },
+                    Err(e) => {
+                        tracing::error!(clock, error = %e, "could not write this server's part of a checkpoint");
+                        Control::Error(format!("checkpoint at clock {clock}: {e}"))
+                    }
+                };
+                let _ = net.send(from, reply.to_frame(0));
             }
             ControlJob::CreateTable { from, id, spec } => {
                 let reply = match self.create_table(net, spec) {
@@ -767,6 +812,7 @@ impl ServerHandler {
             }
         };
         let table = self.layout(net, &spec, &ring, index, None)?;
+        self.restore_table(&table)?;
         tracing::debug!(table = spec.id, shards = table.shards.len(), "table created");
         // Published after the shards are in their lanes.
         self.shared.tables.write().insert(spec.id, Arc::new(table));
@@ -920,6 +966,78 @@ impl ServerHandler {
             slots,
         }));
         Ok(Table { spec: spec.clone(), map, shm: shm_all, rdma: rdma_shards, _registered: registered, shards })
+    }
+
+    /// Fills a new table's shards (owned ranges and copies) from the
+    /// checkpoint the job restores, if it holds the table.
+    fn restore_table(&self, table: &Table) -> Result<()> {
+        let guard = self.shared.restore.lock();
+        let Some((dir, m, clock)) = guard.as_ref() else { return Ok(()) };
+        let Some(saved) = m.tables.iter().find(|t| t.id == table.spec.id) else { return Ok(()) };
+        if *saved != table.spec {
+            return Err(Error::TableMismatch {
+                table: table.spec.id,
+                detail: format!(
+                    "the checkpoint in {} holds {saved:?}, the job asks for {:?}",
+                    dir.display(),
+                    table.spec
+                ),
+            });
+        }
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let mut pending = 0;
+        for sref in &table.shards {
+            let files = m
+                .files
+                .iter()
+                .filter(|f| f.table == table.spec.id && f.start < sref.range.end && sref.range.start < f.end);
+            let mut frames = Vec::new();
+            for f in files {
+                frames.extend(checkpoint::read_range(dir, f)?);
+            }
+            let job = Job::Restore { id: sref.id, frames, clock: u64::from(*clock), reply: tx.clone() };
+            self.shared.lanes[sref.lane].submit(job, false);
+            pending += 1;
+        }
+        for _ in 0..pending {
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(Error::Config(format!(
+                        "restoring table {} from {}: {e}",
+                        table.spec.id,
+                        dir.display()
+                    )));
+                }
+                Err(_) => return Err(Error::ShuttingDown),
+            }
+        }
+        tracing::info!(table = table.spec.id, clock, "table restored from the checkpoint");
+        Ok(())
+    }
+
+    /// Writes the ranges this server owns into checkpoint directory `dir`:
+    /// the files, and the specs of the tables they hold.
+    fn snapshot(&self, dir: &std::path::Path) -> Result<(Vec<checkpoint::FileEntry>, Vec<TableSpec>)> {
+        let me = self.shared.membership.lock().index.ok_or(Error::ShuttingDown)?;
+        let tables: Vec<Arc<Table>> = self.shared.tables.read().values().cloned().collect();
+        let (mut files, mut specs) = (Vec::new(), Vec::new());
+        for t in tables {
+            specs.push(t.spec.clone());
+            for (range, owner) in t.map.iter() {
+                if owner != me {
+                    continue;
+                }
+                let sref = t.shard(range.start, range.end - 1).ok_or_else(|| {
+                    Error::Config(format!("table {}: no shard holds the owned range {range}", t.spec.id))
+                })?;
+                let (tx, rx) = crossbeam::channel::bounded(1);
+                self.shared.lanes[sref.lane].submit(Job::Checkpoint { id: sref.id, range, reply: tx }, false);
+                let frames = rx.recv().map_err(|_| Error::ShuttingDown)?;
+                files.push(checkpoint::write_range(dir, t.spec.id, range.start, range.end, &frames)?);
+            }
+        }
+        Ok((files, specs))
     }
 
     /// A new epoch: ranges of dead servers pass to their first replica here,

@@ -413,6 +413,10 @@ struct Inner {
     /// The next push run's seq (see `RunHeader::seq`).
     next_push_seq: AtomicU64,
     clock: AtomicU32,
+    /// Checkpoint at clocks divisible by this (0: never).
+    checkpoint_every: u32,
+    /// The clock of the checkpoint this job resumed from.
+    resumed: Option<u32>,
     max_inflight: usize,
     finished: std::sync::atomic::AtomicBool,
     heartbeat: Mutex<Option<crate::scheduler::heartbeat::Heartbeat>>,
@@ -534,7 +538,8 @@ impl Worker {
         shared.control.lock().insert(id, None);
         net.send(sched, reg.to_frame(id))?;
         let welcome = shared.wait_control(id, cfg.join_timeout)?;
-        let Control::Welcome { rank, servers, workers, vnodes, epoch, replicas, incarnation, .. } = welcome else {
+        let Control::Welcome { rank, servers, workers, vnodes, epoch, replicas, incarnation, checkpoint, .. } = welcome
+        else {
             return Err(Error::protocol(net.peer_addr(sched), format!("expected a welcome, got {welcome:?}")));
         };
         shared.replicas.store(replicas, Ordering::Release);
@@ -617,7 +622,10 @@ impl Worker {
                 next_control: AtomicU64::new(CONTROL_ID_BASE + 1),
                 // Seqs of a later incarnation of this rank are all larger.
                 next_push_seq: AtomicU64::new((u64::from(incarnation) << 40) + 1),
-                clock: AtomicU32::new(0),
+                // A resumed job continues the clocks of its checkpoint.
+                clock: AtomicU32::new(checkpoint.as_ref().and_then(|c| c.restore.as_ref()).map_or(0, |r| r.1)),
+                checkpoint_every: checkpoint.as_ref().map_or(0, |c| c.every),
+                resumed: checkpoint.as_ref().and_then(|c| c.restore.as_ref()).map(|r| r.1),
                 max_inflight: cfg.max_inflight.max(1),
                 finished: Default::default(),
                 heartbeat: Mutex::new(Some(crate::scheduler::heartbeat::Heartbeat::start(
@@ -909,10 +917,40 @@ impl Worker {
     /// Ends the current clock: tells every server that all pushes issued so
     /// far belong to finished clocks. Returns the new clock.
     pub fn clock(&self) -> Result<u32> {
-        let ring = self.inner.ring.read();
-        let c = self.inner.clock.fetch_add(1, Ordering::AcqRel) + 1;
-        self.inner.send_clock(&ring, c)?;
+        let c = {
+            let ring = self.inner.ring.read();
+            let c = self.inner.clock.fetch_add(1, Ordering::AcqRel) + 1;
+            self.inner.send_clock(&ring, c)?;
+            c
+        };
+        let every = self.inner.checkpoint_every;
+        if every > 0 && c % every == 0 {
+            self.checkpoint(c)?;
+        }
         Ok(c)
+    }
+
+    /// The clock of the checkpoint this job was restored from, if it was.
+    pub fn resumed_from(&self) -> Option<u32> {
+        self.inner.resumed
+    }
+
+    /// Waits until this worker's pushes are acknowledged and the scheduler
+    /// has written the checkpoint of clock `c` (taken while every worker
+    /// waits here, so it holds exactly the pushes of clocks below `c`).
+    fn checkpoint(&self, c: u32) -> Result<()> {
+        self.wait_all()?;
+        let sched = self.inner.shared.scheduler.lock().ok_or(Error::ShuttingDown)?;
+        let id = self.inner.control_send(sched, &Control::Checkpoint { worker: self.inner.rank, clock: c })?;
+        match self.inner.shared.wait_control(id, Duration::MAX)? {
+            Control::CheckpointDone { written: true, .. } => Ok(()),
+            Control::CheckpointDone { written: false, .. } => {
+                tracing::warn!(clock = c, "the checkpoint of this clock was not written; going on");
+                Ok(())
+            }
+            Control::Error(m) => Err(Error::Remote { peer: "scheduler".into(), message: m }),
+            other => Err(Error::protocol("scheduler", format!("unexpected reply {other:?}"))),
+        }
     }
 
     /// Blocks until every worker of the job reaches a barrier.
