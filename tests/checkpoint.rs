@@ -154,13 +154,13 @@ fn a_damaged_checkpoint_is_refused_with_a_clear_message() {
     let at = bytes.len() / 2;
     bytes[at] ^= 0x40;
     std::fs::write(&victim, &bytes).unwrap();
-    let err = job::run(base(&t, 2, &root), |w| tables(w)).unwrap_err().to_string();
+    let err = job::run(base(&t, 2, &root), tables).unwrap_err().to_string();
     assert!(err.contains("damaged") && err.contains(victim.file_name().unwrap().to_str().unwrap()), "{err}");
     // A checkpoint interrupted before its manifest: LATEST still names the
     // last complete one... which here is the damaged one; naming a missing
     // one is refused too.
     std::fs::write(root.join("LATEST"), "ckpt-00000099").unwrap();
-    let err = job::run(base(&t, 2, &root), |w| tables(w)).unwrap_err().to_string();
+    let err = job::run(base(&t, 2, &root), tables).unwrap_err().to_string();
     assert!(err.contains("no manifest"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
