@@ -17,6 +17,7 @@
 
 pub mod heartbeat;
 pub mod ring;
+mod status;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -84,6 +85,8 @@ struct State {
     /// A membership change the servers are applying: its epoch and the
     /// servers that have not acknowledged it.
     applying: Option<(u32, HashSet<u32>)>,
+    /// Nodes' reports, for `pserver status` and metrics.
+    ops: status::Ops,
 }
 
 struct Shared {
@@ -120,6 +123,12 @@ impl SchedulerNode {
     /// The address nodes register at.
     pub fn addr(&self) -> String {
         self.net.local_addr()
+    }
+
+    /// The job as it stands (what `pserver status` prints).
+    pub fn status(&self) -> crate::status::JobStatus {
+        let cfg = &self.shared.cfg;
+        self.shared.state.lock().job_status(cfg.servers, cfg.workers)
     }
 
     /// Blocks until every worker is done and the servers were told to stop.
@@ -225,6 +234,13 @@ impl Handler for SchedulerHandler {
                 return;
             }
         };
+        if let Control::Status = msg {
+            // An operator's question: answered, but the asker is no node.
+            let cfg = &self.shared.cfg;
+            let status = self.shared.state.lock().job_status(cfg.servers, cfg.workers);
+            let _ = net.send(from, Control::StatusReply(Box::new(status)).to_frame(frame.id));
+            return;
+        }
         let mut out: Vec<(PeerId, Frame)> = Vec::new();
         {
             let mut st = self.shared.state.lock();
@@ -243,6 +259,9 @@ impl Handler for SchedulerHandler {
         let mut out = Vec::new();
         {
             let mut st = self.shared.state.lock();
+            if st.servers.iter().chain(&st.workers).any(|p| p.peer == peer) {
+                st.ops.gone(peer);
+            }
             if let Some(rank) = st.worker_peers.iter().position(|p| *p == Some(peer))
                 && !st.done[rank]
             {
@@ -342,6 +361,7 @@ impl SchedulerHandler {
                     self.tell_workers(st, out);
                 }
             }
+            Control::Report(r) => st.ops.record(from, r),
             Control::WorkerDone { worker, error } => {
                 let rank = worker as usize;
                 if st.worker_peers.get(rank) != Some(&Some(from)) {
