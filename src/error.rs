@@ -51,6 +51,9 @@ pub enum Error {
     #[error("cannot reach {addr}: {detail}")]
     Unreachable { addr: String, detail: String },
 
+    #[error("authentication with {peer} failed: {detail}")]
+    Unauthenticated { peer: String, detail: String },
+
     #[error("limit exceeded: {0}")]
     LimitExceeded(String),
 

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::scheduler::{SchedulerConfig, SchedulerNode};
 use crate::server::{ServerConfig, ServerNode};
 use crate::transport::Transport;
+use crate::transport::auth::Auth;
 use crate::transport::inproc::Inproc;
 use crate::transport::rdma::RdmaMode;
 use crate::updater::Rules;
@@ -116,6 +117,7 @@ where
         rank: None,
         shm: cfg.worker.shm != ShmMode::Off,
         rdma: cfg.worker.rdma,
+        ..ServerConfig::default()
     };
     let servers = (0..cfg.servers)
         .map(|_| ServerNode::start(t, &cfg.server_addr, &saddr, server_cfg.clone()))
@@ -222,9 +224,19 @@ impl LaunchEnv {
 /// shared memory, required), `rdma` (TCP plus RDMA, required: fails clearly
 /// without a usable device), `auto` (RDMA where a device is usable, else
 /// shared memory where a peer is on the same host, else TCP; the choice is
-/// logged). The TCP I/O back end comes from `PSERVER_IO`.
-pub fn transport_named(name: &str, embedded: bool) -> Result<(Arc<dyn Transport>, OneSided)> {
-    let tcp = || -> Result<Arc<dyn Transport>> { Ok(Arc::new(crate::transport::tcp::Tcp::from_env()?)) };
+/// logged). TCP connections authenticate with `auth` (an embedded job passes
+/// [`Auth::generate`]) under `limits`; the TCP I/O back end comes from
+/// `PSERVER_IO`.
+pub fn transport_named(
+    name: &str,
+    embedded: bool,
+    auth: Auth,
+    limits: crate::transport::Limits,
+) -> Result<(Arc<dyn Transport>, OneSided)> {
+    let tcp = || -> Result<Arc<dyn Transport>> {
+        let mode = crate::transport::tcp::IoMode::from_env()?;
+        Ok(Arc::new(crate::transport::tcp::Tcp::new(mode, limits).with_auth(auth.clone())))
+    };
     let sides = |shm, rdma| OneSided { shm, rdma };
     match name {
         "inproc" if embedded => Ok((Arc::new(Inproc::new()), OneSided::default())),

@@ -16,16 +16,42 @@ use pserver::apps::rica::{self, RicaConfig};
 use pserver::bench::{self, Baseline, Case, Memcpy, Op, PlainTcp, RawRdma};
 use pserver::data::{CtrConfig, FeatureMode, LabelModel, Shard, Source};
 use pserver::job::{self, JobConfig, LaunchEnv, transport_named};
+use pserver::metrics::MetricsServer;
 use pserver::scheduler::{SchedulerConfig, SchedulerNode};
 use pserver::server::{ServerConfig, ServerNode};
-use pserver::transport::tcp::Tcp;
+use pserver::transport::Limits;
+use pserver::transport::auth::Auth;
+use pserver::transport::tcp::{IoMode, Tcp};
 use pserver::worker::{OneSided, ShmMode, WorkerConfig};
 
 #[derive(Parser)]
 #[command(name = "pserver", version, about = "A parameter server for distributed machine learning")]
 struct Cli {
+    #[command(flatten)]
+    auth: AuthArgs,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How a node proves it belongs to the job. The token itself is read from
+/// PSERVER_TOKEN (hex) or a file, never from the command line, where `ps`
+/// would show it.
+#[derive(Args)]
+struct AuthArgs {
+    /// File with the job token in hex, readable only by its owner (PSERVER_TOKEN takes precedence).
+    #[arg(long, global = true, env = "PSERVER_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Without a token, accept and make unauthenticated connections (trusted networks only).
+    #[arg(long, global = true, env = "PSERVER_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure: bool,
+}
+
+impl AuthArgs {
+    /// The job token (or `--insecure`); an error saying how to set one when
+    /// there is neither.
+    fn resolve(&self) -> Result<Auth> {
+        Ok(Auth::resolve(self.token_file.as_deref(), self.insecure)?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -44,6 +70,21 @@ enum Cmd {
     /// Generate synthetic data.
     #[command(subcommand)]
     Gen(GenWhat),
+    /// Show a running job: nodes, health, key ranges, clocks, traffic.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The scheduler's address.
+    #[arg(long, env = "PSERVER_SCHEDULER")]
+    scheduler: String,
+    /// Print the status as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for the scheduler's answer.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
 }
 
 #[derive(Subcommand)]
@@ -242,6 +283,12 @@ struct SchedulerArgs {
     /// Write the address nodes should use into this file once listening.
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    /// Accepted connections at once (nodes and `pserver status`).
+    #[arg(long, env = "PSERVER_MAX_CONNECTIONS", default_value_t = pserver::transport::frame::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Serve Prometheus metrics of the whole job at http://HOST:PORT/metrics.
+    #[arg(long, env = "PSERVER_SCHEDULER_METRICS_BIND")]
+    metrics_bind: Option<String>,
 }
 
 #[derive(Args)]
@@ -271,6 +318,18 @@ struct ServerArgs {
     /// Write the address workers reach this server at into this file.
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    /// Accepted connections at once.
+    #[arg(long, env = "PSERVER_MAX_CONNECTIONS", default_value_t = pserver::transport::frame::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Keys one request may carry; larger requests are refused.
+    #[arg(long, env = "PSERVER_MAX_KEYS_PER_REQUEST", default_value_t = pserver::server::MAX_KEYS_PER_REQUEST)]
+    max_keys_per_request: u64,
+    /// Unanswered requests one connection may have; more are refused.
+    #[arg(long, env = "PSERVER_MAX_PENDING_REQUESTS", default_value_t = pserver::server::MAX_PENDING_REQUESTS)]
+    max_pending_requests: usize,
+    /// Serve Prometheus metrics of this server at http://HOST:PORT/metrics.
+    #[arg(long, env = "PSERVER_SERVER_METRICS_BIND")]
+    metrics_bind: Option<String>,
 }
 
 /// The shape of an embedded job (used when no launcher set PSERVER_ROLE).
@@ -352,6 +411,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,transport=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -363,19 +423,36 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let auth = &cli.auth;
     match cli.cmd {
-        Cmd::Scheduler(a) => scheduler_cmd(a),
-        Cmd::Server(a) => server_cmd(a),
-        Cmd::Bench(a) => bench_cmd(a),
-        Cmd::Check(a) => check_cmd(a),
-        Cmd::Train(TrainApp::Lr(a)) => train_lr_cmd(a),
-        Cmd::Train(TrainApp::Rica(a)) => train_rica_cmd(a),
+        Cmd::Scheduler(a) => scheduler_cmd(a, auth),
+        Cmd::Server(a) => server_cmd(a, auth),
+        Cmd::Bench(a) => bench_cmd(a, auth),
+        Cmd::Check(a) => check_cmd(a, auth),
+        Cmd::Train(TrainApp::Lr(a)) => train_lr_cmd(a, auth),
+        Cmd::Train(TrainApp::Rica(a)) => train_rica_cmd(a, auth),
         Cmd::Gen(GenWhat::Ctr(a)) => gen_ctr_cmd(a),
+        Cmd::Status(a) => status_cmd(a, auth),
     }
 }
 
-fn scheduler_cmd(a: SchedulerArgs) -> Result<()> {
-    let t = Tcp::from_env()?;
+fn limits(max_connections: usize) -> Result<Limits> {
+    if max_connections == 0 {
+        bail!("--max-connections must be positive");
+    }
+    Ok(Limits { max_connections, ..Limits::default() })
+}
+
+/// Serves metrics at `bind` when asked to, saying where on stderr.
+fn metrics(bind: Option<&str>, render: impl Fn() -> String + Send + 'static) -> Result<Option<MetricsServer>> {
+    let Some(bind) = bind else { return Ok(None) };
+    let m = MetricsServer::start(bind, render)?;
+    eprintln!("metrics at http://{}/metrics", m.addr());
+    Ok(Some(m))
+}
+
+fn scheduler_cmd(a: SchedulerArgs, auth: &AuthArgs) -> Result<()> {
+    let t = Tcp::new(IoMode::from_env()?, limits(a.max_connections)?).with_auth(auth.resolve()?);
     let cfg = SchedulerConfig {
         servers: a.servers,
         workers: a.workers,
@@ -385,14 +462,29 @@ fn scheduler_cmd(a: SchedulerArgs) -> Result<()> {
         checkpoint_every: a.checkpoints.checkpoint_every,
         ..SchedulerConfig::default()
     };
-    let node =
-        SchedulerNode::start(&t, &a.bind, cfg).with_context(|| format!("starting the scheduler on {}", a.bind))?;
+    let node = Arc::new(
+        SchedulerNode::start(&t, &a.bind, cfg).with_context(|| format!("starting the scheduler on {}", a.bind))?,
+    );
+    let n2 = node.clone();
+    let _metrics = metrics(a.metrics_bind.as_deref(), move || pserver::metrics::render_job(&n2.status()))?;
     let addr = node.addr();
     if let Some(path) = &a.addr_file {
         write_atomically(path, &addr)?;
     }
     tracing::info!(%addr, servers = a.servers, workers = a.workers, "scheduler listening");
     node.wait().context("the job failed")?;
+    Ok(())
+}
+
+fn status_cmd(a: StatusArgs, auth: &AuthArgs) -> Result<()> {
+    let t = Tcp::new(IoMode::from_env()?, Limits::default()).with_auth(auth.resolve()?);
+    let s = pserver::status::query(&t, &a.scheduler, Duration::from_secs(a.timeout.max(1)))
+        .with_context(|| format!("asking the scheduler at {} for the job's status", a.scheduler))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        print!("{}", pserver::status::render(&s));
+    }
     Ok(())
 }
 
@@ -433,11 +525,18 @@ enum Mode {
 }
 
 /// The transport is `inproc` for an embedded job and `tcp` for a launched
-/// worker unless `--transport` (or PSERVER_TRANSPORT) says otherwise.
-fn mode(transport: &Option<String>, job: &EmbeddedArgs) -> Result<(Mode, Arc<dyn pserver::transport::Transport>)> {
+/// worker unless `--transport` (or PSERVER_TRANSPORT) says otherwise. A
+/// launched worker authenticates with the job's token; an embedded job over
+/// TCP makes up a token of its own.
+fn mode(
+    transport: &Option<String>,
+    job: &EmbeddedArgs,
+    auth: &AuthArgs,
+) -> Result<(Mode, Arc<dyn pserver::transport::Transport>)> {
     let launched = LaunchEnv::worker_from_env()?;
     let name = transport.clone().unwrap_or_else(|| if launched.is_some() { "tcp" } else { "inproc" }.into());
-    let (t, shm) = transport_named(&name, launched.is_none())?;
+    let auth = if launched.is_some() { auth.resolve()? } else { Auth::generate()? };
+    let (t, shm) = transport_named(&name, launched.is_none(), auth, Limits::default())?;
     Ok(match launched {
         Some(env) => (Mode::Launched(env, shm), t),
         None => (
@@ -498,8 +597,8 @@ fn progress(iters: u32) -> indicatif::ProgressBar {
     pb
 }
 
-fn train_lr_cmd(a: TrainLrArgs) -> Result<()> {
-    let (mode, t) = mode(&a.transport, &a.job)?;
+fn train_lr_cmd(a: TrainLrArgs, auth: &AuthArgs) -> Result<()> {
+    let (mode, t) = mode(&a.transport, &a.job, auth)?;
     let feature_mode = match a.hash_bits {
         Some(b) => FeatureMode::hashed(b)?,
         None => FeatureMode::Direct,
@@ -649,8 +748,8 @@ fn rows_of(d: &pserver::data::Dataset) -> Rows<'_> {
     Rows { labels: d.labels(), offsets: d.offsets(), features: d.features(), values: d.values() }
 }
 
-fn train_rica_cmd(a: TrainRicaArgs) -> Result<()> {
-    let (mode, t) = mode(&a.transport, &a.job)?;
+fn train_rica_cmd(a: TrainRicaArgs, auth: &AuthArgs) -> Result<()> {
+    let (mode, t) = mode(&a.transport, &a.job, auth)?;
     let images = rica::load_images(&a.images)?;
     let cfg = RicaConfig {
         patch: a.patch,
@@ -719,11 +818,11 @@ fn train_rica_cmd(a: TrainRicaArgs) -> Result<()> {
     Ok(())
 }
 
-fn check_cmd(a: CheckArgs) -> Result<()> {
+fn check_cmd(a: CheckArgs, auth: &AuthArgs) -> Result<()> {
     if a.keys == 0 || a.dim == 0 || a.rounds == 0 {
         bail!("--keys, --dim and --rounds must be positive");
     }
-    let (mode, t) = mode(&a.transport, &a.job)?;
+    let (mode, t) = mode(&a.transport, &a.job, auth)?;
     if a.counting {
         let pace = Duration::from_millis(a.pace_ms);
         let reports = run_workers(mode, t.as_ref(), |w| pserver::check::counting(w, a.keys, a.rounds, pace))?;
@@ -748,24 +847,33 @@ fn check_cmd(a: CheckArgs) -> Result<()> {
     Ok(())
 }
 
-fn server_cmd(a: ServerArgs) -> Result<()> {
-    let (t, shm) = transport_named(&a.transport, false)?;
+fn server_cmd(a: ServerArgs, auth: &AuthArgs) -> Result<()> {
+    let (t, shm) = transport_named(&a.transport, false, auth.resolve()?, limits(a.max_connections)?)?;
     let local = a.scheduler.starts_with("127.") || a.scheduler.starts_with("localhost:");
     let bind = a.bind.clone().unwrap_or_else(|| if local { "127.0.0.1:0".into() } else { "0.0.0.0:0".into() });
     let max_memory = match &a.max_memory {
         Some(m) => Some(bench::parse_size(m).with_context(|| format!("--max-memory {m:?} is not a size"))? as u64),
         None => None,
     };
+    if a.max_keys_per_request == 0 || a.max_pending_requests == 0 {
+        bail!("--max-keys-per-request and --max-pending-requests must be positive");
+    }
     let cfg = ServerConfig {
         lanes: a.lanes,
         max_memory,
         rank: a.rank,
         shm: shm.shm != ShmMode::Off,
         rdma: shm.rdma,
+        max_keys_per_request: a.max_keys_per_request,
+        max_pending: a.max_pending_requests,
         ..ServerConfig::default()
     };
-    let node = ServerNode::start(t.as_ref(), &bind, &a.scheduler, cfg)
-        .with_context(|| format!("starting a server registered with {}", a.scheduler))?;
+    let node = Arc::new(
+        ServerNode::start(t.as_ref(), &bind, &a.scheduler, cfg)
+            .with_context(|| format!("starting a server registered with {}", a.scheduler))?,
+    );
+    let n2 = node.clone();
+    let _metrics = metrics(a.metrics_bind.as_deref(), move || pserver::metrics::render_server(&n2.report()))?;
     if let Some(path) = &a.addr_file {
         write_atomically(path, &node.addr())?;
     }
@@ -825,7 +933,7 @@ fn bench_cases(a: &BenchArgs) -> Result<Vec<Case>> {
     })
 }
 
-fn bench_cmd(a: BenchArgs) -> Result<()> {
+fn bench_cmd(a: BenchArgs, auth: &AuthArgs) -> Result<()> {
     let cases = bench_cases(&a)?;
     if !(a.seconds > 0.0 && a.seconds.is_finite()) {
         bail!("--seconds must be positive");
@@ -845,7 +953,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         }
     };
     let transport = Some(name.clone());
-    let (mode, t) = mode(&transport, &a.job)?;
+    let (mode, t) = mode(&transport, &a.job, auth)?;
     if let (Mode::Embedded(cfg), false) = (&mode, a.json) {
         eprintln!(
             "pserver bench: embedded job, {} servers, {} workers, transport {label}, {} s per case",

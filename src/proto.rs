@@ -388,6 +388,12 @@ pub enum Control {
     WorkerLeft { worker: u32 },
     /// A refused control request.
     Error(String),
+    /// Node -> scheduler, with each heartbeat: the node's figures.
+    Report(crate::status::Report),
+    /// Anyone (authenticated) -> scheduler: how is the job doing?
+    Status,
+    /// Scheduler -> asker.
+    StatusReply(Box<crate::status::JobStatus>),
 }
 
 impl Control {

@@ -47,6 +47,7 @@ fn watched_worker(job: &Job, rank: u32, workers: u32, args: &[&str]) -> Watched 
     let mut cmd = Command::new(BIN);
     cmd.args(args)
         .env("PSERVER_IO", job.io)
+        .env("PSERVER_TOKEN", &job.token)
         .env("PSERVER_ROLE", "worker")
         .env("PSERVER_RANK", rank.to_string())
         .env("PSERVER_SCHEDULER", &job.addr)

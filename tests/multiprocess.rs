@@ -180,6 +180,7 @@ fn bench_runs_as_launched_workers_and_prints_json() {
         Command::new(BIN)
             .args(args)
             .env("PSERVER_IO", "std")
+            .env("PSERVER_TOKEN", &job.token)
             .env("PSERVER_ROLE", "worker")
             .env("PSERVER_RANK", "0")
             .env("PSERVER_SCHEDULER", &job.addr)
@@ -245,8 +246,10 @@ fn a_hung_worker_is_detected_by_missed_heartbeats_and_fails_the_job() {
     let deadline = Instant::now() + DEADLINE;
     let dir = tempdir("hang");
     let af = dir.join("scheduler.addr");
+    let token = new_token();
     let fast = |c: &mut Command| {
         c.env("PSERVER_HEARTBEAT_MS", "100").env("PSERVER_HEARTBEAT_TIMEOUT_MS", "1500").env("PSERVER_IO", "std");
+        c.env("PSERVER_TOKEN", &token);
     };
     let mut sched_cmd = Command::new(BIN);
     sched_cmd.args(["scheduler", "--bind", "127.0.0.1:0", "--servers", "1", "--workers", "2", "--addr-file"]).arg(&af);

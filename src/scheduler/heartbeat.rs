@@ -36,6 +36,17 @@ pub struct Heartbeat {
 
 impl Heartbeat {
     pub fn start(net: Arc<dyn Messenger>, scheduler: PeerId, every: Duration) -> Heartbeat {
+        Heartbeat::start_reporting(net, scheduler, every, || None)
+    }
+
+    /// Heartbeats, each followed by the node's figures from `report` (for
+    /// `pserver status` and metrics).
+    pub fn start_reporting(
+        net: Arc<dyn Messenger>,
+        scheduler: PeerId,
+        every: Duration,
+        report: impl Fn() -> Option<crate::status::Report> + Send + 'static,
+    ) -> Heartbeat {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let s2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -44,10 +55,20 @@ impl Heartbeat {
                 let (lock, cv) = &*s2;
                 let mut stopped = lock.lock();
                 while !*stopped {
-                    if cv.wait_for(&mut stopped, every).timed_out()
-                        && net.send(scheduler, Control::Heartbeat.to_frame(0)).is_err()
-                    {
-                        return; // the scheduler is gone; the node notices by itself
+                    if cv.wait_for(&mut stopped, every).timed_out() {
+                        // Sent unlocked, so stopping never waits on a send.
+                        let gone = parking_lot::MutexGuard::unlocked(&mut stopped, || {
+                            if net.send(scheduler, Control::Heartbeat.to_frame(0)).is_err() {
+                                return true;
+                            }
+                            if let Some(r) = report() {
+                                let _ = net.send(scheduler, Control::Report(r).to_frame(0));
+                            }
+                            false
+                        });
+                        if gone {
+                            return; // the scheduler is gone; the node notices by itself
+                        }
                     }
                 }
             })

@@ -17,6 +17,7 @@
 
 pub mod heartbeat;
 pub mod ring;
+mod status;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -100,6 +101,8 @@ struct State {
     restore: Option<(String, u32)>,
     /// The checkpoint being taken.
     checkpoint: Option<CheckpointRound>,
+    /// Nodes' reports, for `pserver status` and metrics.
+    ops: status::Ops,
 }
 
 /// A checkpoint in progress: workers that arrived, servers still writing.
@@ -160,6 +163,12 @@ impl SchedulerNode {
     /// The address nodes register at.
     pub fn addr(&self) -> String {
         self.net.local_addr()
+    }
+
+    /// The job as it stands (what `pserver status` prints).
+    pub fn status(&self) -> crate::status::JobStatus {
+        let cfg = &self.shared.cfg;
+        self.shared.state.lock().job_status(cfg.servers, cfg.workers)
     }
 
     /// Blocks until every worker is done and the servers were told to stop.
@@ -265,6 +274,13 @@ impl Handler for SchedulerHandler {
                 return;
             }
         };
+        if let Control::Status = msg {
+            // An operator's question: answered, but the asker is no node.
+            let cfg = &self.shared.cfg;
+            let status = self.shared.state.lock().job_status(cfg.servers, cfg.workers);
+            let _ = net.send(from, Control::StatusReply(Box::new(status)).to_frame(frame.id));
+            return;
+        }
         let mut out: Vec<(PeerId, Frame)> = Vec::new();
         {
             let mut st = self.shared.state.lock();
@@ -283,6 +299,9 @@ impl Handler for SchedulerHandler {
         let mut out = Vec::new();
         {
             let mut st = self.shared.state.lock();
+            if st.servers.iter().chain(&st.workers).any(|p| p.peer == peer) {
+                st.ops.gone(peer);
+            }
             if let Some(rank) = st.worker_peers.iter().position(|p| *p == Some(peer))
                 && !st.done[rank]
             {
@@ -460,6 +479,7 @@ impl SchedulerHandler {
                     self.tell_workers(st, out);
                 }
             }
+            Control::Report(r) => st.ops.record(from, r),
             Control::WorkerDone { worker, error } => {
                 let rank = worker as usize;
                 if st.worker_peers.get(rank) != Some(&Some(from)) {

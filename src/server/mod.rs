@@ -42,8 +42,12 @@ use crate::updater::Rules;
 
 use lane::{INLINE_MAX_KEYS, Job, Lane, LaneRun, Replication, Request, Target};
 
-/// Largest number of keys one request may carry to one server.
+/// Default of [`ServerConfig::max_keys_per_request`].
 pub const MAX_KEYS_PER_REQUEST: u64 = 1 << 28;
+
+/// Default of [`ServerConfig::max_pending`]: well above what a worker keeps
+/// in flight by default (`WorkerConfig::max_inflight`, 1024).
+pub const MAX_PENDING_REQUESTS: usize = 4096;
 
 /// How a server runs.
 #[derive(Clone, Debug)]
@@ -61,6 +65,11 @@ pub struct ServerConfig {
     pub shm: bool,
     /// Offer workers RDMA: shards readable one-sided, a push ring per worker.
     pub rdma: RdmaMode,
+    /// Keys one data request may carry; a larger one is refused.
+    pub max_keys_per_request: u64,
+    /// Data requests one connection may have unanswered (applied, waiting for
+    /// consistency, or queued); more are refused until replies go out.
+    pub max_pending: usize,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +81,8 @@ impl Default for ServerConfig {
             rank: None,
             shm: false,
             rdma: RdmaMode::Off,
+            max_keys_per_request: MAX_KEYS_PER_REQUEST,
+            max_pending: MAX_PENDING_REQUESTS,
         }
     }
 }
@@ -105,6 +116,8 @@ struct Table {
     _registered: Vec<Arc<rdma::Registration>>,
     /// Shards here (owned ranges and copies), disjoint, sorted by start.
     shards: Vec<ShardRef>,
+    /// The shards' header regions by shard id, where reports read progress.
+    headers: HashMap<u32, Arc<crate::store::Region>>,
 }
 
 impl Table {
@@ -184,6 +197,58 @@ struct ConnState {
     /// Set once the connection has an RDMA link: its ordered frames arrive
     /// by two channels and are applied in sequence-number order.
     seq: Option<Sequencer>,
+    /// Data requests taken and not yet answered; `answer` gives it back.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+    /// What lanes reply through for this connection (see [`Answering`]).
+    answer: Option<Arc<dyn Messenger>>,
+}
+
+/// The messenger a connection's replies go through: counts their payload
+/// and gives back the connection's pending-request slot as each reply
+/// leaves (every data request taken gets exactly one REPLY).
+struct Answering {
+    net: Arc<dyn Messenger>,
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+    stats: Arc<ServerStats>,
+}
+
+impl Messenger for Answering {
+    fn local_addr(&self) -> String {
+        self.net.local_addr()
+    }
+    fn connect(&self, addr: &str) -> Result<PeerId> {
+        self.net.connect(addr)
+    }
+    fn send(&self, peer: PeerId, frame: Frame) -> Result<()> {
+        use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+        if frame.kind == kind::REPLY {
+            let _ = self.pending.fetch_update(AcqRel, Relaxed, |n| n.checked_sub(1));
+            let bytes = frame.segments.iter().map(|s| s.len() as u64).sum();
+            self.stats.bytes_sent.fetch_add(bytes, Relaxed);
+        }
+        self.net.send(peer, frame)
+    }
+    fn peer_addr(&self, peer: PeerId) -> String {
+        self.net.peer_addr(peer)
+    }
+    fn disconnect(&self, peer: PeerId) {
+        self.net.disconnect(peer)
+    }
+    fn shutdown(&self) {
+        self.net.shutdown()
+    }
+    fn same_host(&self, peer: PeerId) -> bool {
+        self.net.same_host(peer)
+    }
+    fn advertised_addr(&self, via: PeerId) -> String {
+        self.net.advertised_addr(via)
+    }
+    fn remote_memory(&self) -> Option<Arc<dyn crate::transport::RemoteMemory>> {
+        self.net.remote_memory()
+    }
+    fn stats(&self) -> crate::transport::TransportStats {
+        self.net.stats()
+    }
 }
 
 /// Applies one connection's ordered frames in `DataHeader::seq` order,
@@ -219,6 +284,17 @@ pub struct ServerStats {
     pub key_cache_misses: std::sync::atomic::AtomicU64,
     /// Frames that arrived through RDMA push rings.
     pub rdma_frames: std::sync::atomic::AtomicU64,
+    /// Data requests by kind, and their keys.
+    pub pushes: std::sync::atomic::AtomicU64,
+    pub pulls: std::sync::atomic::AtomicU64,
+    pub push_pulls: std::sync::atomic::AtomicU64,
+    pub keys_pushed: std::sync::atomic::AtomicU64,
+    pub keys_pulled: std::sync::atomic::AtomicU64,
+    /// Payload bytes of data requests and of their replies.
+    pub bytes_received: std::sync::atomic::AtomicU64,
+    pub bytes_sent: std::sync::atomic::AtomicU64,
+    /// Requests refused as a whole (malformed, over a limit, ...).
+    pub refused: std::sync::atomic::AtomicU64,
 }
 
 struct Shared {
@@ -232,7 +308,7 @@ struct Shared {
     blocked: std::sync::atomic::AtomicUsize,
     /// Connections with a sequencer (skip the lock when 0).
     sequenced: std::sync::atomic::AtomicUsize,
-    stats: ServerStats,
+    stats: Arc<ServerStats>,
     lanes: Vec<Arc<Lane>>,
     membership: Mutex<Membership>,
     changed: Condvar,
@@ -314,7 +390,7 @@ impl ServerNode {
             conns: Mutex::new(HashMap::new()),
             blocked: Default::default(),
             sequenced: Default::default(),
-            stats: ServerStats::default(),
+            stats: Arc::new(ServerStats::default()),
             lanes,
             membership: Mutex::new(Membership::default()),
             changed: Condvar::new(),
@@ -378,8 +454,17 @@ impl ServerNode {
         let reg = Control::Register { role: Role::Server, addr: node.net.advertised_addr(sched), rank: cfg_rank };
         node.net.send(sched, reg.to_frame(0))?;
         let every = crate::scheduler::heartbeat::interval();
-        node.heartbeat = Some(crate::scheduler::heartbeat::Heartbeat::start(node.net.clone(), sched, every));
+        let (sh, net) = (node.shared.clone(), node.net.clone());
+        node.heartbeat =
+            Some(crate::scheduler::heartbeat::Heartbeat::start_reporting(node.net.clone(), sched, every, move || {
+                Some(crate::status::Report::Server(report(&sh, net.as_ref())))
+            }));
         Ok(node)
+    }
+
+    /// This server's figures (what it reports to the scheduler).
+    pub fn report(&self) -> crate::status::ServerReport {
+        report(&self.shared, self.net.as_ref())
     }
 
     /// The address workers connect to.
@@ -485,6 +570,80 @@ impl Drop for ServerNode {
     }
 }
 
+/// The figures of a server: counters, memory, and per table the ranges it
+/// owns and the progress of each worker there (read from the shards'
+/// headers, lock-free).
+fn report(sh: &Shared, net: &dyn Messenger) -> crate::status::ServerReport {
+    use std::sync::atomic::Ordering::{Acquire, Relaxed};
+    let (rank, epoch, workers) = {
+        let m = sh.membership.lock();
+        (m.index, m.ring.as_ref().map_or(0, |r| r.epoch()), m.workers as usize)
+    };
+    let me = rank.unwrap_or(u32::MAX);
+    let mut tables: Vec<crate::status::TableReport> = sh
+        .tables
+        .read()
+        .values()
+        .map(|t| {
+            let owned: Vec<KeyRange> =
+                (0..t.map.len()).map(|i| t.map.range(i)).filter(|(_, o)| *o == me).map(|(r, _)| r).collect();
+            let mut clocks = vec![u64::MAX; workers];
+            let mut seen = false;
+            for r in &owned {
+                let Some(h) =
+                    r.end.checked_sub(1).and_then(|last| t.shard(r.start, last)).and_then(|s| t.headers.get(&s.id))
+                else {
+                    continue;
+                };
+                seen = true;
+                let words = h.words();
+                for (w, c) in clocks.iter_mut().enumerate() {
+                    let p = words.get(crate::store::shard::HEADER_PROGRESS + w).map_or(0, |x| x.load(Acquire));
+                    *c = (*c).min(p);
+                }
+            }
+            if !seen {
+                clocks.fill(0);
+            }
+            crate::status::TableReport {
+                id: t.spec.id,
+                keys: t.spec.keys,
+                dim: t.spec.dim,
+                storage: match t.spec.storage {
+                    crate::table::Storage::Dense => "dense".into(),
+                    crate::table::Storage::Sparse => "sparse".into(),
+                },
+                consistency: match t.spec.consistency {
+                    crate::table::Consistency::Sequential => "sequential".into(),
+                    crate::table::Consistency::BoundedDelay(tau) => format!("bounded-delay({tau})"),
+                    crate::table::Consistency::Eventual => "eventual".into(),
+                },
+                ranges: owned.iter().map(|r| (r.start, r.end)).collect(),
+                clocks,
+            }
+        })
+        .collect();
+    tables.sort_by_key(|t| t.id);
+    let s = &sh.stats;
+    crate::status::ServerReport {
+        rank,
+        addr: net.local_addr(),
+        epoch,
+        pushes: s.pushes.load(Relaxed),
+        pulls: s.pulls.load(Relaxed),
+        push_pulls: s.push_pulls.load(Relaxed),
+        keys_pushed: s.keys_pushed.load(Relaxed),
+        keys_pulled: s.keys_pulled.load(Relaxed),
+        bytes_received: s.bytes_received.load(Relaxed),
+        bytes_sent: s.bytes_sent.load(Relaxed),
+        refused: s.refused.load(Relaxed),
+        memory_used: *sh.memory.lock(),
+        memory_limit: sh.cfg.max_memory,
+        transport: net.stats(),
+        tables,
+    }
+}
+
 impl Handler for ServerHandler {
     fn on_disconnect(&self, _net: &Arc<dyn Messenger>, peer: PeerId) {
         if let Some(inbox) = self.shared.inbox.read().as_ref() {
@@ -523,6 +682,7 @@ impl Handler for ServerHandler {
         };
         if let Err(e) = result {
             tracing::debug!(peer = %net.peer_addr(from), error = %e, "refused a request");
+            self.shared.stats.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Servers talk to each other only to replicate: a refusal is
             // logged, never answered (two servers would refuse each other's
             // refusals forever).
@@ -599,6 +759,7 @@ impl ServerHandler {
         let id = frame.id;
         if let Err(e) = self.on_ordered(net, from, frame) {
             tracing::debug!(peer = %net.peer_addr(from), error = %e, "refused a request");
+            self.shared.stats.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = net.send(from, proto::refused(id, &e.to_string()));
         }
     }
@@ -856,7 +1017,7 @@ impl ServerHandler {
                 && used.saturating_add(need) > max
             {
                 return Err(Error::OutOfMemory(format!(
-                    "table {} needs {need} bytes on this server, {} of the {max} byte budget are in use",
+                    "table {} needs {need} bytes on this server, {} of the {max} byte budget (--max-memory) are in use",
                     spec.id, *used
                 )));
             }
@@ -919,6 +1080,7 @@ impl ServerHandler {
             targets[at].push(Target { range: r, peers });
         }
         let mut shm = Vec::new();
+        let mut headers: HashMap<u32, Arc<crate::store::Region>> = old.map(|t| t.headers.clone()).unwrap_or_default();
         let mut rdma_shards: Vec<proto::RdmaShard> = old.map(|t| t.rdma.clone()).unwrap_or_default();
         let mut registered: Vec<Arc<rdma::Registration>> = old.map(|t| t._registered.clone()).unwrap_or_default();
         let inbox = self.shared.inbox.read().clone();
@@ -927,6 +1089,7 @@ impl ServerHandler {
             let (act, tg) = (active[at], std::mem::take(&mut targets[at]));
             match fresh.remove(&sref.id) {
                 Some(shard) => {
+                    headers.insert(sref.id, shard.regions().0.clone());
                     if spec.storage == crate::table::Storage::Dense {
                         let (hdr, chunks) = shard.regions();
                         if let (Some(h), Some(c)) = (hdr.path(), chunks.first().and_then(|c| c.path())) {
@@ -965,7 +1128,7 @@ impl ServerHandler {
             header,
             slots,
         }));
-        Ok(Table { spec: spec.clone(), map, shm: shm_all, rdma: rdma_shards, _registered: registered, shards })
+        Ok(Table { spec: spec.clone(), map, shm: shm_all, rdma: rdma_shards, _registered: registered, shards, headers })
     }
 
     /// Fills a new table's shards (owned ranges and copies) from the
@@ -1218,6 +1381,14 @@ impl ServerHandler {
         if h.flags & !proto::flags::VERSIONED != 0 {
             return Err(bad(format!("unknown request flags {:#x}", h.flags)));
         }
+        let max_keys = self.shared.cfg.max_keys_per_request;
+        let total_keys = runs.iter().fold(0u64, |n, r| n.saturating_add(r.count));
+        if total_keys > max_keys {
+            return Err(Error::LimitExceeded(format!(
+                "a request of {total_keys} keys; this server takes at most {max_keys} keys per request \
+                 (--max-keys-per-request): split it"
+            )));
+        }
         let expected_segments: usize = runs
             .iter()
             .map(|r| usize::from(run_form::has_keys(r.form)) + usize::from(with_values) + usize::from(versioned))
@@ -1227,9 +1398,23 @@ impl ServerHandler {
         }
         // Key lists named by digest: all must be here, or the connection
         // waits (with this request first) until the worker resupplies them.
-        let cached: Vec<Option<Bytes>> = {
+        let (cached, pending, answer): (Vec<Option<Bytes>>, _, _) = {
             let mut conns = self.shared.conns.lock();
             let c = conns.entry(from).or_default();
+            let max_pending = self.shared.cfg.max_pending;
+            if c.pending.load(std::sync::atomic::Ordering::Acquire) >= max_pending {
+                return Err(Error::LimitExceeded(format!(
+                    "this connection has {max_pending} requests waiting for their replies \
+                     (--max-pending-requests); read replies before sending more"
+                )));
+            }
+            let pending = c.pending.clone();
+            let answer = c
+                .answer
+                .get_or_insert_with(|| {
+                    Arc::new(Answering { net: net.clone(), pending: pending.clone(), stats: self.shared.stats.clone() })
+                })
+                .clone();
             let mut missing = Vec::new();
             let cached = runs
                 .iter()
@@ -1256,21 +1441,19 @@ impl ServerHandler {
                     Frame::new(kind::NEED_KEYS, 0, Bytes::new()).with_segment(crate::transport::bytes_of_vec(missing));
                 return net.send(from, f);
             }
-            cached
+            (cached, pending, answer)
         };
         let me = self.shared.membership.lock().index.unwrap_or(u32::MAX);
         let all_runs = runs.clone();
         let mut total = 0u64;
         let mut per_lane: Vec<Vec<LaneRun>> = (0..self.shared.lanes.len()).map(|_| Vec::new()).collect();
         self.shared.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let payload: u64 = frame.segments.iter().map(|s| s.len() as u64).sum();
         let mut segs = frame.segments.into_iter();
         for (i, r) in runs.into_iter().enumerate() {
             total = total.saturating_add(r.count);
-            if r.count == 0 || total > MAX_KEYS_PER_REQUEST {
-                return Err(bad(format!(
-                    "run {} has {} keys (limit {MAX_KEYS_PER_REQUEST} per request)",
-                    r.run, r.count
-                )));
+            if r.count == 0 {
+                return Err(bad(format!("run {} has no keys", r.run)));
             }
             let (keys, last): (Option<Bytes>, u64) = match r.form {
                 run_form::RANGE => {
@@ -1348,13 +1531,28 @@ impl ServerHandler {
             })?;
             per_lane[sref.lane].push(LaneRun { header: r, shard: sref.id, keys, vals, known });
         }
-        self.shared.stats.keys.fetch_add(total, std::sync::atomic::Ordering::Relaxed);
         let lanes = per_lane.iter().filter(|r| !r.is_empty()).count();
         if lanes == 0 {
             return Err(bad("a data request without runs".into()));
         }
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let st = &self.shared.stats;
+            st.keys.fetch_add(total, Relaxed);
+            let (count, keys_pushed, keys_pulled) = match frame.kind {
+                kind::PUSH => (&st.pushes, total, 0),
+                kind::PULL => (&st.pulls, 0, total),
+                _ => (&st.push_pulls, total, total),
+            };
+            count.fetch_add(1, Relaxed);
+            st.keys_pushed.fetch_add(keys_pushed, Relaxed);
+            st.keys_pulled.fetch_add(keys_pulled, Relaxed);
+            st.bytes_received.fetch_add(payload, Relaxed);
+        }
         let epoch = self.shared.repl.epoch.load(std::sync::atomic::Ordering::Acquire);
-        let req = Arc::new(Request::new(net.clone(), from, frame.id, frame.kind, &h, lanes, epoch));
+        // One slot until the reply leaves through `answer`.
+        pending.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let req = Arc::new(Request::new(answer, from, frame.id, frame.kind, &h, lanes, epoch));
         let inline = total <= INLINE_MAX_KEYS;
         for (lane, runs) in per_lane.into_iter().enumerate().filter(|(_, r)| !r.is_empty()) {
             self.shared.lanes[lane].submit(Job::Runs { req: req.clone(), runs }, inline);

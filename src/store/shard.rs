@@ -94,6 +94,8 @@ impl KeyRun<'_> {
 pub const HEADER_MIN_PROGRESS: usize = header::MIN_PROGRESS;
 /// Word of the header holding `dim | slot words << 32`.
 pub const HEADER_LAYOUT: usize = header::LAYOUT;
+/// First of the header's per-worker progress words (worker `w` at `+ w`).
+pub const HEADER_PROGRESS: usize = header::PROGRESS;
 
 /// Header words (region 0 of every shard).
 mod header {

@@ -87,11 +87,26 @@ pub struct Limits {
     pub max_frame: u64,
     pub max_meta: u32,
     pub max_segments: u16,
+    /// Accepted connections an endpoint keeps open at once (and handshakes
+    /// it runs at once).
+    pub max_connections: usize,
+    /// Unsent bytes queued for one connection before the endpoint stops
+    /// reading from it (until half of them are sent).
+    pub max_queued_bytes: u64,
 }
+
+/// Default of [`Limits::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_frame: 1 << 30, max_meta: 1 << 16, max_segments: 1024 }
+        Limits {
+            max_frame: 1 << 30,
+            max_meta: 1 << 16,
+            max_segments: 1024,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_queued_bytes: 64 << 20,
+        }
     }
 }
 
@@ -392,7 +407,7 @@ mod tests {
         /// never a panic, and never an allocation beyond the limit.
         #[test]
         fn decoder_never_panics_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let limits = Limits { max_frame: 4096, max_meta: 256, max_segments: 8 };
+            let limits = Limits { max_frame: 4096, max_meta: 256, max_segments: 8, ..Limits::default() };
             let mut d = Decoder::new(limits);
             let mut buf = BytesMut::from(&data[..]);
             for _ in 0..4 {

@@ -8,8 +8,9 @@
 //! [`RemoteMemory`].
 //!
 //! Implementations: [`inproc`] (threads of one process; the embedded job and
-//! the tests), [`tcp`], and the one-sided side channels beside TCP: [`shm`]
-//! (same host) and [`rdma`].
+//! the tests), [`tcp`] (authenticated with the job's token, see [`auth`]),
+//! and the one-sided side channels beside TCP: [`shm`] (same host) and
+//! [`rdma`], whose set-up travels over the authenticated TCP connection.
 
 pub mod auth;
 pub mod frame;
@@ -80,6 +81,24 @@ pub trait Messenger: Send + Sync + 'static {
     fn remote_memory(&self) -> Option<Arc<dyn RemoteMemory>> {
         None
     }
+    /// What this endpoint moved and refused so far (zeros where not counted).
+    fn stats(&self) -> TransportStats {
+        TransportStats::default()
+    }
+}
+
+/// An endpoint's counters: whole frames (headers included) each way, and
+/// connections refused for failing authentication or over a limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportStats {
+    /// Connections open now.
+    pub connections: u64,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub auth_failures: u64,
+    pub refused: u64,
 }
 
 /// Creates endpoints.

@@ -240,7 +240,7 @@ impl View {
 
 /// Bytes and keys a worker moved: payload bytes (keys, values, versions and
 /// bitmaps), not counting frame headers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Traffic {
     pub requests: u64,
     pub keys_sent: u64,
@@ -269,6 +269,23 @@ struct TrafficCounters {
     rdma_bytes_read: AtomicU64,
     rdma_frames: AtomicU64,
     rdma_bytes_written: AtomicU64,
+}
+
+impl TrafficCounters {
+    fn snapshot(&self) -> Traffic {
+        Traffic {
+            requests: self.requests.load(Ordering::Relaxed),
+            keys_sent: self.keys_sent.load(Ordering::Relaxed),
+            bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            shm_pulls: self.shm_pulls.load(Ordering::Relaxed),
+            shm_bytes_read: self.shm_bytes_read.load(Ordering::Relaxed),
+            rdma_pulls: self.rdma_pulls.load(Ordering::Relaxed),
+            rdma_bytes_read: self.rdma_bytes_read.load(Ordering::Relaxed),
+            rdma_frames: self.rdma_frames.load(Ordering::Relaxed),
+            rdma_bytes_written: self.rdma_bytes_written.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Key lists this worker asked servers to keep (see `proto::run_form`).
@@ -412,7 +429,8 @@ struct Inner {
     next_control: AtomicU64,
     /// The next push run's seq (see `RunHeader::seq`).
     next_push_seq: AtomicU64,
-    clock: AtomicU32,
+    /// Shared with the heartbeat, which reports it.
+    clock: Arc<AtomicU32>,
     /// Checkpoint at clocks divisible by this (0: never).
     checkpoint_every: u32,
     /// The clock of the checkpoint this job resumed from.
@@ -457,7 +475,7 @@ impl Pull {
     /// Waits for the values: `keys x dim`, in key order.
     pub fn wait(self) -> Result<Vec<f32>> {
         let r = self.op.wait();
-        self.shared.failed.lock().remove(&self.ts.0);
+        self.shared.forget_failure(&self.op, &r);
         r?;
         match &self.observe {
             Some((filter, keys)) => {
@@ -608,6 +626,19 @@ impl Worker {
         }
         *shared.rings.write() = rings;
         tracing::debug!(rank, servers = servers.len(), replicas, "worker joined the job");
+        // A resumed job continues the clocks of its checkpoint.
+        let resumed = checkpoint.as_ref().and_then(|c| c.restore.as_ref()).map(|r| r.1);
+        let clock = Arc::new(AtomicU32::new(resumed.unwrap_or(0)));
+        let (sh, c) = (shared.clone(), clock.clone());
+        let heartbeat = crate::scheduler::heartbeat::Heartbeat::start_reporting(
+            net.clone(),
+            sched,
+            crate::scheduler::heartbeat::interval(),
+            move || {
+                let (clock, traffic) = (c.load(Ordering::Acquire), sh.traffic.snapshot());
+                Some(crate::status::Report::Worker(crate::status::WorkerReport { rank, clock, traffic }))
+            },
+        );
         let (tx, rx) = crossbeam::channel::unbounded();
         *shared.router.lock() = Some(tx);
         let w = Worker {
@@ -622,17 +653,12 @@ impl Worker {
                 next_control: AtomicU64::new(CONTROL_ID_BASE + 1),
                 // Seqs of a later incarnation of this rank are all larger.
                 next_push_seq: AtomicU64::new((u64::from(incarnation) << 40) + 1),
-                // A resumed job continues the clocks of its checkpoint.
-                clock: AtomicU32::new(checkpoint.as_ref().and_then(|c| c.restore.as_ref()).map_or(0, |r| r.1)),
+                clock,
                 checkpoint_every: checkpoint.as_ref().map_or(0, |c| c.every),
-                resumed: checkpoint.as_ref().and_then(|c| c.restore.as_ref()).map(|r| r.1),
+                resumed,
                 max_inflight: cfg.max_inflight.max(1),
                 finished: Default::default(),
-                heartbeat: Mutex::new(Some(crate::scheduler::heartbeat::Heartbeat::start(
-                    net.clone(),
-                    sched,
-                    crate::scheduler::heartbeat::interval(),
-                ))),
+                heartbeat: Mutex::new(Some(heartbeat)),
                 net,
             }),
         };
@@ -835,19 +861,7 @@ impl Worker {
 
     /// What this worker has sent and received so far.
     pub fn traffic(&self) -> Traffic {
-        let t = &self.inner.shared.traffic;
-        Traffic {
-            requests: t.requests.load(Ordering::Relaxed),
-            keys_sent: t.keys_sent.load(Ordering::Relaxed),
-            bytes_sent: t.bytes_sent.load(Ordering::Relaxed),
-            bytes_received: t.bytes_received.load(Ordering::Relaxed),
-            shm_pulls: t.shm_pulls.load(Ordering::Relaxed),
-            shm_bytes_read: t.shm_bytes_read.load(Ordering::Relaxed),
-            rdma_pulls: t.rdma_pulls.load(Ordering::Relaxed),
-            rdma_bytes_read: t.rdma_bytes_read.load(Ordering::Relaxed),
-            rdma_frames: t.rdma_frames.load(Ordering::Relaxed),
-            rdma_bytes_written: t.rdma_bytes_written.load(Ordering::Relaxed),
-        }
+        self.inner.shared.traffic.snapshot()
     }
 
     /// What the filters of `table` did on this worker.
@@ -871,7 +885,7 @@ impl Worker {
         let op = sh.ops.lock().get(&ts.0).cloned();
         if let Some(op) = op {
             let r = op.wait();
-            sh.failed.lock().remove(&ts.0);
+            sh.forget_failure(&op, &r);
             return r;
         }
         if let Some(e) = sh.failed.lock().remove(&ts.0) {
@@ -1822,6 +1836,21 @@ impl Shared {
         }
     }
 
+    /// A waiter saw `op` end with `r`: its failure is not reported again.
+    /// The op is done before `complete` files its failure, so a failed op is
+    /// first waited out of `ops` (which `complete` leaves after filing).
+    fn forget_failure(&self, op: &Op, r: &Result<()>) {
+        if r.is_ok() {
+            return;
+        }
+        let mut ops = self.ops.lock();
+        while ops.contains_key(&op.ts) {
+            self.ops_changed.wait(&mut ops);
+        }
+        drop(ops);
+        self.failed.lock().remove(&op.ts);
+    }
+
     fn complete(&self, op: &Arc<Op>) {
         if let Some(e) = op.error() {
             self.failed.lock().insert(op.ts, e);
@@ -1999,9 +2028,13 @@ impl Handler for WorkerHandler {
                 let e = Error::Remote { peer: net.peer_addr(from), message: msg };
                 if frame.id >= CONTROL_ID_BASE {
                     sh.answer_control(frame.id, Err(e));
-                } else if let (Some(op), Some(server)) = (sh.ops.lock().get(&frame.id).cloned(), sh.server_index(from))
-                {
-                    sh.fail_server_runs(&op, server, &e);
+                } else {
+                    // Looked up first: failing the runs completes the op,
+                    // which takes the ops lock again.
+                    let op = sh.ops.lock().get(&frame.id).cloned();
+                    if let (Some(op), Some(server)) = (op, sh.server_index(from)) {
+                        sh.fail_server_runs(&op, server, &e);
+                    }
                 }
                 Ok(())
             }

@@ -66,9 +66,16 @@ pub fn uring_works() -> bool {
         == pserver::transport::tcp::IoMode::Uring
 }
 
+/// A fresh job token in hex, as tools/launch makes one.
+pub fn new_token() -> String {
+    pserver::transport::auth::Token::generate().unwrap().to_hex()
+}
+
 pub struct Job {
     pub dir: PathBuf,
     pub io: &'static str,
+    /// The job's secret: every process of the job gets it as PSERVER_TOKEN.
+    pub token: String,
     pub scheduler: Proc,
     pub servers: Vec<Proc>,
     pub addr: String,
@@ -76,7 +83,7 @@ pub struct Job {
 }
 
 pub fn start_job(io: &'static str, servers: u32, workers: u32, tag: &str, deadline: Instant) -> Job {
-    start_job_over(io, None, servers, workers, tag, deadline)
+    start_job_args(io, servers, workers, tag, deadline, &[], &[])
 }
 
 /// [`start_job`] with servers started with `--transport transport`.
@@ -88,7 +95,8 @@ pub fn start_job_over(
     tag: &str,
     deadline: Instant,
 ) -> Job {
-    start_job_with(io, transport, servers, workers, tag, deadline, &[])
+    let args: Vec<&str> = transport.map(|t| ["--transport", t]).into_iter().flatten().collect();
+    start_job_args(io, servers, workers, tag, deadline, &[], &args)
 }
 
 /// [`start_job_over`] with more arguments for the scheduler.
@@ -101,7 +109,22 @@ pub fn start_job_with(
     deadline: Instant,
     scheduler_args: &[&str],
 ) -> Job {
+    let args: Vec<&str> = transport.map(|t| ["--transport", t]).into_iter().flatten().collect();
+    start_job_args(io, servers, workers, tag, deadline, scheduler_args, &args)
+}
+
+/// A job whose scheduler and servers get extra arguments.
+pub fn start_job_args(
+    io: &'static str,
+    servers: u32,
+    workers: u32,
+    tag: &str,
+    deadline: Instant,
+    scheduler_args: &[&str],
+    server_args: &[&str],
+) -> Job {
     let dir = tempdir(tag);
+    let token = new_token();
     let af = dir.join("scheduler.addr");
     let mut scheduler = Proc::spawn(
         "scheduler",
@@ -110,7 +133,9 @@ pub fn start_job_with(
             .args(["--workers", &workers.to_string(), "--addr-file"])
             .arg(&af)
             .args(scheduler_args)
-            .env("PSERVER_IO", io),
+            .env("PSERVER_IO", io)
+            .env("PSERVER_TOKEN", &token)
+            .stderr(std::fs::File::create(dir.join("scheduler.log")).unwrap()),
     );
     let addr = read_addr(&af, &mut scheduler, deadline);
     let mut procs = Vec::new();
@@ -122,13 +147,15 @@ pub fn start_job_with(
             Command::new(BIN)
                 .args(["server", "--scheduler", &addr, "--addr-file"])
                 .arg(&f)
-                .args(transport.map(|t| ["--transport", t]).into_iter().flatten())
-                .env("PSERVER_IO", io),
+                .args(server_args)
+                .env("PSERVER_IO", io)
+                .env("PSERVER_TOKEN", &token)
+                .stderr(std::fs::File::create(dir.join(format!("server{i}.log"))).unwrap()),
         );
         server_addrs.push(read_addr(&f, &mut p, deadline));
         procs.push(p);
     }
-    Job { dir, io, scheduler, servers: procs, addr, server_addrs }
+    Job { dir, io, token, scheduler, servers: procs, addr, server_addrs }
 }
 
 impl Job {
@@ -138,6 +165,7 @@ impl Job {
             Command::new(BIN)
                 .args(args)
                 .env("PSERVER_IO", self.io)
+                .env("PSERVER_TOKEN", &self.token)
                 .env("PSERVER_ROLE", "worker")
                 .env("PSERVER_RANK", rank.to_string())
                 .env("PSERVER_SCHEDULER", &self.addr)
@@ -160,10 +188,16 @@ impl Job {
             assert!(st.success(), "{} failed: {st}", w.name);
         }
         let st = self.scheduler.wait(deadline);
-        assert!(st.success(), "scheduler failed: {st}");
-        for s in &mut self.servers {
+        assert!(st.success(), "scheduler failed: {st}\n{}", self.log("scheduler"));
+        for (i, s) in self.servers.iter_mut().enumerate() {
             let st = s.wait(deadline);
-            assert!(st.success(), "{} failed: {st}", s.name);
+            let log = std::fs::read_to_string(self.dir.join(format!("server{i}.log"))).unwrap_or_default();
+            assert!(st.success(), "{} failed: {st}\n{log}", s.name);
         }
+    }
+
+    /// What a node of the job wrote to stderr so far ("scheduler", "server0", ...).
+    pub fn log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{node}.log"))).unwrap_or_default()
     }
 }

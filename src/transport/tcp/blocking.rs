@@ -1,5 +1,7 @@
 //! The plain-socket back end: an accept thread, and a thread per connection
 //! blocking on reads. Used when io_uring is unavailable or `PSERVER_IO=std`.
+//! An accepted connection's thread first runs the handshake (see
+//! [`Endpoint::admit_accepted`]), so the accept thread never waits on a peer.
 
 use std::io;
 use std::net::TcpListener;
@@ -67,6 +69,15 @@ fn spawn_reader(ep: Arc<Endpoint>, conn: Arc<Conn>) -> io::Result<JoinHandle<()>
     std::thread::Builder::new().name("pserver-conn".into()).spawn(move || read_loop(&ep, &conn))
 }
 
+/// A thread that authenticates an accepted stream, then reads it.
+fn spawn_accepted(ep: Arc<Endpoint>, stream: std::net::TcpStream, hs: u64) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("pserver-conn".into()).spawn(move || {
+        if let Some(conn) = ep.admit_accepted(stream, hs) {
+            read_loop(&ep, &conn)
+        }
+    })
+}
+
 fn accept_loop(ep: Arc<Endpoint>, listener: TcpListener, wake: OwnedFd) {
     let mut readers: Vec<JoinHandle<()>> = Vec::new();
     loop {
@@ -86,16 +97,19 @@ fn accept_loop(ep: Arc<Endpoint>, listener: TcpListener, wake: OwnedFd) {
             break;
         }
         match listener.accept() {
-            Ok((stream, _)) => match ep.add_conn(stream) {
-                Ok(conn) => match spawn_reader(ep.clone(), conn.clone()) {
+            Ok((stream, _)) => {
+                let Some(hs) = ep.begin_handshake(&stream) else { continue };
+                match spawn_accepted(ep.clone(), stream, hs) {
                     Ok(h) => {
                         readers.retain(|h| !h.is_finished());
                         readers.push(h);
                     }
-                    Err(e) => ep.drop_conn(&conn, &format!("no reader thread: {e}")),
-                },
-                Err(e) => tracing::warn!(error = %e, "could not set up an accepted connection"),
-            },
+                    Err(e) => {
+                        ep.handshaking.lock().remove(&hs);
+                        tracing::warn!(error = %e, "no thread for an accepted connection");
+                    }
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");

@@ -23,6 +23,21 @@
 //!
 //! Every frame is checked by [`Decoder`] under [`Limits`] before its body is
 //! allocated; a corrupt stream closes that connection only.
+//!
+//! Authentication ([`super::auth`]): every connection, made or accepted,
+//! completes the job's challenge-response before a single frame is read or
+//! sent. An accepted connection is authenticated on a short-lived thread of
+//! its own, with the handshake's deadline, so a slow or silent peer never
+//! holds the event loop, the accept thread or anyone else; only then does
+//! the connection exist for the endpoint and its handler. A peer that fails
+//! is logged with its address and closed. `--insecure` endpoints skip the
+//! handshake (and cannot talk to authenticating ones).
+//!
+//! Limits: at most `Limits::max_connections` accepted connections (and as
+//! many handshakes in progress); a peer over the limit is told so and closed.
+//! A connection whose unsent replies exceed `Limits::max_queued_bytes` (a
+//! peer that sends requests but does not read its replies) is not read from
+//! until they drain to half that: backpressure, not unbounded memory.
 
 mod blocking;
 mod uring;
@@ -31,15 +46,16 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxHashMap;
 
+use super::auth::{self, Auth};
 use super::frame::{self, Frame, Limits};
-use super::{Handler, Messenger, PeerId, Transport};
+use super::{Handler, Messenger, PeerId, Transport, TransportStats};
 use crate::error::{Error, Result};
 
 /// Which I/O back end to use.
@@ -68,16 +84,36 @@ impl IoMode {
 pub struct Tcp {
     mode: IoMode,
     limits: Limits,
+    auth: Auth,
 }
 
 impl Tcp {
+    /// A transport whose endpoints authenticate with a token generated here:
+    /// they reach each other (clones share the token) and nobody else, like
+    /// the nodes of an embedded job. [`Tcp::with_auth`] sets the job's token.
     pub fn new(mode: IoMode, limits: Limits) -> Tcp {
-        Tcp { mode, limits }
+        // Only a broken operating system has no random numbers to give.
+        let auth = Auth::generate().expect("the operating system's random number generator failed");
+        Tcp { mode, limits, auth }
     }
 
-    /// A transport configured from the environment (`PSERVER_IO`).
+    /// The same transport authenticating with `auth`.
+    pub fn with_auth(mut self, auth: Auth) -> Tcp {
+        self.auth = auth;
+        self
+    }
+
+    /// A transport configured from the environment: the I/O back end
+    /// (`PSERVER_IO`) and the job token (`PSERVER_TOKEN`, `PSERVER_TOKEN_FILE`;
+    /// an error without one unless `PSERVER_INSECURE=1`).
     pub fn from_env() -> Result<Tcp> {
-        Ok(Tcp::new(IoMode::from_env()?, Limits::default()))
+        Ok(Tcp { mode: IoMode::from_env()?, limits: Limits::default(), auth: Auth::from_env()? })
+    }
+
+    /// The same transport under `limits`.
+    pub fn with_limits(mut self, limits: Limits) -> Tcp {
+        self.limits = limits;
+        self
     }
 
     /// The back end `bind` will use.
@@ -126,6 +162,11 @@ impl Transport for Tcp {
             local,
             mode,
             limits: self.limits,
+            auth: self.auth.clone(),
+            accepted: AtomicUsize::new(0),
+            handshaking: Mutex::new(FxHashMap::default()),
+            next_handshake: AtomicU64::new(0),
+            stats: Counters::default(),
             handler: RwLock::new(Some(handler)),
             conns: RwLock::new(FxHashMap::default()),
             next_peer: AtomicU64::new(1),
@@ -155,6 +196,8 @@ struct SendQueue {
     head_written: usize,
     /// The event loop is writing this queue; senders only append.
     loop_owns: bool,
+    /// Bytes queued or in the loop's batch and not yet written.
+    unsent: u64,
 }
 
 /// One TCP connection, shared by the endpoint, its driver and senders.
@@ -165,6 +208,19 @@ pub(crate) struct Conn {
     local: SocketAddr,
     send: Mutex<SendQueue>,
     closed: AtomicBool,
+    /// Accepted (counts towards the connection limit), not made by us.
+    accepted: bool,
+}
+
+/// An endpoint's counters.
+#[derive(Default)]
+struct Counters {
+    frames_in: AtomicU64,
+    frames_out: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    auth_failures: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl Conn {
@@ -178,6 +234,13 @@ pub(crate) struct Endpoint {
     local: SocketAddr,
     mode: IoMode,
     limits: Limits,
+    auth: Auth,
+    /// Accepted connections that passed authentication, open now.
+    accepted: AtomicUsize,
+    /// Accepted streams still in the handshake (clones, to cut them off at shutdown).
+    handshaking: Mutex<FxHashMap<u64, TcpStream>>,
+    next_handshake: AtomicU64,
+    stats: Counters,
     handler: RwLock<Option<Arc<dyn Handler>>>,
     conns: RwLock<FxHashMap<u64, Arc<Conn>>>,
     next_peer: AtomicU64,
@@ -190,25 +253,151 @@ impl Endpoint {
         self.me.upgrade().map(|e| e as Arc<dyn Messenger>)
     }
 
-    /// Registers a connected stream (accepted or connected).
-    fn add_conn(&self, stream: TcpStream) -> io::Result<Arc<Conn>> {
-        stream.set_nodelay(true)?;
-        let peer = stream.peer_addr()?;
-        let local = stream.local_addr()?;
+    /// Registers a connected stream (accepted or connected). An accepted
+    /// one holds a slot of the connection limit, reserved by [`Endpoint::reserve_slot`]
+    /// and released here on failure or by `drop_conn`.
+    fn add_conn(&self, stream: TcpStream, accepted: bool) -> io::Result<Arc<Conn>> {
+        let setup = (|| {
+            stream.set_nodelay(true)?;
+            Ok::<_, io::Error>((stream.peer_addr()?, stream.local_addr()?))
+        })();
+        let (peer, local) = match setup {
+            Ok(a) => a,
+            Err(e) => {
+                if accepted {
+                    self.release_slot();
+                }
+                return Err(e);
+            }
+        };
         let id = PeerId(self.next_peer.fetch_add(1, Ordering::Relaxed));
-        let conn = Arc::new(Conn { id, stream, peer, local, send: Mutex::default(), closed: AtomicBool::new(false) });
+        let conn = Arc::new(Conn {
+            id,
+            stream,
+            peer,
+            local,
+            send: Mutex::default(),
+            closed: AtomicBool::new(false),
+            accepted,
+        });
         let mut conns = self.conns.write();
         // Checked under the lock `shutdown` takes its snapshot with: a
         // connection is either in that snapshot (and closed by it) or refused.
         if self.closed.load(Ordering::Acquire) {
+            drop(conns);
+            if accepted {
+                self.release_slot();
+            }
             return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "endpoint is shutting down"));
         }
         conns.insert(id.0, conn.clone());
         Ok(conn)
     }
 
+    /// Takes one of the accepted-connection slots, or says why not.
+    fn reserve_slot(&self) -> std::result::Result<(), String> {
+        let max = self.limits.max_connections;
+        self.accepted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .map(|_| ())
+            .map_err(|_| format!("this node is at its limit of {max} connections (--max-connections)"))
+    }
+
+    fn release_slot(&self) {
+        self.accepted.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// On the accepting thread, before anything is read: registers the
+    /// handshake `stream` is about to run (so that shutdown can cut it off),
+    /// or refuses it when as many handshakes as connections are allowed are
+    /// already running, or the endpoint is closing.
+    fn begin_handshake(&self, stream: &TcpStream) -> Option<u64> {
+        let hs = self.next_handshake.fetch_add(1, Ordering::Relaxed);
+        if matches!(self.auth, Auth::Insecure) {
+            return Some(hs);
+        }
+        let mut pending = self.handshaking.lock();
+        // Under the lock `shutdown` sweeps: either it cuts this stream off,
+        // or this sees the endpoint closed.
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        if pending.len() >= self.limits.max_connections {
+            drop(pending);
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let peer = stream.peer_addr().map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
+            tracing::warn!(peer = %peer, "refused a connection: too many handshakes in progress");
+            return None;
+        }
+        match stream.try_clone() {
+            Ok(clone) => {
+                pending.insert(hs, clone);
+                Some(hs)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not set up an accepted connection");
+                None
+            }
+        }
+    }
+
+    /// Authenticates an accepted stream (registered by `begin_handshake` as
+    /// `hs`) and admits it under the connection limit; runs on a thread of
+    /// its own, since the handshake blocks (within its deadline). `None` when
+    /// the peer failed, was refused, or the endpoint is closing; every
+    /// refusal is logged with the peer's address.
+    fn admit_accepted(&self, stream: TcpStream, hs: u64) -> Option<Arc<Conn>> {
+        let peer = stream.peer_addr().map_or_else(|_| "an unknown peer".to_string(), |a| a.to_string());
+        let result = match &self.auth {
+            Auth::Insecure => self.reserve_slot().map_err(|reason| {
+                refuse_insecure(&stream, &reason);
+                Error::LimitExceeded(reason)
+            }),
+            Auth::Token(token) => {
+                let r = stream
+                    .set_nonblocking(false)
+                    .map_err(|e| Error::io("authentication: socket", e))
+                    .and_then(|()| auth::server(&stream, token, || self.reserve_slot()));
+                self.handshaking.lock().remove(&hs);
+                r
+            }
+        };
+        if let Err(e) = result {
+            match e {
+                Error::LimitExceeded(_) => self.stats.refused.fetch_add(1, Ordering::Relaxed),
+                _ => self.stats.auth_failures.fetch_add(1, Ordering::Relaxed),
+            };
+            if !self.closed.load(Ordering::Acquire) {
+                tracing::warn!(peer = %peer, local = %self.local, error = %e, "refused a connection");
+            }
+            return None;
+        }
+        match self.add_conn(stream, true) {
+            Ok(conn) => Some(conn),
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e, "could not set up an accepted connection");
+                None
+            }
+        }
+    }
+
+    /// Hands a connection to the driver, which starts receiving on it.
+    fn adopt(&self, conn: &Arc<Conn>) -> io::Result<()> {
+        let r = match self.driver.lock().as_ref() {
+            Some(Driver::Uring(l)) => l.adopt(conn.clone()),
+            Some(Driver::Std(a)) => a.adopt(conn.clone()),
+            None => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "endpoint is shutting down")),
+        };
+        if let Err(e) = &r {
+            self.drop_conn(conn, &format!("not adopted: {e}"));
+        }
+        r
+    }
+
     /// Delivers a decoded frame to the handler.
     fn deliver(&self, conn: &Conn, frame: Frame) {
+        self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_in.fetch_add(frame.wire_len(), Ordering::Relaxed);
         let handler = self.handler.read().clone();
         if let (Some(h), Some(net)) = (handler, self.messenger()) {
             h.on_frame(&net, conn.id, frame);
@@ -223,6 +412,9 @@ impl Endpoint {
         tracing::debug!(peer = %conn.peer, why, "connection closed");
         let _ = conn.stream.shutdown(std::net::Shutdown::Both);
         self.conns.write().remove(&conn.id.0);
+        if conn.accepted {
+            self.release_slot();
+        }
         let handler = self.handler.read().clone();
         if let (Some(h), Some(net)) = (handler, self.messenger()) {
             h.on_disconnect(&net, conn.id);
@@ -273,13 +465,13 @@ impl Messenger for Endpoint {
         for t in targets {
             match TcpStream::connect_timeout(&t, Duration::from_secs(10)) {
                 Ok(s) => {
-                    let conn = self.add_conn(s).map_err(|e| unreachable(e.to_string()))?;
-                    match self.driver.lock().as_ref() {
-                        Some(Driver::Uring(l)) => l.adopt(conn.clone()),
-                        Some(Driver::Std(a)) => a.adopt(conn.clone()),
-                        None => return Err(Error::ShuttingDown),
+                    if let Auth::Token(token) = &self.auth {
+                        auth::client(&s, token).inspect_err(|e| {
+                            tracing::warn!(peer = %t, error = %e, "could not authenticate a connection");
+                        })?;
                     }
-                    .map_err(|e| unreachable(e.to_string()))?;
+                    let conn = self.add_conn(s, false).map_err(|e| unreachable(e.to_string()))?;
+                    self.adopt(&conn).map_err(|e| unreachable(e.to_string()))?;
                     return Ok(conn.id);
                 }
                 Err(e) => last = e.to_string(),
@@ -294,17 +486,22 @@ impl Messenger for Endpoint {
         if conn.closed.load(Ordering::Acquire) {
             return Err(Error::Disconnected(conn.peer.to_string()));
         }
+        let wire = frame.wire_len();
+        self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_out.fetch_add(wire, Ordering::Relaxed);
         let result = match self.mode {
             IoMode::Uring => {
                 let mut q = conn.send.lock();
                 if q.loop_owns || !q.frames.is_empty() {
                     q.frames.push_back(frame);
+                    q.unsent += wire;
                     Ok(())
                 } else {
                     match write_now(conn.fd(), &frame, 0) {
-                        Ok(n) if n as u64 == frame.wire_len() => Ok(()),
+                        Ok(n) if n as u64 == wire => Ok(()),
                         Ok(n) => {
                             q.frames.push_back(frame);
+                            q.unsent += wire - n as u64;
                             q.head_written = n;
                             q.loop_owns = true;
                             drop(q);
@@ -351,6 +548,10 @@ impl Messenger for Endpoint {
         for c in conns {
             self.drop_conn(&c, "endpoint shut down");
         }
+        // Handshakes in progress end now rather than at their deadline.
+        for s in self.handshaking.lock().values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
         // Dropping the handler breaks the handler -> messenger cycle.
         self.handler.write().take();
         let driver = self.driver.lock().take();
@@ -359,6 +560,19 @@ impl Messenger for Endpoint {
 
     fn same_host(&self, peer: PeerId) -> bool {
         self.conns.read().get(&peer.0).is_some_and(|c| c.peer.ip().is_loopback() || c.peer.ip() == c.local.ip())
+    }
+
+    fn stats(&self) -> TransportStats {
+        let c = &self.stats;
+        TransportStats {
+            connections: self.conns.read().len() as u64,
+            frames_in: c.frames_in.load(Ordering::Relaxed),
+            frames_out: c.frames_out.load(Ordering::Relaxed),
+            bytes_in: c.bytes_in.load(Ordering::Relaxed),
+            bytes_out: c.bytes_out.load(Ordering::Relaxed),
+            auth_failures: c.auth_failures.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+        }
     }
 
     fn advertised_addr(&self, via: PeerId) -> String {
@@ -370,6 +584,14 @@ impl Messenger for Endpoint {
             None => self.local.to_string(),
         }
     }
+}
+
+/// Tells an unauthenticated (`--insecure`) peer over the connection limit
+/// why it is closed, as a frame it can read (best effort, never blocks).
+fn refuse_insecure(stream: &TcpStream, reason: &str) {
+    let f = Frame::new(frame::KIND_STREAM_REFUSED, 0, bytes::Bytes::new())
+        .with_segment(bytes::Bytes::from(format!("connection refused: {reason}")));
+    let _ = write_now(stream.as_raw_fd(), &f, 0);
 }
 
 /// Tells a peer whose byte stream could not be decoded why it is being

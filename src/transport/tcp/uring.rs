@@ -6,6 +6,12 @@
 //! freed until their completion arrives: a closed connection is kept until
 //! its last operation completes. Other threads talk to the loop through a
 //! command queue and an eventfd.
+//!
+//! An accepted stream is authenticated on a short-lived thread (the
+//! handshake blocks, within its deadline) and adopted by the loop only once
+//! it passed; the loop itself never waits on a peer. A connection whose
+//! unsent bytes exceed `Limits::max_queued_bytes` gets no new receive until
+//! they drain to half that.
 
 use std::io;
 use std::net::TcpListener;
@@ -19,7 +25,7 @@ use crossbeam::queue::SegQueue;
 use io_uring::{IoUring, opcode, types};
 use rustc_hash::FxHashMap;
 
-use super::{Conn, Endpoint, PeerId, frame_iovecs};
+use super::{Auth, Conn, Endpoint, PeerId, frame_iovecs};
 use crate::error::{Error, Result};
 use crate::transport::frame::{self, Decoder, Frame};
 
@@ -183,6 +189,8 @@ struct LoopConn {
     buf: BytesMut,
     decoder: Decoder,
     recv_in_flight: bool,
+    /// Not receiving: the peer has too many unsent replies waiting.
+    recv_paused: bool,
     sending: Option<Sending>,
     dead: bool,
 }
@@ -279,9 +287,27 @@ impl LoopState {
         if res >= 0 {
             // SAFETY: accept returned a new descriptor nothing else owns.
             let stream = unsafe { std::net::TcpStream::from_raw_fd(res) };
-            match self.ep.add_conn(stream) {
-                Ok(conn) => self.insert(conn),
-                Err(e) => tracing::warn!(error = %e, "could not set up an accepted connection"),
+            if let Some(hs) = self.ep.begin_handshake(&stream) {
+                match &self.ep.auth {
+                    // No handshake: admitting only checks the connection limit.
+                    Auth::Insecure => {
+                        if let Some(conn) = self.ep.admit_accepted(stream, hs) {
+                            self.insert(conn);
+                        }
+                    }
+                    Auth::Token(_) => {
+                        let ep = self.ep.clone();
+                        let spawned = std::thread::Builder::new().name("pserver-auth".into()).spawn(move || {
+                            if let Some(conn) = ep.admit_accepted(stream, hs) {
+                                let _ = ep.adopt(&conn);
+                            }
+                        });
+                        if let Err(e) = spawned {
+                            self.ep.handshaking.lock().remove(&hs);
+                            tracing::warn!(error = %e, "no thread to authenticate an accepted connection");
+                        }
+                    }
+                }
             }
         } else {
             tracing::warn!(error = %io::Error::from_raw_os_error(-res), "accept failed");
@@ -296,6 +322,7 @@ impl LoopState {
             buf: BytesMut::with_capacity(64 << 10),
             decoder: Decoder::new(self.ep.limits),
             recv_in_flight: false,
+            recv_paused: false,
             sending: None,
             dead: false,
         };
@@ -387,6 +414,13 @@ impl LoopState {
                 }
             }
         }
+        if conn.send.lock().unsent > self.ep.limits.max_queued_bytes {
+            // Backpressure: the peer's replies pile up unread. Receive again
+            // once they drained (see on_send).
+            tracing::debug!(peer = %conn.peer, "not reading from a peer that does not read its replies");
+            self.conns.get_mut(&token).expect("present").recv_paused = true;
+            return;
+        }
         self.submit_recv(token);
     }
 
@@ -453,6 +487,16 @@ impl LoopState {
             self.reap(token);
             return;
         }
+        let resume = {
+            let mut q = lc.conn.send.lock();
+            q.unsent = q.unsent.saturating_sub(res as u64);
+            lc.recv_paused && q.unsent <= self.ep.limits.max_queued_bytes / 2
+        };
+        if resume {
+            lc.recv_paused = false;
+            self.submit_recv(token);
+        }
+        let Some(lc) = self.conns.get_mut(&token) else { return };
         let s = lc.sending.as_mut().expect("a batch is being sent");
         s.written += res as usize;
         if s.written < s.total {
