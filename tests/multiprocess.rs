@@ -71,6 +71,7 @@ fn rdma_two_servers_three_workers_read_and_push_over_rdma() {
                     .env("PSERVER_ROLE", "worker")
                     .env("PSERVER_RANK", r.to_string())
                     .env("PSERVER_SCHEDULER", &job.addr)
+                    .env("PSERVER_TOKEN", &job.token)
                     .stdout(std::fs::File::create(&outs[r as usize]).unwrap()),
             )
         })
