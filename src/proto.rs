@@ -186,13 +186,17 @@ pub mod repl {
     pub const PENDING: u32 = 4;
     /// Part of a full copy of the range (a new replica's first data).
     pub const SNAPSHOT: u32 = 8;
+    /// The keys' slots as raw words (`first..first + count`, a dense
+    /// range) instead of versions and values.
+    pub const RAW: u32 = 16;
 }
 
 /// Owner -> replica: the state of `count` keys of `table` after the owner
 /// applied pushes, replication *after aggregation*: every key once per
 /// batch of applied requests, whatever number of pushes touched it.
 /// ```text
-/// segments  keys (u64, unless repl::RANGE), values (f32, count x dim),
+/// segments  keys (u64, unless repl::RANGE), versions (u32), values (f32,
+///           count x dim) -- or, with repl::RAW, the slots' words (u64),
 ///           state (f32, count x state per key, repl::STATE),
 ///           pending clock (u64 per key, repl::PENDING),
 ///           last applied push seq per worker (u64 x workers),

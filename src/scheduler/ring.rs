@@ -3,19 +3,20 @@
 //!
 //! Each server places `vnodes` tokens on the ring, at positions hashed from
 //! its id; for a table with key space `0..n` a token's position is scaled
-//! into `0..n`, and the keys from a token up to the next token form one
-//! *range* (keys below the first token belong to the last token's range, as
-//! a second range). Ranges are never merged: every range is one shard on its
-//! owner and on each replica.
+//! into `0..n`, and the keys from a token up to the next token belong to it
+//! (keys below the first token belong to the last one). Adjacent tokens with
+//! the same owner and replicas form one *range*, so a job with one server
+//! has one range per table and a request sends one run per server.
 //!
 //! Servers are never removed from the ring, only marked dead, and a joining
-//! server adds tokens. So the ranges of later epochs only ever *split* the
-//! ranges of earlier ones: a range of any epoch lies inside exactly one range
-//! of every earlier epoch, which is what lets a server keep a shard it built
-//! in an earlier epoch and serve the sub-ranges it still owns from it.
+//! server adds tokens: every range boundary of every epoch is a token
+//! position. A server keeps the shards it built in earlier epochs; a range
+//! it owns later may span several of them (its own and the copy of a dead
+//! server's range it took over), which is why a server splits a run along
+//! its shards (see `server`).
 //!
-//! Owner and replicas: walking the tokens downwards from a range's token
-//! (wrapping around), the first live server met owns the range and the next
+//! Owner and replicas: walking the tokens downwards from a key's token
+//! (wrapping around), the first live server met owns the key and the next
 //! `replicas` distinct live servers hold its copies. When the owner dies, the
 //! first replica is the first live server of the same walk, i.e. the new
 //! owner already holds the data; a replica that dies is replaced by the next
@@ -116,12 +117,21 @@ impl Ring {
             if start >= end {
                 return;
             }
+            let owner = chain.first().copied().unwrap_or(NO_SERVER);
+            let copies = (0..k).map(|i| chain.get(i + 1).copied().unwrap_or(NO_SERVER));
+            let n = map.starts.len();
+            let same = n > 0
+                && map.ends[n - 1] == start
+                && map.owners[n - 1] == owner
+                && map.copies[(n - 1) * k..n * k].iter().copied().eq(copies.clone());
+            if same {
+                map.ends[n - 1] = end;
+                return;
+            }
             map.starts.push(start);
             map.ends.push(end);
-            map.owners.push(chain.first().copied().unwrap_or(NO_SERVER));
-            for i in 0..k {
-                map.copies.push(chain.get(i + 1).copied().unwrap_or(NO_SERVER));
-            }
+            map.owners.push(owner);
+            map.copies.extend(copies);
         };
         push(0, tokens[0].0, &chains[tokens.len() - 1]);
         for (i, &(pos, _)) in tokens.iter().enumerate() {
@@ -241,10 +251,19 @@ mod tests {
     }
 
     #[test]
-    fn one_server_owns_every_range() {
+    fn one_server_owns_one_range() {
         let map = Ring::new(servers(1), 64, 1).ranges(1 << 40);
-        assert_eq!(map.len(), 65, "64 tokens and the wrapped range below the first");
-        assert!(map.iter().all(|(_, o)| o == 0));
+        assert_eq!(map.len(), 1);
+    }
+
+    #[test]
+    fn adjacent_tokens_with_the_same_owner_and_replicas_form_one_range() {
+        let map = Ring::new(servers(3), 32, 1).with_replicas(1).ranges(1 << 40);
+        for i in 1..map.len() {
+            let same_owner = map.range(i - 1).1 == map.range(i).1;
+            let same_copies = map.replicas(i - 1).eq(map.replicas(i));
+            assert!(!(same_owner && same_copies), "ranges {} and {i} should be one", i - 1);
+        }
     }
 
     #[test]
@@ -258,18 +277,18 @@ mod tests {
             assert_eq!(reps.len(), 2);
             assert!(!reps.contains(&owner) && reps[0] != reps[1]);
         }
-        // Server 1 dies: the ranges stay the same, each range it owned goes
-        // to its first replica, and the others keep their owner.
+        // Server 1 dies: every key it owned goes to its first replica, the
+        // others keep their owner, and nobody keeps server 1 as a copy.
         let mut dead = servers(4);
         dead[1].alive = false;
         let after = Ring::new(dead, 16, 2).with_replicas(2).ranges(n);
-        assert_eq!(after.len(), map.len());
-        for i in 0..map.len() {
-            let ((r1, o1), (r2, o2)) = (map.range(i), after.range(i));
-            assert_eq!(r1, r2);
-            let first_replica = map.replicas(i).next().unwrap();
-            assert_eq!(o2, if o1 == 1 { first_replica } else { o1 });
-            assert!(after.replicas(i).all(|s| s != 1 && s != o2));
+        for i in 0..10_000u64 {
+            let k = mix64(i) % n;
+            let (b, a) = (map.find(k).unwrap(), after.find(k).unwrap());
+            let (o1, o2) = (map.range(b).1, after.range(a).1);
+            let first_replica = map.replicas(b).next().unwrap();
+            assert_eq!(o2, if o1 == 1 { first_replica } else { o1 }, "key {k}");
+            assert!(after.replicas(a).all(|s| s != 1 && s != o2));
         }
         // With fewer live servers than copies, every live server holds one.
         let mut two = servers(3);
@@ -281,17 +300,16 @@ mod tests {
     }
 
     #[test]
-    fn ranges_of_later_epochs_split_earlier_ones() {
+    fn range_boundaries_of_every_epoch_are_token_positions() {
         // A server joins (more tokens) and another dies (marked, tokens
-        // stay): every new range lies inside one old range.
+        // stay): every boundary of the later map is a token of the ring.
         let n = 1u64 << 40;
-        let before = Ring::new(servers(3), 16, 1).ranges(n);
         let mut more = servers(4);
         more[0].alive = false;
-        let after = Ring::new(more, 16, 2).ranges(n);
-        for (r, _) in after.iter() {
-            let (outer, _) = before.range(before.find(r.start).unwrap());
-            assert!(outer.start <= r.start && r.end <= outer.end, "{r} is not inside {outer}");
+        let ring = Ring::new(more, 16, 2).with_replicas(1);
+        let tokens: std::collections::HashSet<u64> = ring.tokens(n).into_iter().map(|t| t.0).collect();
+        for (r, _) in ring.ranges(n).iter() {
+            assert!(r.start == 0 || tokens.contains(&r.start), "{r} starts between tokens");
         }
     }
 

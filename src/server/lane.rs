@@ -62,9 +62,80 @@ pub(super) struct Replication {
 
 /// Requests whose replies wait for replicas.
 struct Batch {
-    /// Replica servers that have not acknowledged yet.
-    waiting: Mutex<Vec<u32>>,
+    /// Replica servers, with the frames of the batch each has not
+    /// acknowledged yet.
+    waiting: Mutex<Vec<(u32, usize)>>,
     requests: Vec<Arc<Request>>,
+}
+
+/// One delta of a REPLICATE frame: its header and segments.
+#[derive(Clone)]
+pub(super) struct SubDelta {
+    pub header: ReplHeader,
+    pub segments: Vec<Bytes>,
+}
+
+/// Segments a delta with these flags carries.
+pub(super) fn delta_segments(flags: u32) -> usize {
+    let keys = usize::from(flags & repl::RANGE == 0);
+    let slots = if flags & repl::RAW != 0 { 1 } else { 2 };
+    keys + slots + usize::from(flags & repl::STATE != 0) + usize::from(flags & repl::PENDING != 0) + 2
+}
+
+/// Segments one REPLICATE frame may carry (below the frame limit).
+const MAX_FRAME_SEGMENTS: usize = 960;
+
+/// Packs deltas into REPLICATE frames (meta: their headers, one after the
+/// other; segments: theirs, in order), `batch` stamped on every header.
+fn pack(ds: Vec<SubDelta>, batch: u64) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let (mut meta, mut segs, mut bytes) = (Vec::new(), Vec::new(), 0usize);
+    for mut d in ds {
+        let b: usize = d.segments.iter().map(|s| s.len()).sum();
+        let full = !segs.is_empty()
+            && (segs.len() + d.segments.len() > MAX_FRAME_SEGMENTS
+                || bytes + b > MAX_DELTA_BYTES
+                || meta.len() + std::mem::size_of::<ReplHeader>() > 60 << 10);
+        if full {
+            let mut f = Frame::new(kind::REPLICATE, 0, Bytes::from(std::mem::take(&mut meta)));
+            f.segments = std::mem::take(&mut segs);
+            frames.push(f);
+            bytes = 0;
+        }
+        d.header.batch = batch;
+        meta.extend_from_slice(bytemuck::bytes_of(&d.header));
+        segs.extend(d.segments);
+        bytes += b;
+    }
+    if !meta.is_empty() {
+        let mut f = Frame::new(kind::REPLICATE, 0, Bytes::from(meta));
+        f.segments = segs;
+        frames.push(f);
+    }
+    frames
+}
+
+/// The deltas of a REPLICATE frame, checked for their segment counts.
+pub(super) fn unpack(frame: &Frame) -> Result<Vec<SubDelta>, String> {
+    let hs = std::mem::size_of::<ReplHeader>();
+    if frame.meta.is_empty() || !frame.meta.len().is_multiple_of(hs) {
+        return Err(format!("REPLICATE meta of {} bytes", frame.meta.len()));
+    }
+    let mut segs = frame.segments.iter();
+    let mut out = Vec::with_capacity(frame.meta.len() / hs);
+    for h in frame.meta.chunks_exact(hs) {
+        let header: ReplHeader = bytemuck::pod_read_unaligned(h);
+        let n = delta_segments(header.flags);
+        let segments: Vec<Bytes> = segs.by_ref().take(n).cloned().collect();
+        if segments.len() != n {
+            return Err("a delta lacks segments".into());
+        }
+        out.push(SubDelta { header, segments });
+    }
+    if segs.next().is_some() {
+        return Err("more segments than the deltas announce".into());
+    }
+    Ok(out)
 }
 
 impl Replication {
@@ -74,7 +145,12 @@ impl Replication {
             let mut batches = self.batches.lock();
             let Some(b) = batches.get(&id) else { return };
             let mut w = b.waiting.lock();
-            w.retain(|&s| s != server);
+            if let Some(at) = w.iter().position(|&(s, _)| s == server) {
+                w[at].1 -= 1;
+                if w[at].1 == 0 {
+                    w.swap_remove(at);
+                }
+            }
             let empty = w.is_empty();
             drop(w);
             if empty { batches.remove(&id) } else { None }
@@ -92,7 +168,7 @@ impl Replication {
                 .iter()
                 .filter_map(|(&id, b)| {
                     let mut w = b.waiting.lock();
-                    w.retain(|&s| !gone(s));
+                    w.retain(|&(s, _)| !gone(s));
                     w.is_empty().then_some(id)
                 })
                 .collect();
@@ -139,6 +215,9 @@ pub(super) struct LaneRun {
     pub vals: Option<Bytes>,
     /// Versions the worker last saw (version-filtered pulls).
     pub known: Option<Bytes>,
+    /// 0 for a whole run; 1, 2, ... for the parts of a run split along
+    /// shards (in key order), joined again in the reply.
+    pub part: u32,
 }
 
 /// What a run returns.
@@ -169,6 +248,8 @@ pub(super) struct Request {
     reply: Mutex<Option<Frame>>,
     /// The server's epoch, for the reply header.
     epoch: u32,
+    /// Runs split along shards: run index -> number of parts.
+    parts: HashMap<u32, u32>,
 }
 
 impl Request {
@@ -197,7 +278,14 @@ impl Request {
             holds: AtomicUsize::new(1),
             reply: Mutex::new(None),
             epoch,
+            parts: HashMap::new(),
         }
+    }
+
+    /// The same request, with some runs split into parts.
+    pub fn with_parts(mut self, parts: HashMap<u32, u32>) -> Request {
+        self.parts = parts;
+        self
     }
 
     /// The reply is built: send it once no replication batch holds it.
@@ -221,39 +309,101 @@ impl Request {
     fn finish_part(&self, part: Output) -> Option<Frame> {
         {
             let mut out = self.out.lock();
-            out.replies.extend(part.replies);
-            out.values.extend(part.values);
-            out.errors.extend(part.errors);
+            out.items.extend(part.items);
             out.progress = out.progress.min(part.progress);
         }
         if self.pending.fetch_sub(1, Ordering::AcqRel) != 1 {
             return None;
         }
         let out = std::mem::take(&mut *self.out.lock());
+        let items = if self.parts.is_empty() { out.items } else { join_parts(out.items) };
         let header = ReplyHeader {
             table: self.table,
-            runs: out.replies.len() as u32,
+            runs: items.len() as u32,
             progress: out.progress,
             epoch: self.epoch,
             reserved: 0,
         };
-        let meta = proto::build_meta(&header, &out.replies);
+        let replies: Vec<RunReply> = items.iter().map(|i| i.reply).collect();
+        let meta = proto::build_meta(&header, &replies);
         let mut reply = Frame::new(kind::REPLY, self.id, meta);
-        reply.segments = out.values;
-        reply.segments.extend(out.errors);
+        let mut errors = Vec::new();
+        for i in items {
+            reply.segments.extend(i.segs);
+            errors.extend(i.error);
+        }
+        reply.segments.extend(errors);
         Some(reply)
     }
 }
 
-/// What a lane produced for a request: per-run replies, value segments (in
-/// run order) and error messages.
+/// One run's (or run part's) answer: its record, value segments (none, one,
+/// or bitmap, values and versions) and error message.
+struct Item {
+    reply: RunReply,
+    part: u32,
+    segs: Vec<Bytes>,
+    error: Option<Bytes>,
+}
+
+/// What a lane produced for a request.
 #[derive(Default)]
 struct Output {
-    replies: Vec<RunReply>,
-    values: Vec<Bytes>,
-    errors: Vec<Bytes>,
+    items: Vec<Item>,
     /// Smallest progress of the shards served.
     progress: u64,
+}
+
+/// Joins the parts of runs split along shards into one answer per run: the
+/// first error if any part failed, else their values (and, for a
+/// version-filtered pull, bitmaps and versions) in key order.
+fn join_parts(items: Vec<Item>) -> Vec<Item> {
+    let (whole, mut parts): (Vec<Item>, Vec<Item>) = items.into_iter().partition(|i| i.part == 0);
+    parts.sort_by_key(|i| (i.reply.run, i.part));
+    let mut out = whole;
+    let mut i = 0;
+    while i < parts.len() {
+        let run = parts[i].reply.run;
+        let j = (i..parts.len()).find(|&j| parts[j].reply.run != run).unwrap_or(parts.len());
+        let group = &mut parts[i..j];
+        let count: u64 = group.iter().map(|p| p.reply.count).sum();
+        if let Some(bad) = group.iter_mut().find(|p| p.reply.status == status::ERROR) {
+            out.push(Item {
+                reply: RunReply { run, status: status::ERROR, count },
+                part: 0,
+                segs: Vec::new(),
+                error: bad.error.take(),
+            });
+        } else if group[0].reply.status == status::CHANGED {
+            let mut bitmap = vec![0u8; (count as usize).div_ceil(8)];
+            let (mut values, mut versions) = (Vec::new(), Vec::new());
+            let mut at = 0usize;
+            for p in group.iter() {
+                let n = p.reply.count as usize;
+                for b in 0..n {
+                    if p.segs[0][b / 8] >> (b % 8) & 1 == 1 {
+                        bitmap[(at + b) / 8] |= 1 << ((at + b) % 8);
+                    }
+                }
+                values.extend_from_slice(&p.segs[1]);
+                versions.extend_from_slice(&p.segs[2]);
+                at += n;
+            }
+            let segs = vec![Bytes::from(bitmap), Bytes::from(values), Bytes::from(versions)];
+            out.push(Item { reply: RunReply { run, status: status::CHANGED, count }, part: 0, segs, error: None });
+        } else {
+            let mut values = Vec::new();
+            for p in group.iter() {
+                for s in &p.segs {
+                    values.extend_from_slice(s);
+                }
+            }
+            let segs = if group[0].segs.is_empty() { Vec::new() } else { vec![Bytes::from(values)] };
+            out.push(Item { reply: RunReply { run, status: status::OK, count }, part: 0, segs, error: None });
+        }
+        i = j;
+    }
+    out
 }
 
 /// A request part whose pushes are applied and whose reads and reply wait
@@ -292,12 +442,16 @@ pub(super) enum Job {
         to: (u32, PeerId),
     },
     /// Replica side: the owner's state of some keys (a REPLICATE frame,
-    /// checked only for its header so far), acknowledged on `from`.
+    /// checked only for its header so far), acknowledged on `from` once
+    /// every part is applied (a frame spanning several shards here is
+    /// applied in parts, the keys inside `only` by each).
     Delta {
         id: u32,
         from: PeerId,
         header: ReplHeader,
         segments: Vec<Bytes>,
+        only: Option<KeyRange>,
+        parts: Arc<AtomicUsize>,
     },
     /// The state of the keys of `range`, as frames, for a checkpoint.
     Checkpoint {
@@ -355,25 +509,26 @@ impl LaneState {
             let res =
                 res.and_then(|()| if req.kind == kind::PUSH { Ok(RunOut::Ack) } else { pull_run(&self.shards, r) });
             let count = r.header.count;
-            match res {
+            let item = match res {
                 Ok(o) => {
                     let status = if matches!(o, RunOut::Changed { .. }) { status::CHANGED } else { status::OK };
-                    out.replies.push(RunReply { run: r.header.run, status, count });
-                    match o {
-                        RunOut::Ack => {}
-                        RunOut::Values(v) => out.values.push(bytes_of_vec(v)),
+                    let segs = match o {
+                        RunOut::Ack => Vec::new(),
+                        RunOut::Values(v) => vec![bytes_of_vec(v)],
                         RunOut::Changed { bitmap, values, versions } => {
-                            out.values.push(Bytes::from(bitmap));
-                            out.values.push(bytes_of_vec(values));
-                            out.values.push(bytes_of_vec(versions));
+                            vec![Bytes::from(bitmap), bytes_of_vec(values), bytes_of_vec(versions)]
                         }
-                    }
+                    };
+                    Item { reply: RunReply { run: r.header.run, status, count }, part: r.part, segs, error: None }
                 }
-                Err(msg) => {
-                    out.replies.push(RunReply { run: r.header.run, status: status::ERROR, count });
-                    out.errors.push(Bytes::from(msg));
-                }
-            }
+                Err(msg) => Item {
+                    reply: RunReply { run: r.header.run, status: status::ERROR, count },
+                    part: r.part,
+                    segs: Vec::new(),
+                    error: Some(Bytes::from(msg)),
+                },
+            };
+            out.items.push(item);
             if let Some(e) = self.shards.get(&r.shard) {
                 out.progress = out.progress.min(e.shard.min_progress());
             }
@@ -419,7 +574,7 @@ impl LaneState {
                 let _ = shard.record_progress(w, c);
             }
         }
-        shard.track_changes(!targets.is_empty());
+        shard.track_changes(targets.iter().any(|t| !t.peers.is_empty()));
         self.shards.insert(id, Entry { shard, active, targets });
     }
 
@@ -438,16 +593,16 @@ impl LaneState {
             }
         }
         e.active = active;
-        e.shard.track_changes(!targets.is_empty());
+        e.shard.track_changes(targets.iter().any(|t| !t.peers.is_empty()));
         e.targets = targets;
     }
 
-    /// Frames carrying the state of slots `ids` of shard `id` (owned part
-    /// `range`) to a replica.
-    fn delta_frames(&self, repl: &Replication, e: &Entry, range: KeyRange, ids: &[u32], flags: u32) -> Vec<Frame> {
+    /// The state of slots `ids` of a shard (owned part `range`) as REPLICATE
+    /// deltas: headers with their segments, at most `MAX_DELTA_BYTES` each.
+    fn deltas(&self, repl: &Replication, e: &Entry, range: KeyRange, ids: &[u32], flags: u32) -> Vec<SubDelta> {
         let s = &e.shard;
         let probe = s.delta_of(&ids[..ids.len().min(1)]);
-        let per_key = 8 + 4 + s.layout().dim() * 4 + probe.state.len() * 4 + probe.pending.len() * 8;
+        let per_key = 8 + s.layout().bytes() + probe.state.len() * 4 + probe.pending.len() * 8;
         let chunk = (MAX_DELTA_BYTES / per_key.max(1)).max(1);
         let applied = bytes_of_vec(s.applied().to_vec());
         let progress = bytes_of_vec(s.progress_all());
@@ -464,6 +619,9 @@ impl LaneState {
                 if !d.pending.is_empty() {
                     f |= repl::PENDING;
                 }
+                if !d.raw.is_empty() {
+                    f |= repl::RAW;
+                }
                 let (first, count) = d.range.unwrap_or((d.keys.first().copied().unwrap_or(0), d.len() as u64));
                 let h = ReplHeader {
                     table: s.table(),
@@ -478,30 +636,40 @@ impl LaneState {
                     workers: s.applied().len() as u32,
                     reserved: 0,
                 };
-                let mut frame = Frame::new(kind::REPLICATE, 0, Bytes::copy_from_slice(bytemuck::bytes_of(&h)));
-                let Delta { keys, versions, values, state, pending, range: r, .. } = d;
+                let Delta { keys, versions, values, raw, state, pending, range: r } = d;
+                let mut segs = Vec::with_capacity(6);
                 if r.is_none() {
-                    frame.segments.push(bytes_of_vec(keys));
+                    segs.push(bytes_of_vec(keys));
                 }
-                frame.segments.push(bytes_of_vec(versions));
-                frame.segments.push(bytes_of_vec(values));
+                if f & repl::RAW != 0 {
+                    segs.push(bytes_of_vec(raw));
+                } else {
+                    segs.push(bytes_of_vec(versions));
+                    segs.push(bytes_of_vec(values));
+                }
                 if f & repl::STATE != 0 {
-                    frame.segments.push(bytes_of_vec(state));
+                    segs.push(bytes_of_vec(state));
                 }
                 if f & repl::PENDING != 0 {
-                    frame.segments.push(bytes_of_vec(pending));
+                    segs.push(bytes_of_vec(pending));
                 }
-                frame.segments.push(applied.clone());
-                frame.segments.push(progress.clone());
-                frame
+                segs.push(applied.clone());
+                segs.push(progress.clone());
+                SubDelta { header: h, segments: segs }
             })
             .collect()
     }
 
+    /// Frames carrying the state of slots `ids` of a shard to a replica.
+    fn delta_frames(&self, repl: &Replication, e: &Entry, range: KeyRange, ids: &[u32], flags: u32) -> Vec<Frame> {
+        pack(self.deltas(repl, e, range, ids, flags), 0)
+    }
+
     /// End of a run: sends what changed in owned shards to their replicas,
-    /// and makes the requests that pushed in this run wait for them.
+    /// all of it to one replica in as few frames as the limits allow, and
+    /// makes the requests that pushed in this run wait for them.
     fn replicate(&mut self, repl: &Replication, outbox: &mut Vec<(PeerId, Frame)>) {
-        let mut frames: Vec<(u32, PeerId, Frame)> = Vec::new();
+        let mut to: Vec<((u32, PeerId), Vec<SubDelta>)> = Vec::new();
         let ids: Vec<u32> = self.shards.iter().filter(|(_, e)| e.shard.has_changes()).map(|(&id, _)| id).collect();
         for id in ids {
             let changed = self.shards.get_mut(&id).expect("listed").shard.take_changes();
@@ -512,31 +680,35 @@ impl LaneState {
                 if mine.is_empty() || t.peers.is_empty() {
                     continue;
                 }
-                for f in self.delta_frames(repl, e, t.range, &mine, 0) {
-                    for &(server, peer) in &t.peers {
-                        frames.push((server, peer, f.clone()));
+                let ds = self.deltas(repl, e, t.range, &mine, 0);
+                for &p in &t.peers {
+                    match to.iter_mut().find(|(q, _)| *q == p) {
+                        Some((_, v)) => v.extend(ds.iter().cloned()),
+                        None => to.push((p, ds.clone())),
                     }
                 }
             }
         }
         let pushed = std::mem::take(&mut self.pushed);
-        if frames.is_empty() {
+        if to.is_empty() {
             return;
         }
         let id = repl.next_batch.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut waiting: Vec<u32> = frames.iter().map(|f| f.0).collect();
-        waiting.sort_unstable();
-        waiting.dedup();
+        let mut waiting: Vec<(u32, usize)> = Vec::new();
+        let mut frames: Vec<(PeerId, Frame)> = Vec::new();
+        for ((server, peer), ds) in to {
+            let fs = pack(ds, id);
+            match waiting.iter_mut().find(|(s, _)| *s == server) {
+                Some((_, n)) => *n += fs.len(),
+                None => waiting.push((server, fs.len())),
+            }
+            frames.extend(fs.into_iter().map(|f| (peer, f)));
+        }
         for r in &pushed {
             r.holds.fetch_add(1, Ordering::AcqRel);
         }
         repl.batches.lock().insert(id, Arc::new(Batch { waiting: Mutex::new(waiting), requests: pushed }));
-        for (_, peer, mut f) in frames {
-            let mut h: ReplHeader = bytemuck::pod_read_unaligned(&f.meta);
-            h.batch = id;
-            f.meta = Bytes::copy_from_slice(bytemuck::bytes_of(&h));
-            outbox.push((peer, f));
-        }
+        outbox.extend(frames);
     }
 
     fn snapshot(&self, repl: &Replication, id: u32, range: KeyRange, to: PeerId, outbox: &mut Vec<(PeerId, Frame)>) {
@@ -556,7 +728,17 @@ impl LaneState {
 
     /// Replica side: applies a REPLICATE frame; acknowledges it unless it
     /// was malformed.
-    fn delta(&mut self, id: u32, from: PeerId, h: ReplHeader, segs: Vec<Bytes>, outbox: &mut Vec<(PeerId, Frame)>) {
+    #[allow(clippy::too_many_arguments)]
+    fn delta(
+        &mut self,
+        id: u32,
+        from: PeerId,
+        h: ReplHeader,
+        segs: &[Bytes],
+        only: Option<KeyRange>,
+        parts: &AtomicUsize,
+        outbox: &mut Vec<(PeerId, Frame)>,
+    ) {
         let Some(e) = self.shards.get_mut(&id) else {
             tracing::warn!(table = h.table, "replicated state for a shard that is not here");
             return;
@@ -565,14 +747,15 @@ impl LaneState {
         // before it died may be read off its connection after this server
         // took the range over (and applied retried pushes to it). Applying
         // it now would overwrite newer pushes.
-        let range = KeyRange::new(h.start, h.end);
+        let range = only.unwrap_or(KeyRange::new(h.start, h.end));
         if e.targets.iter().any(|t| t.range.start < range.end && range.start < t.range.end) {
             tracing::debug!(table = h.table, %range, from = h.from, "dropped state from a former owner of a range this server owns");
             return;
         }
-        match apply_delta_frame(e, &h, &segs) {
+        match apply_delta_frame(e, &h, segs, only) {
             Ok(()) => {
-                if h.batch != 0 {
+                // AcqRel: the last part acknowledges after every other one.
+                if h.batch != 0 && parts.fetch_sub(1, Ordering::AcqRel) == 1 {
                     let ack = Frame::new(kind::REPLICATED, 0, Bytes::copy_from_slice(&h.batch.to_le_bytes()));
                     outbox.push((from, ack));
                 }
@@ -590,14 +773,15 @@ impl LaneState {
         let e = self.shards.get_mut(&id).ok_or_else(|| format!("shard {id} is not on this lane"))?;
         let range = e.shard.range();
         for f in frames {
-            let h: ReplHeader =
-                bytemuck::try_pod_read_unaligned(&f.meta).map_err(|_| "a malformed frame".to_string())?;
-            if h.table != e.shard.table() {
-                return Err(format!("a frame of table {} in a file of table {}", h.table, e.shard.table()));
+            for d in unpack(f)? {
+                let h = d.header;
+                if h.table != e.shard.table() {
+                    return Err(format!("a delta of table {} in a file of table {}", h.table, e.shard.table()));
+                }
+                // Not the seqs: they belong to the workers of the job that
+                // wrote the checkpoint, and this job's workers count afresh.
+                apply_delta_parts(e, &h, &d.segments, Some(range), false)?;
             }
-            // Not the seqs: they belong to the workers of the job that wrote
-            // the checkpoint, and this job's workers count afresh.
-            apply_delta_parts(e, &h, &f.segments, Some(range), false)?;
         }
         let workers = e.shard.applied().len();
         if e.active {
@@ -611,8 +795,8 @@ impl LaneState {
     }
 }
 
-fn apply_delta_frame(e: &mut Entry, h: &ReplHeader, segs: &[Bytes]) -> Result<(), String> {
-    apply_delta_parts(e, h, segs, None, true)?;
+fn apply_delta_frame(e: &mut Entry, h: &ReplHeader, segs: &[Bytes], only: Option<KeyRange>) -> Result<(), String> {
+    apply_delta_parts(e, h, segs, only, true)?;
     let progress = segs.last().map(pod_slice::<u64>).unwrap_or_default();
     if !e.active {
         e.shard.merge_progress(&progress);
@@ -632,8 +816,11 @@ fn apply_delta_parts(
     let mut it = segs.iter();
     let mut next = |what: &str| it.next().ok_or_else(|| format!("no {what} segment"));
     let keys_seg = if h.flags & repl::RANGE == 0 { Some(next("keys")?) } else { None };
-    let versions = pod_slice::<u32>(next("versions")?);
-    let values = pod_slice::<f32>(next("values")?);
+    let raw = if h.flags & repl::RAW != 0 { Some(pod_slice::<u64>(next("slots")?)) } else { None };
+    let (versions, values) = match raw {
+        Some(_) => (Default::default(), Default::default()),
+        None => (pod_slice::<u32>(next("versions")?), pod_slice::<f32>(next("values")?)),
+    };
     let state = if h.flags & repl::STATE != 0 { pod_slice::<f32>(next("state")?) } else { Default::default() };
     let pending = if h.flags & repl::PENDING != 0 { pod_slice::<u64>(next("pending")?) } else { Default::default() };
     let applied = pod_slice::<u64>(next("applied seqs")?);
@@ -673,7 +860,18 @@ fn apply_delta_parts(
     };
     let d = e.shard.layout().dim();
     let spk = if keys.is_empty() { 0 } else { state.len() / keys.len() };
-    if hi > lo {
+    if let (Some(raw), KeyRun::Range { first, .. }) = (&raw, keys) {
+        let w = e.shard.layout().words();
+        if hi > lo {
+            let short = || format!("{} words and {} state values for {} keys", raw.len(), state.len(), keys.len());
+            let words = raw.get(lo * w..hi * w).ok_or_else(short)?;
+            let st: &[f32] = if state.is_empty() { &[] } else { state.get(lo * spk..hi * spk).ok_or_else(short)? };
+            let pend: &[u64] = if pending.is_empty() { &[] } else { pending.get(lo..hi).ok_or_else(short)? };
+            e.shard.apply_raw(first + lo as u64, words, st, pend).map_err(|x| x.to_string())?;
+        }
+    } else if raw.is_some() {
+        return Err("raw slots need a key range".into());
+    } else if hi > lo {
         let part = match keys {
             KeyRun::List(k) => KeyRun::List(&k[lo..hi]),
             KeyRun::Range { first, .. } => KeyRun::Range { first: first + lo as u64, count: hi - lo },
@@ -755,7 +953,9 @@ impl Lane {
                         Job::Install { id, shard, active, targets } => st.install(id, *shard, active, targets),
                         Job::Roles { id, active, targets } => st.roles(id, active, targets),
                         Job::Snapshot { id, range, to } => st.snapshot(&self.repl, id, range, to.1, &mut outbox),
-                        Job::Delta { id, from, header, segments } => st.delta(id, from, header, segments, &mut outbox),
+                        Job::Delta { id, from, header, segments, only, parts } => {
+                            st.delta(id, from, header, &segments, only, &parts, &mut outbox)
+                        }
                         Job::Checkpoint { id, range, reply } => {
                             let frames = st.shards.get(&id).map_or_else(Vec::new, |e| {
                                 let ids = e.shard.slots_in(range);

@@ -12,13 +12,16 @@
 //!
 //! Ranges and copies (DESIGN section 6): every server holds, per table, a
 //! set of disjoint shards covering each range of the current map it owns or
-//! keeps a copy of (see `scheduler::ring`: ranges only split over epochs, so
-//! a range is always inside exactly one shard it ever built). It applies
-//! requests only for ranges it owns in its epoch; a request that names keys
-//! it does not own is answered `MOVED`, with nothing applied, and the worker
-//! routes it again. Membership changes (a server died, joined, left) and
-//! table creation are applied in order by one control thread, which builds
-//! the shards and tells the lanes what each shard is for; a new replica of
+//! keeps a copy of. Shards are built for the ranges of the epoch in which
+//! they are needed and kept: after a failover, a range this server owns may
+//! span its own shard and the copy of the dead server's range next to it,
+//! so a run is split along the shards it spans and the parts' answers are
+//! joined in the reply. A server applies requests only for ranges it owns in
+//! its epoch; a request that names keys it does not own is answered
+//! `MOVED`, with nothing applied, and the worker routes it again.
+//! Membership changes (a server died or left) and table creation are
+//! applied in order by one control thread, which builds the shards and
+//! tells the lanes what each shard is for; a new replica of
 //! an owned range first receives a full copy of it.
 
 pub mod checkpoint;
@@ -125,6 +128,31 @@ impl Table {
     fn shard(&self, first: u64, last: u64) -> Option<ShardRef> {
         let i = self.shards.partition_point(|s| s.range.start <= first).checked_sub(1)?;
         self.shards.get(i).filter(|s| s.range.contains(first) && s.range.contains(last)).copied()
+    }
+
+    /// The shards holding `[first, last]`, in key order, when they cover it
+    /// without a gap.
+    fn cover(&self, first: u64, last: u64) -> Option<Vec<ShardRef>> {
+        let mut i = self.shards.partition_point(|s| s.range.start <= first).checked_sub(1)?;
+        let mut out = Vec::with_capacity(1);
+        let mut at = first;
+        loop {
+            let s = self.shards.get(i).filter(|s| s.range.contains(at))?;
+            out.push(*s);
+            if s.range.contains(last) {
+                return Some(out);
+            }
+            at = s.range.end;
+            i += 1;
+        }
+    }
+
+    /// The shards overlapping `[start, end)`, each with the overlap.
+    fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = (ShardRef, KeyRange)> + '_ {
+        self.shards
+            .iter()
+            .filter(move |s| s.range.start < end && start < s.range.end)
+            .map(move |s| (*s, KeyRange::new(s.range.start.max(start), s.range.end.min(end))))
     }
 
     /// Whether server `me` owns every key of `[first, last]` in this epoch.
@@ -997,15 +1025,27 @@ impl ServerHandler {
         let layout = crate::store::SlotLayout::new(spec.dim)
             .ok_or_else(|| Error::InvalidSpec(format!("table {}: dim {}", spec.id, spec.dim)))?;
         let mut shards: Vec<ShardRef> = old.map(|t| t.shards.clone()).unwrap_or_default();
-        let covering = |shards: &[ShardRef], r: KeyRange| {
-            shards.iter().position(|s| s.range.start <= r.start && r.end <= s.range.end)
-        };
-        // New shards first (their memory is checked before anything changes).
+        // New shards first (their memory is checked before anything changes):
+        // one for every gap that the shards built so far leave in a range
+        // this server owns or copies.
         let mut new: Vec<KeyRange> = Vec::new();
         for i in 0..map.len() {
             let (r, owner) = map.range(i);
-            if (owner == me || map.replicas(i).any(|s| s == me)) && covering(&shards, r).is_none() {
-                new.push(r);
+            if owner != me && !map.replicas(i).any(|s| s == me) {
+                continue;
+            }
+            let mut at = r.start;
+            let mut inside: Vec<KeyRange> =
+                shards.iter().filter(|s| s.range.start < r.end && r.start < s.range.end).map(|s| s.range).collect();
+            inside.sort_by_key(|x| x.start);
+            for x in inside {
+                if x.start > at {
+                    new.push(KeyRange::new(at, x.start));
+                }
+                at = at.max(x.end);
+            }
+            if at < r.end {
+                new.push(KeyRange::new(at, r.end));
             }
         }
         if spec.storage == crate::table::Storage::Dense && !new.is_empty() {
@@ -1054,8 +1094,6 @@ impl ServerHandler {
             if owner != me {
                 continue;
             }
-            let at = covering(&shards, r).expect("every owned range has a shard");
-            active[at] = true;
             let reps: Vec<u32> = map.replicas(i).collect();
             let mut peers = Vec::with_capacity(reps.len());
             for &s in &reps {
@@ -1064,20 +1102,28 @@ impl ServerHandler {
                     Err(e) => tracing::warn!(server = s, error = %e, "cannot reach a replica"),
                 }
             }
-            // Replicas that had no copy of this range in the old epoch (all
-            // of them when this server did not own it before).
-            let had: Vec<u32> = old
-                .and_then(|t| {
-                    let j = t.map.find(r.start)?;
-                    (t.map.range(j).1 == me).then(|| t.map.replicas(j).collect())
-                })
-                .unwrap_or_default();
-            for &(s, _) in &peers {
-                if old.is_some() && !had.contains(&s) {
-                    snapshots.push((at, r, s));
+            for (at, sref) in shards.iter().enumerate() {
+                if sref.range.end <= r.start || r.end <= sref.range.start {
+                    continue;
                 }
+                let part = KeyRange::new(sref.range.start.max(r.start), sref.range.end.min(r.end));
+                active[at] = true;
+                // Replicas that had no copy of this part in the old epoch
+                // (all of them when this server did not own it before).
+                let had: Vec<u32> = old
+                    .and_then(|t| {
+                        let j = t.map.find(part.start)?;
+                        let (old_range, old_owner) = t.map.range(j);
+                        (old_owner == me && old_range.contains(part.end - 1)).then(|| t.map.replicas(j).collect())
+                    })
+                    .unwrap_or_default();
+                for &(s, _) in &peers {
+                    if old.is_some() && !had.contains(&s) {
+                        snapshots.push((at, part, s));
+                    }
+                }
+                targets[at].push(Target { range: part, peers: peers.clone() });
             }
-            targets[at].push(Target { range: r, peers });
         }
         let mut shm = Vec::new();
         let mut headers: HashMap<u32, Arc<crate::store::Region>> = old.map(|t| t.headers.clone()).unwrap_or_default();
@@ -1191,13 +1237,12 @@ impl ServerHandler {
                 if owner != me {
                     continue;
                 }
-                let sref = t.shard(range.start, range.end - 1).ok_or_else(|| {
-                    Error::Config(format!("table {}: no shard holds the owned range {range}", t.spec.id))
-                })?;
-                let (tx, rx) = crossbeam::channel::bounded(1);
-                self.shared.lanes[sref.lane].submit(Job::Checkpoint { id: sref.id, range, reply: tx }, false);
-                let frames = rx.recv().map_err(|_| Error::ShuttingDown)?;
-                files.push(checkpoint::write_range(dir, t.spec.id, range.start, range.end, &frames)?);
+                for (sref, part) in t.overlapping(range.start, range.end) {
+                    let (tx, rx) = crossbeam::channel::bounded(1);
+                    self.shared.lanes[sref.lane].submit(Job::Checkpoint { id: sref.id, range: part, reply: tx }, false);
+                    let frames = rx.recv().map_err(|_| Error::ShuttingDown)?;
+                    files.push(checkpoint::write_range(dir, t.spec.id, part.start, part.end, &frames)?);
+                }
             }
         }
         Ok((files, specs))
@@ -1247,16 +1292,17 @@ impl ServerHandler {
         Ok(())
     }
 
-    /// Replica side of replication: the owner's state of some keys.
+    /// Replica side of replication: the owner's state of some keys (one or
+    /// more deltas per frame), acknowledged once every delta is applied.
     fn on_replicate(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) -> Result<()> {
         let bad = |d: String| Error::protocol(net.peer_addr(from), d);
-        let h: proto::ReplHeader =
-            bytemuck::try_pod_read_unaligned(&frame.meta).map_err(|_| bad("REPLICATE meta is malformed".into()))?;
+        let deltas = lane::unpack(&frame).map_err(bad)?;
+        let epoch = deltas.iter().map(|d| d.header.epoch).max().unwrap_or(0);
         {
             // Checked and parked under one lock with the epoch's change, so
             // nothing parked is missed by the replay.
             let mut early = self.shared.early.lock();
-            if h.epoch > early.0 {
+            if epoch > early.0 {
                 if early.1.len() >= MAX_EARLY_FRAMES {
                     return Err(Error::LimitExceeded("replicated state far ahead of this server's epoch".into()));
                 }
@@ -1264,19 +1310,34 @@ impl ServerHandler {
                 return Ok(());
             }
         }
-        let table = self.shared.tables.read().get(&h.table).cloned().ok_or(Error::UnknownTable(h.table))?;
-        if h.end <= h.start || !table.owns(h.from, h.start, h.end - 1) {
-            // Not the owner in our epoch: a server declared dead that still
-            // runs. Never acknowledged, so its pushes are not either.
-            tracing::debug!(table = h.table, from = h.from, "refused replicated state from a non-owner");
-            return Ok(());
+        let tables = self.shared.tables.read().clone();
+        let mut jobs = Vec::new();
+        for d in deltas {
+            let h = d.header;
+            let table = tables.get(&h.table).ok_or(Error::UnknownTable(h.table))?;
+            if h.end <= h.start || !table.owns(h.from, h.start, h.end - 1) {
+                // Not the owner in our epoch: a server declared dead that
+                // still runs. Never acknowledged, so its pushes are not either.
+                tracing::debug!(table = h.table, from = h.from, "refused replicated state from a non-owner");
+                return Ok(());
+            }
+            let parts: Vec<(ShardRef, KeyRange)> = table.overlapping(h.start, h.end).collect();
+            let covered: u64 = parts.iter().map(|(_, r)| r.len()).sum();
+            if covered != h.end - h.start {
+                return Err(bad(format!("no copy of all of [{}, {}) of table {} here", h.start, h.end, h.table)));
+            }
+            let n = parts.len();
+            for (sref, only) in parts {
+                jobs.push((sref, h, d.segments.clone(), (n > 1).then_some(only)));
+            }
         }
-        let sref = table
-            .shard(h.start, h.end - 1)
-            .ok_or_else(|| bad(format!("no copy of [{}, {}) of table {} here", h.start, h.end, h.table)))?;
-        let inline = h.count <= INLINE_MAX_KEYS;
-        self.shared.lanes[sref.lane]
-            .submit(Job::Delta { id: sref.id, from, header: h, segments: frame.segments }, inline);
+        let left = Arc::new(std::sync::atomic::AtomicUsize::new(jobs.len()));
+        let bytes: usize = frame.segments.iter().map(|s| s.len()).sum();
+        let inline = bytes <= INLINE_MAX_KEYS as usize * 8;
+        for (sref, header, segments, only) in jobs {
+            let job = Job::Delta { id: sref.id, from, header, segments, only, parts: left.clone() };
+            self.shared.lanes[sref.lane].submit(job, inline);
+        }
         Ok(())
     }
 
@@ -1445,6 +1506,8 @@ impl ServerHandler {
         };
         let me = self.shared.membership.lock().index.unwrap_or(u32::MAX);
         let all_runs = runs.clone();
+        // Runs split along shards: run index -> parts.
+        let mut split: HashMap<u32, u32> = HashMap::new();
         let mut total = 0u64;
         let mut per_lane: Vec<Vec<LaneRun>> = (0..self.shared.lanes.len()).map(|_| Vec::new()).collect();
         self.shared.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1524,12 +1587,55 @@ impl ServerHandler {
             if !table.owns(me, r.first, last) {
                 return self.moved(net, from, frame.id, &h, &all_runs);
             }
-            let sref = table.shard(r.first, last).ok_or_else(|| Error::NotOwned {
+            let cover = table.cover(r.first, last).ok_or_else(|| Error::NotOwned {
                 table: h.table,
                 key: r.first,
                 range: "no shard here".into(),
             })?;
-            per_lane[sref.lane].push(LaneRun { header: r, shard: sref.id, keys, vals, known });
+            if let [sref] = cover[..] {
+                per_lane[sref.lane].push(LaneRun { header: r, shard: sref.id, keys, vals, known, part: 0 });
+                continue;
+            }
+            // The run spans several shards (a range this server took over
+            // next to one of its own): one part per shard, joined again in
+            // the reply.
+            let key_view = keys.as_ref().map(crate::transport::pod_slice::<u64>);
+            let key_at = |j: usize| key_view.as_ref().map_or(r.first + j as u64, |k| k[j]);
+            let n = r.count as usize;
+            let mut parts = 0u32;
+            let mut lo = 0usize;
+            for sref in cover {
+                let (mut a, mut b) = (lo, n);
+                while a < b {
+                    let m = (a + b) / 2;
+                    if key_at(m) < sref.range.end { a = m + 1 } else { b = m }
+                }
+                let hi = a;
+                if hi == lo {
+                    continue;
+                }
+                let c = (hi - lo) as u64;
+                let header = RunHeader {
+                    run: r.run,
+                    form: if keys.is_some() { run_form::LIST } else { run_form::RANGE },
+                    first: key_at(lo),
+                    count: c,
+                    digest: 0,
+                    seq: r.seq,
+                };
+                let d = dim as usize;
+                per_lane[sref.lane].push(LaneRun {
+                    header,
+                    shard: sref.id,
+                    keys: keys.as_ref().map(|k| k.slice(lo * 8..hi * 8)),
+                    vals: vals.as_ref().map(|v| v.slice(lo * d * 4..hi * d * 4)),
+                    known: known.as_ref().map(|v| v.slice(lo * 4..hi * 4)),
+                    part: parts + 1,
+                });
+                parts += 1;
+                lo = hi;
+            }
+            split.insert(r.run, parts);
         }
         let lanes = per_lane.iter().filter(|r| !r.is_empty()).count();
         if lanes == 0 {
@@ -1552,7 +1658,7 @@ impl ServerHandler {
         let epoch = self.shared.repl.epoch.load(std::sync::atomic::Ordering::Acquire);
         // One slot until the reply leaves through `answer`.
         pending.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let req = Arc::new(Request::new(answer, from, frame.id, frame.kind, &h, lanes, epoch));
+        let req = Arc::new(Request::new(answer, from, frame.id, frame.kind, &h, lanes, epoch).with_parts(split));
         let inline = total <= INLINE_MAX_KEYS;
         for (lane, runs) in per_lane.into_iter().enumerate().filter(|(_, r)| !r.is_empty()) {
             self.shared.lanes[lane].submit(Job::Runs { req: req.clone(), runs }, inline);

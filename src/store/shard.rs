@@ -163,25 +163,70 @@ pub struct Shard {
     changes: Option<Changes>,
 }
 
-/// The set of changed slots: a list and a bitmap, so each slot is listed
-/// once however often it changes.
+/// The set of changed slots: a bitmap over slot numbers, with the span of
+/// words that have bits set, so a dense run marks 64 slots per store and the
+/// changed slots come out sorted without a sort.
 #[derive(Default)]
 struct Changes {
-    ids: Vec<u32>,
     mark: Vec<u64>,
+    /// Words `lo..hi` may have bits set.
+    lo: usize,
+    hi: usize,
 }
 
 impl Changes {
     #[inline]
-    fn mark(&mut self, id: u32) {
-        let (w, b) = (id as usize / 64, id % 64);
+    fn touch(&mut self, w: usize) {
         if w >= self.mark.len() {
             self.mark.resize(w + 1, 0);
         }
-        if self.mark[w] >> b & 1 == 0 {
-            self.mark[w] |= 1 << b;
-            self.ids.push(id);
+        if self.lo == self.hi {
+            (self.lo, self.hi) = (w, w + 1);
+        } else {
+            self.lo = self.lo.min(w);
+            self.hi = self.hi.max(w + 1);
         }
+    }
+
+    #[inline]
+    fn mark(&mut self, id: u32) {
+        let w = id as usize / 64;
+        self.touch(w);
+        self.mark[w] |= 1 << (id % 64);
+    }
+
+    /// Marks slots `lo..hi`.
+    fn mark_range(&mut self, lo: usize, hi: usize) {
+        if lo >= hi {
+            return;
+        }
+        let (wl, wh) = (lo / 64, (hi - 1) / 64);
+        self.touch(wl);
+        self.touch(wh);
+        for w in wl..=wh {
+            let from = if w == wl { lo % 64 } else { 0 };
+            let to = if w == wh { (hi - 1) % 64 + 1 } else { 64 };
+            let bits = if to - from == 64 { u64::MAX } else { ((1u64 << (to - from)) - 1) << from };
+            self.mark[w] |= bits;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lo == self.hi
+    }
+
+    /// The marked slots in increasing order; clears the set.
+    fn take(&mut self) -> Vec<u32> {
+        let mut ids = Vec::new();
+        for w in self.lo..self.hi {
+            let mut bits = std::mem::take(&mut self.mark[w]);
+            while bits != 0 {
+                ids.push((w * 64) as u32 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
+        }
+        (self.lo, self.hi) = (0, 0);
+        ids
     }
 }
 
@@ -194,6 +239,10 @@ pub struct Delta {
     pub range: Option<(Key, u64)>,
     pub versions: Vec<Version>,
     pub values: Vec<f32>,
+    /// A contiguous dense range instead as the slots' own words (`words` per
+    /// key, versions and checks included): copied as they are, which is
+    /// what makes replicating a dense range cost about a memcpy.
+    pub raw: Vec<u64>,
     /// The rule's state per key (empty for stateless rules).
     pub state: Vec<f32>,
     /// Aggregating rules: the clock whose pushes each key holds accumulated
@@ -203,10 +252,13 @@ pub struct Delta {
 
 impl Delta {
     pub fn len(&self) -> usize {
-        self.versions.len()
+        match self.range {
+            Some((_, n)) => n as usize,
+            None => self.keys.len(),
+        }
     }
     pub fn is_empty(&self) -> bool {
-        self.versions.is_empty()
+        self.len() == 0
     }
     pub fn key_run(&self) -> KeyRun<'_> {
         match self.range {
@@ -496,7 +548,7 @@ impl Shard {
                 r => run(words, values, |v, g| r.apply(v, g)),
             }
             if let Some(c) = &mut self.changes {
-                (base..base + count).for_each(|i| c.mark(i as u32));
+                c.mark_range(base, base + count);
             }
             return Ok(());
         }
@@ -818,18 +870,12 @@ impl Shard {
 
     /// Whether slots changed since the last [`Shard::take_changes`].
     pub fn has_changes(&self) -> bool {
-        self.changes.as_ref().is_some_and(|c| !c.ids.is_empty())
+        self.changes.as_ref().is_some_and(|c| !c.is_empty())
     }
 
     /// The slots changed since the last call, sorted; clears the set.
     pub fn take_changes(&mut self) -> Vec<u32> {
-        let Some(c) = &mut self.changes else { return Vec::new() };
-        let mut ids = std::mem::take(&mut c.ids);
-        for &id in &ids {
-            c.mark[id as usize / 64] = 0;
-        }
-        ids.sort_unstable();
-        ids
+        self.changes.as_mut().map(Changes::take).unwrap_or_default()
     }
 
     /// The key of slot `id`.
@@ -860,17 +906,23 @@ impl Shard {
             return self.delta_of(&by_key);
         }
         let d = self.layout.dim();
-        let mut out =
-            Delta { versions: Vec::with_capacity(ids.len()), values: vec![0.0; ids.len() * d], ..Delta::default() };
+        let mut out = Delta::default();
         let contiguous = ids.windows(2).all(|w| w[1] == w[0] + 1);
         debug_assert!(ids.windows(2).all(|w| self.key_of(w[0]) < self.key_of(w[1])));
         if self.storage == Storage::Dense && contiguous && !ids.is_empty() {
             out.range = Some((self.key_of(ids[0]), ids.len() as u64));
+            let w = self.layout.words();
+            let base = ids[0] as usize * w;
+            out.raw = vec![0; ids.len() * w];
+            // The owner's own words: no other thread writes them.
+            slot::copy_words(&self.chunks[0].words()[base..base + ids.len() * w], &mut out.raw);
         } else {
             out.keys = ids.iter().map(|&id| self.key_of(id)).collect();
-        }
-        for (&id, v) in ids.iter().zip(out.values.chunks_exact_mut(d)) {
-            out.versions.push(slot::load(self.layout, self.slot(id as usize), v));
+            out.versions = Vec::with_capacity(ids.len());
+            out.values = vec![0.0; ids.len() * d];
+            for (&id, v) in ids.iter().zip(out.values.chunks_exact_mut(d)) {
+                out.versions.push(slot::load(self.layout, self.slot(id as usize), v));
+            }
         }
         if self.state_per_key > 0 {
             let spk = self.state_per_key;
@@ -935,6 +987,43 @@ impl Shard {
         }
         self.slot_ids = ids;
         r
+    }
+
+    /// Replica side: a contiguous dense range as the owner's slot words
+    /// (see [`Delta::raw`]), with the rule's state and pending clocks. Every
+    /// word is stored atomically; a concurrent one-sided reader validates
+    /// what it copies, as always, so it never accepts a mix of two states.
+    pub fn apply_raw(&mut self, first: Key, raw: &[u64], state: &[f32], pending: &[u64]) -> Result<()> {
+        let w = self.layout.words();
+        let n = raw.len() / w;
+        let bad = |what: String| Error::Config(format!("table {}: replicated slots: {what}", self.table));
+        if self.storage != Storage::Dense || raw.len() != n * w {
+            return Err(bad(format!("{} words are not whole slots of {w} words of a dense shard", raw.len())));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        if state.len() != n * self.state_per_key || (!pending.is_empty() && pending.len() != n) {
+            return Err(bad(format!("{} state values and {} pending clocks for {n} keys", state.len(), pending.len())));
+        }
+        let last = first.checked_add(n as u64 - 1).ok_or_else(|| bad("key range overflows".into()))?;
+        self.check_run(&KeyRun::Range { first, count: n })?;
+        let _ = last;
+        let base = (first - self.range.start) as usize;
+        let words = &self.chunks[0].words()[base * w..(base + n) * w];
+        for (dst, &src) in words.iter().zip(raw) {
+            // Release: as any slot store (see `slot::publish`).
+            dst.store(src, Ordering::Release);
+        }
+        let spk = self.state_per_key;
+        self.state[base * spk..(base + n) * spk].copy_from_slice(state);
+        if !pending.is_empty() {
+            if self.last_touched.len() < self.len {
+                self.last_touched.resize(self.len, u64::MAX);
+            }
+            self.last_touched[base..base + n].copy_from_slice(pending);
+        }
+        Ok(())
     }
 
     /// Per worker, the seq of the last push run applied.
@@ -1033,6 +1122,25 @@ pub const SLOT_ALIGN: usize = CACHE_LINE;
 mod tests {
     use super::*;
     use crate::table::UpdaterSpec;
+
+    #[test]
+    fn changed_slots_come_out_once_each_in_order() {
+        let mut c = Changes::default();
+        assert!(c.is_empty());
+        c.mark_range(60, 200);
+        c.mark(5);
+        c.mark(70);
+        c.mark(1000);
+        c.mark_range(3, 4);
+        let ids = c.take();
+        let mut want: Vec<u32> = (60..200).collect();
+        want.extend([3, 5, 1000]);
+        want.sort_unstable();
+        assert_eq!(ids, want);
+        assert!(c.is_empty() && c.take().is_empty());
+        c.mark_range(64, 128);
+        assert_eq!(c.take(), (64..128).collect::<Vec<u32>>());
+    }
     use crate::updater::Rules;
 
     fn shard(storage: Storage, range: KeyRange, dim: u32, spec: UpdaterSpec, init: Init) -> Shard {
