@@ -4,6 +4,10 @@
 //! memory is owner-only and read-only for workers, and `pserver status` and
 //! the metrics endpoints show what the job is doing. The job keeps running
 //! throughout: a normal worker still gets exact answers afterwards.
+//!
+//! The `rdma::` tests need an RDMA device: `.ci/run` runs them inside
+//! `tools/rxe-vm` (`tools/rxe-vm -- target/release/deps/security-<hash> rdma::
+//! --test-threads 1`); elsewhere they print `SKIPPED: <reason>`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -457,4 +461,335 @@ fn another_users_process_cannot_open_a_jobs_shared_memory_files() {
     });
     assert_eq!(ended, Ok(0), "1: opened, 2: could not switch user, 3: unexpected error, 4: removed it");
     assert!(path.exists());
+}
+
+/// The RDMA side of least privilege and authentication, on real jobs whose
+/// servers run `--transport rdma`: what a worker's connection is handed
+/// (queue pair, push ring, shard addresses and rkeys) lets it read shards
+/// and write only its push ring's data, and nothing of it goes to a peer
+/// without the job token. Needs a device: `.ci/run` runs these inside
+/// `tools/rxe-vm` with `PSERVER_TEST_REQUIRE_RDMA=1`; elsewhere they print
+/// `SKIPPED: <reason>` and return.
+mod rdma {
+    use super::*;
+    use std::sync::Arc;
+
+    use bytes::BytesMut;
+    use pserver::proto::{Control, RdmaShard};
+    use pserver::store::{SlotLayout, slot};
+    use pserver::transport::auth::{Auth, Token};
+    use pserver::transport::frame::{self, Decoder, Limits};
+    use pserver::transport::rdma::{ConnInfo, Link, Rdma, RdmaMode};
+    use pserver::transport::tcp::{IoMode, Tcp};
+    use pserver::transport::{Access, RegionDesc};
+    use pserver::worker::WorkerConfig;
+    use pserver::{TableSpec, Worker};
+
+    fn device_or_skip() -> Option<Arc<Rdma>> {
+        match pserver::transport::rdma::device() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                assert!(
+                    std::env::var_os("PSERVER_TEST_REQUIRE_RDMA").is_none(),
+                    "PSERVER_TEST_REQUIRE_RDMA is set, but: {e}"
+                );
+                eprintln!("SKIPPED: no usable RDMA device: {e}");
+                None
+            }
+        }
+    }
+
+    /// An authenticated connection to a node that speaks frames as a
+    /// worker's connection does.
+    struct Raw {
+        s: TcpStream,
+        dec: Decoder,
+        buf: BytesMut,
+        next: u64,
+    }
+
+    impl Raw {
+        fn connect(addr: &str, token: &str) -> Raw {
+            let s = TcpStream::connect(addr).unwrap();
+            pserver::transport::auth::client(&s, &Token::from_hex(token).unwrap()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            Raw { s, dec: Decoder::new(Limits::default()), buf: BytesMut::new(), next: 1 << 40 }
+        }
+
+        /// Sends `c` and returns the control message that answers it.
+        fn call(&mut self, c: &Control) -> Control {
+            let id = self.next;
+            self.next += 1;
+            self.s.write_all(&frame::encode(&c.to_frame(id))).unwrap();
+            loop {
+                if let Some(f) = self.dec.decode(&mut self.buf).unwrap() {
+                    if f.id == id {
+                        return Control::from_frame(&f, "server").unwrap();
+                    }
+                    continue;
+                }
+                let mut b = [0u8; 1 << 16];
+                let n = self.s.read(&mut b).unwrap();
+                assert!(n > 0, "the server closed the connection");
+                self.buf.extend_from_slice(&b[..n]);
+            }
+        }
+    }
+
+    /// A connection to a server with an RDMA link on it, set up exactly as a
+    /// worker sets one up: what any peer with the job token is handed.
+    struct Probe {
+        // Drop order: the link before the connection that owns it.
+        link: Link,
+        raw: Raw,
+        ring: RegionDesc,
+        ring_ctl: RegionDesc,
+    }
+
+    impl Probe {
+        fn open(dev: &Arc<Rdma>, addr: &str, token: &str) -> Probe {
+            let mut raw = Raw::connect(addr, token);
+            let (link, info) = Link::new(dev, addr).unwrap();
+            match raw.call(&Control::RdmaConnect { conn: info.to_bytes(), next_seq: 1 }) {
+                Control::RdmaAccept { conn, ring, ring_ctl } => {
+                    link.establish(&ConnInfo::from_bytes(&conn).unwrap(), ring, ring_ctl).unwrap();
+                    Probe { link, raw, ring, ring_ctl }
+                }
+                other => panic!("RdmaConnect was answered with {other:?}"),
+            }
+        }
+
+        fn shards(&mut self, table: u32) -> Vec<RdmaShard> {
+            match self.raw.call(&Control::RdmaShardMap { table }) {
+                Control::RdmaShardMapReply { shards } => shards,
+                other => panic!("RdmaShardMap was answered with {other:?}"),
+            }
+        }
+
+        /// A plain RDMA WRITE of `words` to `addr` with `rkey`, whatever the
+        /// server said the region allows.
+        fn write(&self, addr: u64, rkey: u32, words: &[u64]) -> Result<(), String> {
+            self.link.unchecked_transfer_for_test(true, addr, rkey, &mut words.to_vec()).map_err(|e| e.to_string())
+        }
+
+        /// An RDMA READ of `n` words at `addr` with `rkey`, likewise.
+        fn read(&self, addr: u64, rkey: u32, n: usize) -> Result<Vec<u64>, String> {
+            let mut buf = vec![0u64; n];
+            self.link.unchecked_transfer_for_test(false, addr, rkey, &mut buf).map_err(|e| e.to_string())?;
+            Ok(buf)
+        }
+    }
+
+    #[test]
+    fn a_worker_reads_shards_but_cannot_write_them_and_writes_only_its_push_ring() {
+        let Some(dev) = device_or_skip() else { return };
+        let deadline = Instant::now() + DEADLINE;
+        let job = start_job_over("std", Some("rdma"), 1, 1, "rdma-least-privilege", deadline);
+        let server = job.server_addrs[0].clone();
+        // This test process is the job's worker, over TCP and RDMA.
+        let tcp = Tcp::new(IoMode::Std, Limits::default()).with_auth(Auth::Token(Token::from_hex(&job.token).unwrap()));
+        let cfg = WorkerConfig { rank: Some(0), rdma: RdmaMode::Require, ..WorkerConfig::default() };
+        let w = Worker::connect(&tcp, &job.addr, cfg).unwrap();
+        const TABLE: u32 = 7;
+        const KEYS: u64 = 1000;
+        const DIM: usize = 4; // wider than one word: pulls are one-sided even on soft-RoCE
+        w.create_table(TableSpec::dense(TABLE, KEYS, DIM as u32)).unwrap();
+        let keys: Vec<u64> = (0..KEYS).collect();
+        let vals: Vec<f32> = (0..keys.len() * DIM).map(|i| i as f32 * 0.5 + 1.0).collect();
+        w.wait(w.push(TABLE, &keys, &vals).unwrap()).unwrap();
+        let before = w.traffic();
+        assert_eq!(w.pull(TABLE, &keys).unwrap().wait().unwrap(), vals);
+        assert!(w.traffic().rdma_pulls > before.rdma_pulls, "the worker's pull was not an RDMA READ");
+
+        // A connection of our own, handed what every worker is handed.
+        let layout = SlotLayout::new(DIM as u32).unwrap();
+        let mut good = Probe::open(&dev, &server, &job.token);
+        let shards = good.shards(TABLE);
+        assert!(!shards.is_empty());
+        let mut images = Vec::new();
+        for sh in &shards {
+            assert_eq!(sh.slots.access(), Access::READ, "shard slots are offered for READ only");
+            assert_eq!(sh.header.access(), Access::READ, "shard headers are offered for READ only");
+            // READ of the slots works, and shows the values pushed.
+            let (a, b) = (sh.start as usize, sh.end as usize);
+            let img = good.read(sh.slots.id, sh.slots.rkey, (b - a) * layout.words()).unwrap();
+            let (mut got, mut torn) = (vec![0f32; (b - a) * DIM], Vec::new());
+            slot::validate_run(layout, &img, &mut got, None, &mut torn);
+            assert!(torn.is_empty(), "torn slots in a quiet shard: {torn:?}");
+            assert_eq!(got, vals[a * DIM..b * DIM], "shard {a}..{b} read by RDMA READ");
+            good.read(sh.header.id, sh.header.rkey, 8).unwrap();
+            images.push(img);
+        }
+        // The push ring: its data takes WRITEs (frames go there; without a
+        // doorbell the server never looks), its head and frame count READs.
+        assert_eq!(good.ring.access(), Access::WRITE);
+        assert_eq!(good.ring_ctl.access(), Access::READ);
+        good.write(good.ring.id, good.ring.rkey, &[0x5EC0_5EC0; 8]).unwrap();
+        good.write(good.ring.id + good.ring.len - 64, good.ring.rkey, &[0x5EC0_5EC0; 8]).unwrap();
+        good.read(good.ring_ctl.id, good.ring_ctl.rkey, 2).unwrap();
+
+        // Everything else is refused by the device, each on a fresh link
+        // (a remote access error ends the queue pair that made it).
+        let forged = vec![u64::MAX; layout.words()];
+        let refused = |what: &str, attempt: &dyn Fn(&Probe, &RdmaShard) -> Result<(), String>| {
+            let mut p = Probe::open(&dev, &server, &job.token);
+            let sh = p.shards(TABLE).remove(0);
+            let e = attempt(&p, &sh).expect_err(what);
+            println!("{what}: refused: {e}");
+            assert!(e.to_lowercase().contains("remote access error"), "{what}: {e}");
+            assert!(p.link.failure().is_some(), "{what}: the link must be failed");
+        };
+        refused("WRITE into a shard's slots", &|p, sh| p.write(sh.slots.id, sh.slots.rkey, &forged));
+        refused("WRITE into a shard's last slot", &|p, sh| {
+            let last = sh.slots.id + (sh.end - sh.start - 1) * layout.bytes() as u64;
+            p.write(last, sh.slots.rkey, &forged)
+        });
+        refused("WRITE into a shard's progress words", &|p, sh| p.write(sh.header.id, sh.header.rkey, &[u64::MAX; 8]));
+        refused("WRITE into a shard with the push ring's rkey", &|p, sh| p.write(sh.slots.id, p.ring.rkey, &forged));
+        refused("WRITE into the push ring's head and frame count", &|p, _| {
+            p.write(p.ring_ctl.id, p.ring_ctl.rkey, &[0, 0])
+        });
+        refused("WRITE past the end of the push ring", &|p, _| p.write(p.ring.id + p.ring.len, p.ring.rkey, &[0; 8]));
+        refused("READ of the push ring's data", &|p, _| p.read(p.ring.id, p.ring.rkey, 8).map(|_| ()));
+
+        // Nothing changed: the slots READ back word for word, and the
+        // worker's own pull (by RDMA READ) returns what it pushed.
+        for (sh, img) in shards.iter().zip(&images) {
+            assert_eq!(&good.read(sh.slots.id, sh.slots.rkey, img.len()).unwrap(), img, "shard {}..", sh.start);
+        }
+        let before = w.traffic();
+        assert_eq!(w.pull(TABLE, &keys).unwrap().wait().unwrap(), vals, "a refused WRITE changed the shard");
+        assert!(w.traffic().rdma_pulls > before.rdma_pulls);
+        // And the job goes on: a push through the worker's ring applies.
+        w.wait(w.push(TABLE, &keys, &vals).unwrap()).unwrap();
+        let twice: Vec<f32> = vals.iter().map(|v| v * 2.0).collect();
+        assert_eq!(w.pull(TABLE, &keys).unwrap().wait().unwrap(), twice);
+        assert!(w.traffic().rdma_frames > 0, "the worker's pushes did not go through its push ring");
+        drop(good);
+        w.finish(None).unwrap();
+        drop(w);
+        let closed = job.log("server0").matches("its RDMA link failed").count();
+        println!("the server closed {closed} connections whose RDMA link failed, and served on");
+        job.finish(vec![], deadline);
+    }
+
+    /// Sends `bytes` on a fresh connection, ends our side and returns
+    /// everything that comes back before the peer closes.
+    fn exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        got
+    }
+
+    fn answered(got: &[u8]) -> bool {
+        got.windows(4).any(|w| w == b"PSRV")
+    }
+
+    #[test]
+    fn connection_data_goes_only_to_peers_that_know_the_job_token() {
+        let Some(dev) = device_or_skip() else { return };
+        let deadline = Instant::now() + DEADLINE;
+        let log = [("RUST_LOG", "warn,transport=info,pserver::server=debug")];
+        let job = start_job_env("std", 1, 1, "rdma-foreign", deadline, &[], &["--transport", "rdma"], &log);
+        let server = job.server_addrs[0].clone();
+        // A real queue pair's description, as a foreign worker would send it.
+        let (_link, info) = Link::new(&dev, &server).unwrap();
+        let connect = frame::encode(&Control::RdmaConnect { conn: info.to_bytes(), next_seq: 1 }.to_frame(1));
+        let shard_map = frame::encode(&Control::RdmaShardMap { table: 0xC4EC_0001 }.to_frame(2));
+        let both = [connect.clone(), shard_map.clone()].concat();
+
+        // 1. The requests with no handshake at all.
+        for bytes in [&connect, &shard_map, &both] {
+            let got = exchange(&server, bytes);
+            assert!(!answered(&got), "a frame answered an unauthenticated RDMA request");
+        }
+        // 2. A client with another job's token: it gives up when the
+        // server's proof does not verify, and the server never admits it.
+        let wrong = Token::generate().unwrap();
+        let mut s = TcpStream::connect(&server).unwrap();
+        let e = pserver::transport::auth::client(&s, &wrong).expect_err("another job's token authenticated");
+        assert!(e.to_string().contains("does not know the job token"), "{e}");
+        let _ = s.write_all(&both);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(!answered(&rest), "a frame answered a peer with the wrong token");
+        // 3. Byte by byte: a challenge, then a proof made without the token
+        // and the requests right behind it, before the verdict. The server
+        // refuses and reads none of them.
+        let mut s = TcpStream::connect(&server).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(&[&b"PSAUTH01"[..], &[0x42; 32]].concat()).unwrap();
+        let mut reply = [0u8; 72];
+        s.read_exact(&mut reply).unwrap();
+        assert!(reply.starts_with(b"PSAUTH01"));
+        let _ = s.write_all(&[&[0u8; 32][..], &both].concat());
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(!answered(&rest), "a frame answered a peer with a forged proof");
+        assert!(rest.is_empty() || rest.starts_with(b"PSREFUSE"), "{:?}", &rest[..rest.len().min(16)]);
+        // 4. Whole processes: `pserver check --transport rdma` with another
+        // job's token, or none, does not get into the job.
+        let args = ["check", "--transport", "rdma", "--keys", "2000"];
+        let o = foreign_worker(&job.addr, &[("PSERVER_TOKEN", &wrong.to_hex())], &args);
+        assert!(!o.status.success() && text(&o).contains("does not know the job token"), "{}", text(&o));
+        let o = foreign_worker(&job.addr, &[], &args);
+        assert!(!o.status.success() && text(&o).contains("no job token"), "{}", text(&o));
+
+        // The same requests with the token are answered: what the refused
+        // peers would have got (and a shard map only once a link exists).
+        // The connection and its link end with this block.
+        {
+            let mut raw = Raw::connect(&server, &job.token);
+            match raw.call(&Control::RdmaShardMap { table: 0xC4EC_0001 }) {
+                Control::Error(m) => assert!(m.contains("no RDMA link"), "{m}"),
+                other => panic!("a shard map went to a connection without a link: {other:?}"),
+            }
+            let (link, info) = Link::new(&dev, &server).unwrap();
+            match raw.call(&Control::RdmaConnect { conn: info.to_bytes(), next_seq: 1 }) {
+                Control::RdmaAccept { conn, ring, ring_ctl } => {
+                    let remote = ConnInfo::from_bytes(&conn).unwrap();
+                    assert_eq!((ring.access(), ring_ctl.access()), (Access::WRITE, Access::READ));
+                    link.establish(&remote, ring, ring_ctl).unwrap();
+                }
+                other => panic!("RdmaConnect with the token was answered with {other:?}"),
+            }
+        }
+
+        // The job goes on: its worker gets exact sums over RDMA.
+        let out = job.dir.join("w0.out");
+        let wk = Proc::spawn(
+            "worker 0",
+            Command::new(BIN)
+                .args(["check", "--transport", "rdma", "--keys", "20000", "--dim", "2", "--rounds", "2"])
+                .env("PSERVER_IO", "std")
+                .env("PSERVER_ROLE", "worker")
+                .env("PSERVER_RANK", "0")
+                .env("PSERVER_SCHEDULER", &job.addr)
+                .env("PSERVER_TOKEN", &job.token)
+                .stdout(std::fs::File::create(&out).unwrap()),
+        );
+        let dir = job.dir.clone();
+        job.finish_keeping_dir(vec![wk], deadline);
+        let out = std::fs::read_to_string(&out).unwrap();
+        let slog = std::fs::read_to_string(dir.join("server0.log")).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        println!("{}", out.trim());
+        let line = out.lines().find(|l| l.starts_with("check passed on worker")).unwrap_or_else(|| panic!("{out}"));
+        let num = |k: &str| -> u64 {
+            line.split([' ', '(', ')']).find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap()
+        };
+        assert!(num("rdma_pulls=") > 0 && num("rdma_frames=") > 0, "the worker did not use RDMA: {line}");
+        // Five refused connections; links only for the two with the token.
+        let refused = slog.matches("refused a connection").count();
+        let links = slog.matches("accepted an RDMA link").count();
+        println!("server: {refused} connections refused, {links} RDMA links accepted");
+        assert!(refused >= 5, "{slog}");
+        assert_eq!(links, 2, "links only for the test's authenticated connection and the worker\n{slog}");
+    }
 }

@@ -123,6 +123,21 @@ pub fn start_job_args(
     scheduler_args: &[&str],
     server_args: &[&str],
 ) -> Job {
+    start_job_env(io, servers, workers, tag, deadline, scheduler_args, server_args, &[])
+}
+
+/// [`start_job_args`] with more environment for the servers (`RUST_LOG`, say).
+#[allow(clippy::too_many_arguments)]
+pub fn start_job_env(
+    io: &'static str,
+    servers: u32,
+    workers: u32,
+    tag: &str,
+    deadline: Instant,
+    scheduler_args: &[&str],
+    server_args: &[&str],
+    server_env: &[(&str, &str)],
+) -> Job {
     let dir = tempdir(tag);
     let token = new_token();
     let af = dir.join("scheduler.addr");
@@ -148,6 +163,7 @@ pub fn start_job_args(
                 .args(["server", "--scheduler", &addr, "--addr-file"])
                 .arg(&f)
                 .args(server_args)
+                .envs(server_env.iter().copied())
                 .env("PSERVER_IO", io)
                 .env("PSERVER_TOKEN", &token)
                 .stderr(std::fs::File::create(dir.join(format!("server{i}.log"))).unwrap()),

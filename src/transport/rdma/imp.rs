@@ -502,6 +502,45 @@ impl Link {
         Ok(f(progress, &st.pull.words()[..words]))
     }
 
+    /// For tests only (`tests/security.rs`): one RDMA READ (`write` false,
+    /// into `buf`) or plain WRITE (`write` true, of `buf`, without a
+    /// doorbell) of `buf.len()` words at `remote_addr` with `rkey`, posted
+    /// as given, without the checks [`Link::read`] and [`Link::send`] make
+    /// against the rights a [`RegionDesc`] states: what a worker that
+    /// misused the addresses and rkeys it was handed could post. Waits for
+    /// the completion. A failed one (for memory not registered for the
+    /// access: the device's "remote access error") fails the link, as it
+    /// fails the queue pair.
+    #[doc(hidden)]
+    pub fn unchecked_transfer_for_test(&self, write: bool, remote_addr: u64, rkey: u32, buf: &mut [u64]) -> Result<()> {
+        let mut st = self.st.lock();
+        let st = &mut *st;
+        st.usable(&self.peer)?;
+        let n = buf.len();
+        let Some(sge) = st.pull.sge(0, n) else {
+            return Err(Error::Config(format!("a transfer of {n} words does not fit the pull buffer")));
+        };
+        if write {
+            for (w, x) in st.pull.words()[..n].iter().zip(buf.iter()) {
+                w.store(*x, Ordering::Relaxed);
+            }
+        }
+        st.reserve(&self.peer, 1)?;
+        let id = st.next_id(true);
+        if write {
+            st.post(&self.peer, |qp| qp.post_write(id, sge, remote_addr, rkey, true))?;
+        } else {
+            st.post(&self.peer, |qp| qp.post_read(id, sge, remote_addr, rkey, true, false))?;
+        }
+        st.wait_done(&self.peer, id, Instant::now() + OP_DEADLINE)?;
+        if !write {
+            for (x, w) in buf.iter_mut().zip(&st.pull.words()[..n]) {
+                *x = w.load(Ordering::Acquire);
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `frame` into the server's push ring and rings its doorbell.
     /// `Ok(false)`: the frame is larger than the ring (send it over TCP; the
     /// sequence numbers keep the order). Waits while the ring is full.

@@ -863,6 +863,23 @@ impl Qp {
         self.post_send(&mut wr)
     }
 
+    /// Posts a plain RDMA WRITE of `local` to `remote_addr` (rkey): no
+    /// immediate, so nothing completes at the peer. pserver's own traffic
+    /// always rings a doorbell ([`Qp::post_write_imm`]); tests use this to
+    /// show what the peer's registrations allow.
+    pub fn post_write(&self, wr_id: u64, local: Sge, remote_addr: u64, rkey: u32, signaled: bool) -> Result<()> {
+        let mut sge = sys::ibv_sge { addr: local.addr, length: local.len, lkey: local.lkey };
+        // SAFETY: as in post_read.
+        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.sg_list = &mut sge;
+        wr.num_sge = 1;
+        wr.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+        wr.send_flags = flags(signaled, false);
+        wr.wr.rdma = sys::rdma_t { remote_addr, rkey };
+        self.post_send(&mut wr)
+    }
+
     /// Posts an RDMA WRITE of `local` to `remote_addr` (rkey) that also
     /// consumes a receive request at the peer and completes it with `imm`
     /// (the doorbell), after the data is in place.
