@@ -4,39 +4,14 @@
 //! issued at clock t completes only when every worker's pushes of clocks
 //! < t - tau have been applied. No assertion depends on timing.
 
+mod common;
+use common::via::transports;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use pserver::transport::Transport;
-use pserver::transport::inproc::Inproc;
-use pserver::transport::tcp::{IoMode, Tcp};
-use pserver::{Consistency, JobConfig, TableSpec, job};
-
-/// A transport, and whether workers and servers share memory over it.
-#[derive(Clone)]
-struct Via(Arc<dyn Transport>, pserver::worker::ShmMode);
-
-impl Via {
-    fn job(&self) -> JobConfig {
-        let mut c = JobConfig::default().transport(self.0.clone());
-        c.worker.shm = self.1;
-        c
-    }
-}
-
-/// In process, TCP, and TCP plus shared memory (one-sided pulls) where /dev/shm is usable.
-fn transports() -> Vec<(&'static str, Via)> {
-    use pserver::worker::ShmMode;
-    let tcp = || Arc::new(Tcp::new(IoMode::Auto, Default::default()));
-    let mut v = vec![("inproc", Via(Arc::new(Inproc::new()), ShmMode::Off)), ("tcp", Via(tcp(), ShmMode::Off))];
-    if pserver::transport::shm::available() {
-        v.push(("shm", Via(tcp(), ShmMode::Require)));
-    } else {
-        eprintln!("SKIPPED over shm: no usable shared-memory directory");
-    }
-    v
-}
+use pserver::{Consistency, TableSpec, job};
 
 /// Sets a flag when dropped, so a panicking worker still releases the
 /// others (a failing test must fail, not hang).

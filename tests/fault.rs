@@ -44,17 +44,8 @@ fn collect(r: impl Read + Send + 'static) -> (Arc<Mutex<String>>, std::thread::J
 }
 
 fn watched_worker(job: &Job, rank: u32, workers: u32, args: &[&str]) -> Watched {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env("PSERVER_IO", job.io)
-        .env("PSERVER_TOKEN", &job.token)
-        .env("PSERVER_ROLE", "worker")
-        .env("PSERVER_RANK", rank.to_string())
-        .env("PSERVER_SCHEDULER", &job.addr)
-        .env("PSERVER_NUM_SERVERS", job.servers.len().to_string())
-        .env("PSERVER_NUM_WORKERS", workers.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut cmd = job.worker_command(rank, workers, args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut proc = Proc::spawn(&format!("worker {rank}"), &mut cmd);
     let (out, r1) = collect(proc.child.stdout.take().unwrap());
     let (err, r2) = collect(proc.child.stderr.take().unwrap());

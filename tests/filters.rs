@@ -3,38 +3,11 @@
 //! exactly the model of the same job without filters; the KKT filter leaves
 //! an L1 proximal model unchanged. Over inproc and TCP.
 
-use std::sync::Arc;
+mod common;
+use common::via::{Via, transports};
 
-use pserver::transport::Transport;
-use pserver::transport::inproc::Inproc;
-use pserver::transport::tcp::{IoMode, Tcp};
 use pserver::worker::{FilterStats, Filters, Kkt, Significant};
 use pserver::{Consistency, JobConfig, TableSpec, UpdaterSpec, job};
-
-/// A transport, and whether workers and servers share memory over it.
-#[derive(Clone)]
-struct Via(Arc<dyn Transport>, pserver::worker::ShmMode);
-
-impl Via {
-    fn job(&self) -> JobConfig {
-        let mut c = JobConfig::default().transport(self.0.clone());
-        c.worker.shm = self.1;
-        c
-    }
-}
-
-/// In process, TCP, and TCP plus shared memory (one-sided pulls) where /dev/shm is usable.
-fn transports() -> Vec<(&'static str, Via)> {
-    use pserver::worker::ShmMode;
-    let tcp = || Arc::new(Tcp::new(IoMode::Auto, Default::default()));
-    let mut v = vec![("inproc", Via(Arc::new(Inproc::new()), ShmMode::Off)), ("tcp", Via(tcp(), ShmMode::Off))];
-    if pserver::transport::shm::available() {
-        v.push(("shm", Via(tcp(), ShmMode::Require)));
-    } else {
-        eprintln!("SKIPPED over shm: no usable shared-memory directory");
-    }
-    v
-}
 
 /// Small integers in -2..=2, many of them zero or tiny relative to the
 /// threshold, so that the filter holds a lot back.

@@ -2,6 +2,8 @@
 //! temporary directories, and a scheduler with its servers.
 #![allow(dead_code)]
 
+pub mod via;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -175,19 +177,23 @@ pub fn start_job_env(
 }
 
 impl Job {
+    /// The command of worker `rank` of `workers`: `pserver ARGS` with the
+    /// job's environment, as tools/launch sets it.
+    pub fn worker_command(&self, rank: u32, workers: u32, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env("PSERVER_IO", self.io)
+            .env("PSERVER_TOKEN", &self.token)
+            .env("PSERVER_ROLE", "worker")
+            .env("PSERVER_RANK", rank.to_string())
+            .env("PSERVER_SCHEDULER", &self.addr)
+            .env("PSERVER_NUM_SERVERS", self.servers.len().to_string())
+            .env("PSERVER_NUM_WORKERS", workers.to_string());
+        c
+    }
+
     pub fn worker(&self, rank: u32, workers: u32, args: &[&str]) -> Proc {
-        Proc::spawn(
-            &format!("worker {rank}"),
-            Command::new(BIN)
-                .args(args)
-                .env("PSERVER_IO", self.io)
-                .env("PSERVER_TOKEN", &self.token)
-                .env("PSERVER_ROLE", "worker")
-                .env("PSERVER_RANK", rank.to_string())
-                .env("PSERVER_SCHEDULER", &self.addr)
-                .env("PSERVER_NUM_SERVERS", self.servers.len().to_string())
-                .env("PSERVER_NUM_WORKERS", workers.to_string()),
-        )
+        Proc::spawn(&format!("worker {rank}"), &mut self.worker_command(rank, workers, args))
     }
 
     /// Waits for the workers, then for the scheduler and servers to end by
