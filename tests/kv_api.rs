@@ -2,6 +2,8 @@
 //! transport: in process, and TCP with each I/O back end. Each test states a
 //! property of the API; `kv_tests!` runs it once per transport.
 
+mod common;
+
 use std::sync::Arc;
 
 use pserver::transport::Transport;
@@ -28,11 +30,7 @@ fn cfg(t: &T, servers: u32, workers: u32) -> JobConfig {
 /// inside `tools/rxe-vm` with `--test-threads 1`: each test then checks that
 /// its own frames went through RDMA push rings.
 fn rdma_or_skip() -> Option<T> {
-    if let Err(e) = pserver::transport::rdma::device() {
-        assert!(std::env::var_os("PSERVER_TEST_REQUIRE_RDMA").is_none(), "PSERVER_TEST_REQUIRE_RDMA is set, but: {e}");
-        eprintln!("SKIPPED: no usable RDMA device: {e}");
-        return None;
-    }
+    common::rdma_device_or_skip()?;
     let t = Tcp::new(IoMode::Std, Default::default());
     Some(T(Arc::new(t), ShmMode::Off, RdmaMode::Require))
 }

@@ -52,9 +52,7 @@ fn same_host_workers_read_shards_through_shared_memory() {
 /// into push rings. Needs a device: inside `tools/rxe-vm`, else SKIPPED.
 #[test]
 fn rdma_two_servers_three_workers_read_and_push_over_rdma() {
-    if let Err(e) = pserver::transport::rdma::device() {
-        assert!(std::env::var_os("PSERVER_TEST_REQUIRE_RDMA").is_none(), "PSERVER_TEST_REQUIRE_RDMA is set, but: {e}");
-        eprintln!("SKIPPED: no usable RDMA device: {e}");
+    if rdma_device_or_skip().is_none() {
         return;
     }
     let deadline = Instant::now() + DEADLINE;

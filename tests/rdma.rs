@@ -10,26 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pserver::store::Region;
 use pserver::transport::frame::{Frame, Limits};
-use pserver::transport::rdma::{self, ConnInfo, Inbox, Link, Rdma};
+use pserver::transport::rdma::{ConnInfo, Inbox, Link, Rdma};
 use pserver::transport::{Access, RegionDesc};
-
-fn device_or_skip() -> Option<Arc<Rdma>> {
-    match rdma::device() {
-        Ok(d) => Some(d),
-        Err(e) => {
-            assert!(
-                std::env::var_os("PSERVER_TEST_REQUIRE_RDMA").is_none(),
-                "PSERVER_TEST_REQUIRE_RDMA is set, but: {e}"
-            );
-            eprintln!("SKIPPED: no usable RDMA device: {e}");
-            None
-        }
-    }
-}
 
 type Got = Arc<Mutex<Vec<Result<Frame, String>>>>;
 
@@ -61,7 +49,7 @@ fn wait_for(got: &Got, n: usize) -> Vec<Result<Frame, String>> {
 
 #[test]
 fn rdma_read_returns_the_registered_words_and_the_progress_word_first() {
-    let Some(dev) = device_or_skip() else { return };
+    let Some(dev) = common::rdma_device_or_skip() else { return };
     println!("{}", dev.describe());
     let (_inbox, link, _) = pair(&dev, 1 << 16);
     let header = Arc::new(Region::anon(64).unwrap());
@@ -91,7 +79,7 @@ fn rdma_read_returns_the_registered_words_and_the_progress_word_first() {
 
 #[test]
 fn frames_written_into_the_ring_arrive_in_order_and_intact_across_laps() {
-    let Some(dev) = device_or_skip() else { return };
+    let Some(dev) = common::rdma_device_or_skip() else { return };
     let (inbox, link, got) = pair(&dev, 1 << 16);
     let n = 600u64; // more than the receive depth and several laps of the ring
     let mut sent = Vec::new();
@@ -114,7 +102,7 @@ fn frames_written_into_the_ring_arrive_in_order_and_intact_across_laps() {
 
 #[test]
 fn a_queue_pair_error_fails_operations_instead_of_hanging() {
-    let Some(dev) = device_or_skip() else { return };
+    let Some(dev) = common::rdma_device_or_skip() else { return };
     let (inbox, link, _got) = pair(&dev, 1 << 16);
     let header = Arc::new(Region::anon(64).unwrap());
     let h = dev.register(header, Access::READ).unwrap();

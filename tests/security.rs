@@ -485,20 +485,6 @@ mod rdma {
     use pserver::worker::WorkerConfig;
     use pserver::{TableSpec, Worker};
 
-    fn device_or_skip() -> Option<Arc<Rdma>> {
-        match pserver::transport::rdma::device() {
-            Ok(d) => Some(d),
-            Err(e) => {
-                assert!(
-                    std::env::var_os("PSERVER_TEST_REQUIRE_RDMA").is_none(),
-                    "PSERVER_TEST_REQUIRE_RDMA is set, but: {e}"
-                );
-                eprintln!("SKIPPED: no usable RDMA device: {e}");
-                None
-            }
-        }
-    }
-
     /// An authenticated connection to a node that speaks frames as a
     /// worker's connection does.
     struct Raw {
@@ -582,7 +568,7 @@ mod rdma {
 
     #[test]
     fn a_worker_reads_shards_but_cannot_write_them_and_writes_only_its_push_ring() {
-        let Some(dev) = device_or_skip() else { return };
+        let Some(dev) = super::common::rdma_device_or_skip() else { return };
         let deadline = Instant::now() + DEADLINE;
         let job = start_job_over("std", Some("rdma"), 1, 1, "rdma-least-privilege", deadline);
         let server = job.server_addrs[0].clone();
@@ -691,7 +677,7 @@ mod rdma {
 
     #[test]
     fn connection_data_goes_only_to_peers_that_know_the_job_token() {
-        let Some(dev) = device_or_skip() else { return };
+        let Some(dev) = super::common::rdma_device_or_skip() else { return };
         let deadline = Instant::now() + DEADLINE;
         let log = [("RUST_LOG", "warn,transport=info,pserver::server=debug")];
         let job = start_job_env("std", 1, 1, "rdma-foreign", deadline, &[], &["--transport", "rdma"], &log);

@@ -3,6 +3,8 @@
 //! through the store's one validation path. No torn value may ever be
 //! accepted. Run it alone with `cargo test --release torn_read`.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -311,18 +313,8 @@ fn torn_read_over_shared_memory_between_processes() {
 fn torn_read_over_rdma_read_no_torn_value_is_ever_accepted() {
     use pserver::transport::Access;
     use pserver::transport::frame::Limits;
-    use pserver::transport::rdma::{self, Inbox, Link};
-    let dev = match rdma::device() {
-        Ok(d) => d,
-        Err(e) => {
-            assert!(
-                std::env::var_os("PSERVER_TEST_REQUIRE_RDMA").is_none(),
-                "PSERVER_TEST_REQUIRE_RDMA is set, but: {e}"
-            );
-            eprintln!("SKIPPED: no usable RDMA device: {e}");
-            return;
-        }
-    };
+    use pserver::transport::rdma::{Inbox, Link};
+    let Some(dev) = common::rdma_device_or_skip() else { return };
     let inbox = Inbox::start(dev.clone(), Limits::default(), Box::new(|_, _| {})).unwrap();
     let (link, info) = Link::new(&dev, "torn-read server").unwrap();
     let acc = inbox.accept(1, &info, 1 << 16).unwrap();

@@ -178,11 +178,6 @@ impl Replication {
             b.requests.iter().for_each(|r| r.release());
         }
     }
-
-    /// Batches waiting for replicas (for tests and status).
-    pub fn pending(&self) -> usize {
-        self.batches.lock().len()
-    }
 }
 
 /// Where the changes of an owned part of a shard go: the replicas of one

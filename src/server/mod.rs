@@ -539,11 +539,6 @@ impl ServerNode {
         }
     }
 
-    /// Replication batches whose replicas have not all acknowledged.
-    pub fn pending_replication(&self) -> usize {
-        self.shared.repl.pending()
-    }
-
     /// Leaves the job gracefully: asks the scheduler to hand this server's
     /// ranges to their replicas and waits (up to `timeout`) until it says
     /// this server is out. Pushes it acknowledged are on its replicas
@@ -1505,7 +1500,6 @@ impl ServerHandler {
             (cached, pending, answer)
         };
         let me = self.shared.membership.lock().index.unwrap_or(u32::MAX);
-        let all_runs = runs.clone();
         // Runs split along shards: run index -> parts.
         let mut split: HashMap<u32, u32> = HashMap::new();
         let mut total = 0u64;
@@ -1513,7 +1507,7 @@ impl ServerHandler {
         self.shared.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let payload: u64 = frame.segments.iter().map(|s| s.len() as u64).sum();
         let mut segs = frame.segments.into_iter();
-        for (i, r) in runs.into_iter().enumerate() {
+        for (i, r) in runs.iter().copied().enumerate() {
             total = total.saturating_add(r.count);
             if r.count == 0 {
                 return Err(bad(format!("run {} has no keys", r.run)));
@@ -1585,7 +1579,7 @@ impl ServerHandler {
                 None
             };
             if !table.owns(me, r.first, last) {
-                return self.moved(net, from, frame.id, &h, &all_runs);
+                return self.moved(net, from, frame.id, &h, &runs);
             }
             let cover = table.cover(r.first, last).ok_or_else(|| Error::NotOwned {
                 table: h.table,

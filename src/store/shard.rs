@@ -260,12 +260,6 @@ impl Delta {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    pub fn key_run(&self) -> KeyRun<'_> {
-        match self.range {
-            Some((first, count)) => KeyRun::Range { first, count: count as usize },
-            None => KeyRun::List(&self.keys),
-        }
-    }
 }
 
 /// How many keys ahead batch loops prefetch.

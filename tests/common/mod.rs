@@ -63,6 +63,23 @@ pub fn read_addr(path: &Path, owner: &mut Proc, deadline: Instant) -> String {
     }
 }
 
+/// The RDMA device, or `None` after printing why the test is SKIPPED;
+/// with `PSERVER_TEST_REQUIRE_RDMA` set (CI inside the soft-RoCE VM) a
+/// missing device fails the test instead.
+pub fn rdma_device_or_skip() -> Option<std::sync::Arc<pserver::transport::rdma::Rdma>> {
+    match pserver::transport::rdma::device() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(
+                std::env::var_os("PSERVER_TEST_REQUIRE_RDMA").is_none(),
+                "PSERVER_TEST_REQUIRE_RDMA is set, but: {e}"
+            );
+            eprintln!("SKIPPED: no usable RDMA device: {e}");
+            None
+        }
+    }
+}
+
 pub fn uring_works() -> bool {
     pserver::transport::tcp::Tcp::new(pserver::transport::tcp::IoMode::Auto, Default::default()).resolved_mode()
         == pserver::transport::tcp::IoMode::Uring
