@@ -207,7 +207,10 @@ impl LaunchEnv {
                 w.num_workers()
             )));
         }
+        // Only a check of the launch: once servers failed, joined or left
+        // (a later epoch), a worker started now sees a different count.
         if let Some(n) = self.servers
+            && w.epoch() == 1
             && n as usize != w.num_servers()
         {
             return Err(Error::Config(format!(

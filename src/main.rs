@@ -408,7 +408,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         // Warnings, and the transport each node chose (target "transport").
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,transport=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,transport=info,membership=info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -902,6 +903,15 @@ fn server_cmd(a: ServerArgs, auth: &AuthArgs) -> Result<()> {
         })
     };
     node.wait();
+    let r = node.report();
+    tracing::info!(
+        target: "membership",
+        rank,
+        epoch = r.epoch,
+        pushes = r.pushes + r.push_pulls,
+        pulls = r.pulls + r.push_pulls,
+        "server stopped"
+    );
     match watcher.join() {
         Ok(Err(e)) => Err(anyhow::Error::new(e).context("leaving the job")),
         _ => Ok(()),

@@ -277,6 +277,10 @@ pub struct ServerInfo {
     pub addr: String,
     /// Dead servers stay in the list (their tokens stay on the ring).
     pub alive: bool,
+    /// A server joining the job (first phase of its migration): it owns
+    /// nothing yet and learns copies of the ranges it will hold.
+    #[serde(default)]
+    pub joining: bool,
 }
 
 /// A shard as a same-host worker maps it (dense tables): its key range and

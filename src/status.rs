@@ -131,6 +131,13 @@ pub struct JobStatus {
     pub failure: Option<String>,
     pub uptime_s: f64,
     pub nodes: Vec<NodeStatus>,
+    /// Servers that joined the running job, and how long each migration
+    /// took (registration to owning its ranges), milliseconds.
+    #[serde(default)]
+    pub migrations_ms: Vec<f64>,
+    /// A server joining right now (its rank), if any.
+    #[serde(default)]
+    pub joining: Option<u32>,
 }
 
 impl Rates {
@@ -214,6 +221,13 @@ pub fn render(s: &JobStatus) -> String {
     );
     if let Some(f) = &s.failure {
         let _ = writeln!(o, "failure: {f}");
+    }
+    if let Some(r) = s.joining {
+        let _ = writeln!(o, "server {r} is joining (ranges are being copied to it)");
+    }
+    if !s.migrations_ms.is_empty() {
+        let ms: Vec<String> = s.migrations_ms.iter().map(|m| format!("{m:.0} ms")).collect();
+        let _ = writeln!(o, "servers joined: {} (migrations {})", ms.len(), ms.join(", "));
     }
     let _ = writeln!(o, "\n{:<9} {:>4}  {:<22} {:<10} {:>14}", "NODE", "RANK", "ADDRESS", "STATE", "LAST HEARTBEAT");
     for n in &s.nodes {

@@ -226,3 +226,79 @@ fn training_with_a_killed_server_reaches_the_undisturbed_objective() {
     assert!(gap <= 0.01, "killing a server moved the final objective by {:.3}%", gap * 100.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Counting while a server joins the running job: it takes its ranges over
+/// (two-phase migration) and the counters stay exact. `replicas` 0: the
+/// ranges move with no copy anywhere else to fall back on.
+fn counting_survives_a_server_joining(io: &'static str, servers: u32, replicas: u32) -> f64 {
+    let deadline = Instant::now() + DEADLINE;
+    let workers = 2u32;
+    let tag = format!("fault-join-{io}-{servers}-{replicas}");
+    let r = replicas.to_string();
+    let mut job = start_job_with(io, None, servers, workers, &tag, deadline, &["--replicas", &r]);
+    let args = ["check", "--counting", "--keys", "3000", "--rounds", "150", "--pace-ms", "5"];
+    let mut ws: Vec<Watched> = (0..workers).map(|r| watched_worker(&job, r, workers, &args)).collect();
+    wait_for(&mut ws, "round 20 acknowledged", deadline);
+    let new = job.add_server(deadline);
+    // The scheduler reports the join once the new server owns its ranges.
+    let migration_ms = loop {
+        let log = job.log("scheduler");
+        if let Some(line) = log.lines().find(|l| l.contains("server joined the job")) {
+            let v = line.split("migration_ms=").nth(1).and_then(|v| v.split_whitespace().next());
+            break v.and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("no migration time in {line:?}"));
+        }
+        assert!(Instant::now() < deadline, "the server never joined:\n{log}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if let Some(w) = ws.iter().find(|w| w.err.lock().unwrap().contains("round 150 acknowledged")) {
+        panic!("{} finished before the join completed: the test proves nothing", w.proc.name);
+    }
+    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
+    if statuses.iter().any(|st| !st.success()) {
+        let all: Vec<String> = ws
+            .iter()
+            .zip(&statuses)
+            .map(|(w, st)| format!("== {} ({st}):\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
+            .collect();
+        panic!("a worker failed:\n{}\n== scheduler:\n{}", all.join("\n"), job.log("scheduler"));
+    }
+    for w in &mut ws {
+        let (_, epoch) = parse_counting(&w.out.lock().unwrap());
+        assert!(epoch >= 3, "{}: the workers never routed with the joined server (epoch {epoch})", w.proc.name);
+    }
+    let st = job.scheduler.wait(deadline);
+    assert!(st.success(), "scheduler failed: {st}");
+    for s in job.servers.iter_mut() {
+        let st = s.wait(deadline);
+        assert!(st.success(), "{} failed: {st}", s.name);
+    }
+    // The new server served pushes of its own ranges.
+    let log = job.log(&format!("server{new}"));
+    let line = log.lines().find(|l| l.contains("server stopped")).unwrap_or_else(|| panic!("no summary in:\n{log}"));
+    let pushes: u64 = line.split("pushes=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(pushes > 0, "the joined server served no push: {line}");
+    eprintln!(
+        "{io}: {servers} servers + 1 joined (replicas {replicas}): counters exact, migration {migration_ms:.1} ms"
+    );
+    let _ = std::fs::remove_dir_all(&job.dir);
+    migration_ms
+}
+
+#[test]
+fn a_server_joining_mid_run_takes_ranges_over_and_counters_stay_exact_std() {
+    counting_survives_a_server_joining("std", 2, 1);
+}
+
+#[test]
+fn a_server_joining_mid_run_takes_ranges_over_and_counters_stay_exact_uring() {
+    if !uring_works() {
+        eprintln!("SKIPPED: io_uring is not available on this machine");
+        return;
+    }
+    counting_survives_a_server_joining("uring", 2, 1);
+}
+
+#[test]
+fn a_server_joining_a_job_without_replicas_receives_its_ranges_whole() {
+    counting_survives_a_server_joining("std", 1, 0);
+}

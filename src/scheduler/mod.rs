@@ -14,12 +14,20 @@
 //! copies), it goes to the workers, which send what the dead server had not
 //! acknowledged to the new owners. The job fails only when a range lost its
 //! owner and every replica (or had none).
+//!
+//! Joins (two-phase migration): a server that registers once the job runs
+//! is welcomed as *joining*: an epoch in which it owns nothing and learns
+//! copies of the ranges it will hold from their owners (copy). Once every
+//! server applied that, a second epoch makes it a member: the servers that
+//! hand ranges over apply it first and acknowledge only when everything
+//! they applied is on the joiner (hand over the delta), then the joiner
+//! applies it, and only then are workers told. Joins go one at a time.
 
 pub mod heartbeat;
 pub mod ring;
 mod status;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
@@ -97,12 +105,44 @@ struct State {
     /// A membership change the servers are applying: its epoch and the
     /// servers that have not acknowledged it.
     applying: Option<(u32, HashSet<u32>)>,
+    /// A server applying the change once the others have (a joining server
+    /// that takes ranges over).
+    applying_next: Option<u32>,
+    /// Servers that registered once the job ran, waiting for their turn.
+    joiners: VecDeque<Pending>,
+    /// The join in progress.
+    join: Option<Join>,
+    /// How long each completed join took, from registration to the epoch
+    /// that made it a member (milliseconds).
+    migrations: Vec<f64>,
     /// The checkpoint restored at the start: its directory and clock.
     restore: Option<(String, u32)>,
     /// The checkpoint being taken.
     checkpoint: Option<CheckpointRound>,
     /// Nodes' reports, for `pserver status` and metrics.
     ops: status::Ops,
+}
+
+/// A server joining the running job.
+struct Join {
+    rank: usize,
+    phase: JoinPhase,
+    since: std::time::Instant,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum JoinPhase {
+    /// Welcomed; its `Ready` has not come yet.
+    Welcomed,
+    /// Owners fill its copies (it is `joining` in the server list).
+    Learning,
+    /// Its copies are complete; waiting for every worker to acknowledge
+    /// that epoch (no request routed by an older map is still unanswered),
+    /// so that every request in flight at the handover was split by a map
+    /// that already separates the ranges it takes.
+    Draining(HashSet<u32>),
+    /// A member: ranges are handed over to it.
+    Promoting,
 }
 
 /// A checkpoint in progress: workers that arrived, servers still writing.
@@ -331,6 +371,15 @@ impl SchedulerHandler {
     ) {
         let cfg = &self.shared.cfg;
         match msg {
+            Control::Register { role: Role::Server, addr, .. } if !st.server_peers.is_empty() => {
+                if st.finished || st.failure.is_some() {
+                    out.push((from, Control::Error("the job is ending; no server can join".into()).to_frame(id)));
+                    return;
+                }
+                tracing::info!(target: "membership", %addr, "a server asks to join the running job");
+                st.joiners.push_back(Pending { peer: from, id, addr, rank: None });
+                self.start_join(st, out);
+            }
             Control::Register { role, addr, rank } => {
                 let list = match role {
                     Role::Server if st.servers.len() < cfg.servers as usize => &mut st.servers,
@@ -347,6 +396,15 @@ impl SchedulerHandler {
                     && st.server_peers.is_empty()
                 {
                     self.welcome_servers(st, out);
+                }
+            }
+            Control::Ready { rank } if st.join.as_ref().is_some_and(|j| j.rank == rank as usize) => {
+                let Some(j) = st.join.as_mut().filter(|j| j.phase == JoinPhase::Welcomed) else { return };
+                j.phase = JoinPhase::Learning;
+                // A change under way already lists it as joining; else the
+                // epoch of its welcome goes to the others now.
+                if st.applying.is_none() {
+                    self.announce(st, out);
                 }
             }
             Control::Ready { rank } => {
@@ -371,10 +429,10 @@ impl SchedulerHandler {
             }
             Control::Heartbeat => {}
             Control::Checkpoint { worker, clock } => {
-                let Some(root) = cfg.checkpoint_dir.clone() else {
+                if cfg.checkpoint_dir.is_none() {
                     out.push((from, Control::CheckpointDone { clock, written: false }.to_frame(id)));
                     return;
-                };
+                }
                 let round = st.checkpoint.get_or_insert_with(|| CheckpointRound {
                     clock,
                     workers: Vec::new(),
@@ -388,18 +446,7 @@ impl SchedulerHandler {
                     return;
                 }
                 round.workers.push((from, id));
-                let alive = st.done.iter().filter(|d| !**d).count();
-                if st.checkpoint.as_ref().is_some_and(|r| r.workers.len() >= alive && r.servers.is_empty()) {
-                    let dir = crate::server::checkpoint::dir_for(&root, clock).display().to_string();
-                    let live: Vec<usize> = (0..st.server_infos.len()).filter(|&s| st.server_infos[s].alive).collect();
-                    for &s in &live {
-                        out.push((st.server_peers[s], Control::Snapshot { clock, dir: dir.clone() }.to_frame(0)));
-                    }
-                    if let Some(r) = &mut st.checkpoint {
-                        r.servers = live.into_iter().map(|s| s as u32).collect();
-                    }
-                    tracing::info!(clock, "taking a checkpoint");
-                }
+                Self::start_checkpoint_in(&self.shared, st, out);
             }
             Control::SnapshotDone { clock, files, tables } => {
                 let Some(rank) = st.server_peers.iter().position(|p| *p == from) else { return };
@@ -434,6 +481,7 @@ impl SchedulerHandler {
                     for (p, i) in round.workers {
                         out.push((p, Control::CheckpointDone { clock, written }.to_frame(i)));
                     }
+                    self.start_join(st, out);
                 }
             }
             Control::Error(m) => {
@@ -446,6 +494,7 @@ impl SchedulerHandler {
                     for (p, i) in round.workers {
                         out.push((p, Control::CheckpointDone { clock: round.clock, written: false }.to_frame(i)));
                     }
+                    self.start_join(st, out);
                 }
             }
             Control::Leave { rank } => {
@@ -466,6 +515,16 @@ impl SchedulerHandler {
                 self.server_failed(st, r, "left the job", out);
             }
             Control::MembershipAck { epoch } => {
+                if let Some(w) = st.worker_peers.iter().position(|p| *p == Some(from)) {
+                    if epoch == st.epoch
+                        && let Some(j) = st.join.as_mut()
+                        && let JoinPhase::Draining(waiting) = &mut j.phase
+                    {
+                        waiting.remove(&(w as u32));
+                        Self::promote_if_drained(st, out);
+                    }
+                    return;
+                }
                 let Some(rank) = st.server_peers.iter().position(|p| *p == from) else { return };
                 let complete = match &mut st.applying {
                     Some((e, waiting)) if *e == epoch => {
@@ -475,8 +534,7 @@ impl SchedulerHandler {
                     _ => false,
                 };
                 if complete {
-                    st.applying = None;
-                    self.tell_workers(st, out);
+                    Self::applied(&self.shared, st, out);
                 }
             }
             Control::Report(r) => st.ops.record(from, r),
@@ -542,10 +600,33 @@ impl SchedulerHandler {
             }
             return;
         }
+        if st.join.as_ref().is_some_and(|j| j.rank == rank) {
+            tracing::warn!(target: "membership", server = rank, "the joining server is gone; its join is abandoned");
+            st.join = None;
+        }
         st.epoch += 1;
+        tracing::warn!(target: "membership", server = rank, epoch = st.epoch, live = after.live(), "failing over: its replicas take its ranges");
+        Self::announce_in(st, out);
+    }
+
+    fn announce(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        Self::announce_in(st, out)
+    }
+
+    /// Sends the membership of `st.epoch` to the live servers. While ranges
+    /// are handed to a joining server, it gets it only once the others
+    /// applied it (see `applied`).
+    fn announce_in(st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
         let epoch = st.epoch;
-        let live: HashSet<u32> = (0..st.server_infos.len() as u32).filter(|&s| after.is_alive(s)).collect();
-        tracing::warn!(server = rank, epoch, live = live.len(), "failing over: its replicas take its ranges");
+        let mut live: HashSet<u32> =
+            (0..st.server_infos.len() as u32).filter(|&s| st.server_infos[s as usize].alive).collect();
+        st.applying_next = None;
+        if let Some(j) = st.join.as_ref().filter(|j| j.phase == JoinPhase::Promoting)
+            && live.len() > 1
+            && live.remove(&(j.rank as u32))
+        {
+            st.applying_next = Some(j.rank as u32);
+        }
         for &s in &live {
             let m = Control::Membership { epoch, servers: st.server_infos.clone() };
             out.push((st.server_peers[s as usize], m.to_frame(0)));
@@ -553,8 +634,149 @@ impl SchedulerHandler {
         st.applying = Some((epoch, live));
     }
 
+    /// Every server it went to applied the membership change: the next
+    /// step of a join, and the workers are told.
+    fn applied(shared: &Shared, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        if let Some(next) = st.applying_next.take() {
+            let epoch = st.epoch;
+            let m = Control::Membership { epoch, servers: st.server_infos.clone() };
+            out.push((st.server_peers[next as usize], m.to_frame(0)));
+            st.applying = Some((epoch, HashSet::from([next])));
+            return;
+        }
+        st.applying = None;
+        Self::tell_workers_in(st, out);
+        match st.join.as_ref().map(|j| (j.rank, j.phase.clone())) {
+            Some((_, JoinPhase::Learning)) => {
+                // Every copy it will hold is filled and kept up to date;
+                // once no worker has a request routed by an older map, it
+                // becomes a member.
+                let waiting: HashSet<u32> = (0..st.worker_peers.len() as u32)
+                    .filter(|&w| {
+                        st.worker_peers[w as usize].is_some() && !st.done.get(w as usize).copied().unwrap_or(true)
+                    })
+                    .collect();
+                if let Some(j) = st.join.as_mut() {
+                    j.phase = JoinPhase::Draining(waiting);
+                }
+                Self::promote_if_drained(st, out);
+                return;
+            }
+            Some((_, JoinPhase::Draining(_))) => {
+                // A change (a failure) came between: the promotion waited.
+                Self::promote_if_drained(st, out);
+                if st.applying.is_some() {
+                    return;
+                }
+            }
+            Some((rank, JoinPhase::Promoting)) => {
+                let ms = st.join.take().map_or(0.0, |j| j.since.elapsed().as_secs_f64() * 1e3);
+                st.migrations.push(ms);
+                tracing::info!(target: "membership", server = rank, epoch = st.epoch, migration_ms = ms, "server joined the job");
+            }
+            _ => {}
+        }
+        Self::start_checkpoint_in(shared, st, out);
+        Self::start_join_in(shared, st, out);
+    }
+
+    /// Every worker acknowledged the joining epoch: the joiner becomes a
+    /// member (the second phase).
+    fn promote_if_drained(st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        let Some(j) = st.join.as_mut() else { return };
+        if !matches!(&j.phase, JoinPhase::Draining(w) if w.is_empty()) || st.applying.is_some() {
+            return;
+        }
+        j.phase = JoinPhase::Promoting;
+        let rank = j.rank;
+        st.server_infos[rank].joining = false;
+        st.epoch += 1;
+        tracing::info!(target: "membership", server = rank, epoch = st.epoch, "the joining server holds its copies; handing over");
+        Self::announce_in(st, out);
+    }
+
+    /// A worker finished or died: a join does not wait for it.
+    fn worker_gone_from_join(st: &mut State, rank: usize, out: &mut Vec<(PeerId, Frame)>) {
+        if let Some(j) = st.join.as_mut()
+            && let JoinPhase::Draining(waiting) = &mut j.phase
+        {
+            waiting.remove(&(rank as u32));
+            Self::promote_if_drained(st, out);
+        }
+    }
+
+    fn start_join(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        Self::start_join_in(&self.shared, st, out)
+    }
+
+    /// Welcomes the next server waiting to join, when no membership change
+    /// or checkpoint is under way.
+    fn start_join_in(shared: &Shared, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        if st.join.is_some()
+            || st.applying.is_some()
+            || st.finished
+            || st.checkpoint.as_ref().is_some_and(|r| !r.servers.is_empty())
+        {
+            return;
+        }
+        let Some(p) = st.joiners.pop_front() else { return };
+        let cfg = &shared.cfg;
+        let rank = st.server_infos.len();
+        st.server_infos.push(ServerInfo { id: rank as u32, addr: p.addr.clone(), alive: true, joining: true });
+        st.server_peers.push(p.peer);
+        st.last_seen.insert(p.peer, std::time::Instant::now());
+        st.epoch += 1;
+        let w = Control::Welcome {
+            role: Role::Server,
+            rank: rank as u32,
+            servers: st.server_infos.clone(),
+            workers: cfg.workers,
+            vnodes: cfg.vnodes,
+            epoch: st.epoch,
+            replicas: cfg.replicas(),
+            incarnation: 0,
+            checkpoint: Some(crate::proto::CheckpointPlan { every: Self::every(shared), restore: None }),
+        };
+        out.push((p.peer, w.to_frame(p.id)));
+        tracing::info!(target: "membership", server = rank, addr = %p.addr, epoch = st.epoch, "welcoming a joining server");
+        st.servers.push(p);
+        st.join = Some(Join { rank, phase: JoinPhase::Welcomed, since: std::time::Instant::now() });
+    }
+
+    /// Takes the checkpoint once every worker waits for it, unless ranges
+    /// are moving (then once they have moved).
+    fn start_checkpoint_in(shared: &Shared, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        let Some(root) = shared.cfg.checkpoint_dir.clone() else { return };
+        let alive = st.done.iter().filter(|d| !**d).count();
+        let Some(clock) = st
+            .checkpoint
+            .as_ref()
+            .filter(|r| !r.workers.is_empty() && r.workers.len() >= alive && r.servers.is_empty())
+            .map(|r| r.clock)
+        else {
+            return;
+        };
+        if st.applying.is_some() || st.join.is_some() {
+            tracing::debug!(clock, "checkpoint waits for the membership change");
+            return;
+        }
+        let dir = crate::server::checkpoint::dir_for(&root, clock).display().to_string();
+        let live: Vec<usize> = (0..st.server_infos.len()).filter(|&s| st.server_infos[s].alive).collect();
+        for &s in &live {
+            out.push((st.server_peers[s], Control::Snapshot { clock, dir: dir.clone() }.to_frame(0)));
+        }
+        if let Some(r) = &mut st.checkpoint {
+            r.servers = live.into_iter().map(|s| s as u32).collect();
+        }
+        tracing::info!(clock, "taking a checkpoint");
+    }
+
+    fn every(shared: &Shared) -> u32 {
+        if shared.cfg.checkpoint_dir.is_some() { shared.cfg.checkpoint_every } else { 0 }
+    }
+
     /// The membership every server applied goes to the workers.
-    fn tell_workers(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+    fn tell_workers_in(st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
         let m = Control::Membership { epoch: st.epoch, servers: st.server_infos.clone() };
         for (r, p) in st.worker_peers.iter().enumerate() {
             if let Some(p) = p
@@ -566,8 +788,7 @@ impl SchedulerHandler {
     }
 
     fn plan(&self, st: &State) -> crate::proto::CheckpointPlan {
-        let every = if self.shared.cfg.checkpoint_dir.is_some() { self.shared.cfg.checkpoint_every } else { 0 };
-        crate::proto::CheckpointPlan { every, restore: st.restore.clone() }
+        crate::proto::CheckpointPlan { every: Self::every(&self.shared), restore: st.restore.clone() }
     }
 
     fn welcome_servers(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
@@ -580,7 +801,7 @@ impl SchedulerHandler {
         st.server_infos = by_rank
             .iter()
             .enumerate()
-            .map(|(i, p)| ServerInfo { id: i as u32, addr: p.addr.clone(), alive: true })
+            .map(|(i, p)| ServerInfo { id: i as u32, addr: p.addr.clone(), alive: true, joining: false })
             .collect();
         st.epoch = 1;
         st.server_peers = by_rank.iter().map(|p| p.peer).collect();
@@ -637,6 +858,7 @@ impl SchedulerHandler {
         out: &mut Vec<(PeerId, Frame)>,
     ) {
         st.done[rank] = true;
+        Self::worker_gone_from_join(st, rank, out);
         // Consistency waits of the others must not wait for this worker.
         for (s, &p) in st.server_peers.iter().enumerate() {
             if st.server_infos[s].alive {
@@ -664,6 +886,9 @@ impl SchedulerHandler {
                 if st.server_infos[s].alive {
                     out.push((p, Control::Shutdown.to_frame(0)));
                 }
+            }
+            for p in st.joiners.drain(..) {
+                out.push((p.peer, Control::Shutdown.to_frame(p.id)));
             }
             st.finished = true;
             tracing::info!("all workers done; job finished");

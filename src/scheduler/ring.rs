@@ -22,6 +22,15 @@
 //! owner already holds the data; a replica that dies is replaced by the next
 //! live server of the walk, which receives a copy.
 //!
+//! Joining (DESIGN section 6, two-phase migration): a server marked
+//! `joining` places its tokens but takes no part in the walks that choose
+//! owners and replicas, so nothing moves yet; every range whose walk *would*
+//! include it lists it as a *learner*, which its owner fills with a copy and
+//! keeps up to date like a replica. Once every learner copy is complete the
+//! flag is cleared: the joiner owns its ranges (its copies are current) and
+//! holds copies of the others, exactly as if it had been there from the
+//! start.
+//!
 //! Every node computes the same map from the same server list: the scheduler
 //! distributes the list (with an epoch), never the ranges themselves.
 
@@ -68,6 +77,10 @@ impl Ring {
     pub fn is_alive(&self, s: u32) -> bool {
         self.servers.get(s as usize).is_some_and(|i| i.alive)
     }
+    /// Whether server index `s` is alive and a full member (not joining).
+    fn is_member(&self, s: u32) -> bool {
+        self.servers.get(s as usize).is_some_and(|i| i.alive && !i.joining)
+    }
     /// Servers alive.
     pub fn live(&self) -> usize {
         self.servers.iter().filter(|s| s.alive).count()
@@ -92,28 +105,44 @@ impl Ring {
     /// The range map of a key space `0..n`.
     pub fn ranges(&self, n: u64) -> RangeMap {
         let k = self.replicas as usize;
-        let mut map = RangeMap { starts: vec![], ends: vec![], owners: vec![], copies: vec![], k };
+        let mut map = RangeMap { starts: vec![], ends: vec![], owners: vec![], copies: vec![], learners: vec![], k };
         if self.servers.is_empty() || n == 0 {
             return map;
         }
         let tokens = self.tokens(n);
-        // Owner and replicas of each token: the walk downwards from it.
-        let chains: Vec<Vec<u32>> = (0..tokens.len())
-            .map(|t| {
-                let mut chain: Vec<u32> = Vec::with_capacity(k + 1);
-                for step in 0..tokens.len() {
-                    let s = tokens[(t + tokens.len() - step) % tokens.len()].1;
-                    if self.is_alive(s) && !chain.contains(&s) {
-                        chain.push(s);
-                        if chain.len() == k + 1 {
-                            break;
-                        }
+        // The first k + 1 distinct servers the walk downwards from token `t`
+        // meets among those `take` accepts.
+        let walk = |t: usize, take: &dyn Fn(u32) -> bool| {
+            let mut chain: Vec<u32> = Vec::with_capacity(k + 1);
+            for step in 0..tokens.len() {
+                let s = tokens[(t + tokens.len() - step) % tokens.len()].1;
+                if take(s) && !chain.contains(&s) {
+                    chain.push(s);
+                    if chain.len() == k + 1 {
+                        break;
                     }
                 }
-                chain
+            }
+            chain
+        };
+        let joining = self.servers.iter().any(|s| s.alive && s.joining);
+        // Owner and replicas of each token (full members only), the joining
+        // servers the walk would meet once they are members, and who would
+        // own it then (ranges are split where that differs too, so that no
+        // range of this map ever has two owners once the joiners are in).
+        let chains: Vec<(Vec<u32>, Vec<u32>, u32)> = (0..tokens.len())
+            .map(|t| {
+                let chain = walk(t, &|s| self.is_member(s));
+                if !joining {
+                    return (chain, Vec::new(), NO_SERVER);
+                }
+                let future = walk(t, &|s| self.is_alive(s));
+                let next_owner = future.first().copied().unwrap_or(NO_SERVER);
+                (chain, future.into_iter().filter(|&s| !self.is_member(s)).collect(), next_owner)
             })
             .collect();
-        let mut push = |start: u64, end: u64, chain: &[u32]| {
+        let mut next_owners: Vec<u32> = Vec::new();
+        let mut push = |start: u64, end: u64, (chain, learners, next_owner): &(Vec<u32>, Vec<u32>, u32)| {
             if start >= end {
                 return;
             }
@@ -123,7 +152,9 @@ impl Ring {
             let same = n > 0
                 && map.ends[n - 1] == start
                 && map.owners[n - 1] == owner
-                && map.copies[(n - 1) * k..n * k].iter().copied().eq(copies.clone());
+                && map.copies[(n - 1) * k..n * k].iter().copied().eq(copies.clone())
+                && map.learners[n - 1] == *learners
+                && next_owners[n - 1] == *next_owner;
             if same {
                 map.ends[n - 1] = end;
                 return;
@@ -132,6 +163,8 @@ impl Ring {
             map.ends.push(end);
             map.owners.push(owner);
             map.copies.extend(copies);
+            map.learners.push(learners.clone());
+            next_owners.push(*next_owner);
         };
         push(0, tokens[0].0, &chains[tokens.len() - 1]);
         for (i, &(pos, _)) in tokens.iter().enumerate() {
@@ -151,6 +184,8 @@ pub struct RangeMap {
     owners: Vec<u32>,
     /// `k` replica slots per range, `NO_SERVER` where fewer are alive.
     copies: Vec<u32>,
+    /// Joining servers that will hold range `i` (its owner fills them).
+    learners: Vec<Vec<u32>>,
     k: usize,
 }
 
@@ -178,6 +213,15 @@ impl RangeMap {
     /// The live replicas of range `i` (not counting the owner).
     pub fn replicas(&self, i: usize) -> impl Iterator<Item = u32> + '_ {
         self.copies[i * self.k..(i + 1) * self.k].iter().copied().filter(|&s| s != NO_SERVER)
+    }
+    /// The joining servers learning a copy of range `i`.
+    pub fn learners(&self, i: usize) -> impl Iterator<Item = u32> + '_ {
+        self.learners[i].iter().copied()
+    }
+    /// Everyone the owner of range `i` sends its changes to: replicas, then
+    /// learners.
+    pub fn targets(&self, i: usize) -> impl Iterator<Item = u32> + '_ {
+        self.replicas(i).chain(self.learners(i))
     }
     pub fn iter(&self) -> impl Iterator<Item = (KeyRange, u32)> + '_ {
         (0..self.len()).map(|i| self.range(i))
@@ -224,7 +268,7 @@ mod tests {
     use super::*;
 
     fn servers(n: u32) -> Vec<ServerInfo> {
-        (0..n).map(|id| ServerInfo { id, addr: format!("s{id}"), alive: true }).collect()
+        (0..n).map(|id| ServerInfo { id, addr: format!("s{id}"), alive: true, joining: false }).collect()
     }
 
     fn shares(map: &RangeMap, s: usize, n: u64) -> Vec<f64> {
@@ -376,5 +420,47 @@ mod tests {
             next = r.hi;
         }
         assert_eq!(next, keys.len());
+    }
+
+    #[test]
+    fn a_joining_server_learns_what_it_will_hold_and_owns_nothing_yet() {
+        let n = 1u64 << 32;
+        for k in [0u32, 1, 2] {
+            let before = Ring::new(servers(3), 16, 1).with_replicas(k).ranges(n);
+            let mut s = servers(4);
+            s[3].joining = true;
+            let learning = Ring::new(s.clone(), 16, 2).with_replicas(k).ranges(n);
+            s[3].joining = false;
+            let after = Ring::new(s, 16, 3).with_replicas(k).ranges(n);
+            for i in 0..20_000u64 {
+                let key = mix64(i) % n;
+                let (b, l, a) = (before.find(key).unwrap(), learning.find(key).unwrap(), after.find(key).unwrap());
+                // While joining: owners and replicas as before.
+                assert_eq!(before.range(b).1, learning.range(l).1, "key {key}");
+                assert!(before.replicas(b).eq(learning.replicas(l)));
+                // It learns exactly the keys it owns or copies afterwards.
+                let holds_after = after.range(a).1 == 3 || after.replicas(a).any(|s| s == 3);
+                assert_eq!(learning.learners(l).any(|s| s == 3), holds_after, "key {key} k {k}");
+                assert!(learning.targets(l).eq(learning.replicas(l).chain(learning.learners(l))));
+                // What it takes over, a member had (the old owner stays a
+                // copy whenever there are copies).
+                if after.range(a).1 == 3 && k > 0 {
+                    assert_eq!(after.replicas(a).next(), Some(before.range(b).1));
+                }
+            }
+            assert!((0..after.len()).all(|i| after.learners(i).next().is_none()));
+            // Every range of the joining map has one owner afterwards (runs
+            // routed by it never straddle two owners after the handover).
+            for i in 0..learning.len() {
+                let (r, _) = learning.range(i);
+                let owner_at = |k: u64| after.range(after.find(k).unwrap()).1;
+                let o = owner_at(r.start);
+                for j in 0..16u64 {
+                    let k = r.start + (r.end - r.start - 1) / 15 * j.min(15);
+                    assert_eq!(owner_at(k), o, "range {r} of the joining map has two owners afterwards");
+                }
+                assert_eq!(owner_at(r.end - 1), o);
+            }
+        }
     }
 }

@@ -130,6 +130,8 @@ impl State {
             failure: self.failure.clone(),
             uptime_s: now.duration_since(self.ops.started).as_secs_f64(),
             nodes,
+            migrations_ms: self.migrations.clone(),
+            joining: self.join.as_ref().map(|j| j.rank as u32),
         }
     }
 }

@@ -57,6 +57,8 @@ pub(super) struct Replication {
     pub me: AtomicU32,
     pub epoch: AtomicU32,
     batches: Mutex<HashMap<u64, Arc<Batch>>>,
+    /// Signalled whenever batches complete.
+    settled: Condvar,
     next_batch: AtomicU64,
 }
 
@@ -66,6 +68,12 @@ struct Batch {
     /// acknowledged yet.
     waiting: Mutex<Vec<(u32, usize)>>,
     requests: Vec<Arc<Request>>,
+}
+
+impl Batch {
+    fn complete(&self) {
+        self.requests.iter().for_each(|r| r.release());
+    }
 }
 
 /// One delta of a REPLICATE frame: its header and segments.
@@ -156,7 +164,29 @@ impl Replication {
             if empty { batches.remove(&id) } else { None }
         };
         if let Some(b) = done {
-            b.requests.iter().for_each(|r| r.release());
+            b.complete();
+            self.settled.notify_all();
+        }
+    }
+
+    /// The last batch id handed out so far.
+    pub fn last_batch(&self) -> u64 {
+        self.next_batch.load(Ordering::Acquire)
+    }
+
+    /// Waits until every batch up to `last` completed (acknowledged by its
+    /// replicas, or forgotten because they are gone), at most `timeout`;
+    /// false when some had not.
+    pub fn settle(&self, last: u64, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut batches = self.batches.lock();
+        loop {
+            if !batches.keys().any(|&id| id <= last) {
+                return true;
+            }
+            if self.settled.wait_until(&mut batches, deadline).timed_out() {
+                return !batches.keys().any(|&id| id <= last);
+            }
         }
     }
 
@@ -174,8 +204,11 @@ impl Replication {
                 .collect();
             ids.into_iter().filter_map(|id| batches.remove(&id)).collect()
         };
-        for b in done {
-            b.requests.iter().for_each(|r| r.release());
+        for b in &done {
+            b.complete();
+        }
+        if !done.is_empty() {
+            self.settled.notify_all();
         }
     }
 }
@@ -195,8 +228,91 @@ struct Entry {
     /// requests and clocks to it. Otherwise it only holds a copy, kept up to
     /// date by the owner.
     active: bool,
-    /// Owned parts of the shard that have replicas.
+    /// Owned parts of the shard that have replicas (or learners).
     targets: Vec<Target>,
+    /// The membership epoch of these roles, stamped on what the shard
+    /// replicates: a receiver that has not reached it yet holds it back.
+    epoch: u32,
+    /// The parts of the shard this server owns (sorted, disjoint).
+    owned: Vec<KeyRange>,
+    /// Exactly-once seqs of the parts whose pushes another server applied
+    /// (copies, and copies taken over): per part, the last seq applied per
+    /// worker in *that* part's history. A worker's seqs grow across all
+    /// servers, so one server's seqs say nothing about another's pushes: a
+    /// shard holding its own range and a copy of a range handed to a
+    /// joining server must not mix them. Parts owned from the start use the
+    /// shard's own seqs.
+    lineage: Vec<(KeyRange, Vec<u64>)>,
+}
+
+impl Entry {
+    /// Indices of the lineage parts overlapping `[first, last]`.
+    fn lineage_of(&self, first: u64, last: u64) -> Vec<usize> {
+        (0..self.lineage.len()).filter(|&i| self.lineage[i].0.start <= last && first < self.lineage[i].0.end).collect()
+    }
+
+    /// The last seq per worker applied to `range`, in its own history.
+    fn seqs_for(&self, range: KeyRange) -> Vec<u64> {
+        let parts = self.lineage_of(range.start, range.end - 1);
+        if parts.is_empty() {
+            return self.shard.applied().to_vec();
+        }
+        let mut v = vec![0u64; self.shard.applied().len()];
+        for i in parts {
+            for (m, &x) in v.iter_mut().zip(&self.lineage[i].1) {
+                *m = (*m).max(x);
+            }
+        }
+        v
+    }
+
+    /// An owner's seqs for `range` (only grow).
+    fn learn(&mut self, range: KeyRange, seqs: &[u64]) {
+        let mut merged = seqs.to_vec();
+        for (r, v) in &self.lineage {
+            if r.start < range.end && range.start < r.end {
+                for (m, &x) in merged.iter_mut().zip(v) {
+                    *m = (*m).max(x);
+                }
+            }
+        }
+        self.lineage.retain(|(r, _)| !(range.start <= r.start && r.end <= range.end));
+        for (r, v) in &mut self.lineage {
+            if r.start < range.end && range.start < r.end {
+                v.clone_from(&merged);
+            }
+        }
+        self.lineage.push((range, merged));
+    }
+
+    /// Whether this server owns every key of `[first, last]` of the shard.
+    fn owns(&self, first: u64, last: u64) -> bool {
+        let mut at = first;
+        for r in &self.owned {
+            if r.end <= at {
+                continue;
+            }
+            if r.start > at {
+                return false;
+            }
+            if r.end > last {
+                return true;
+            }
+            at = r.end;
+        }
+        false
+    }
+}
+
+/// The first and last key of a run.
+fn span(r: &LaneRun) -> Option<(u64, u64)> {
+    match &r.keys {
+        Some(k) => {
+            let v = pod_slice::<u64>(k);
+            Some((*v.first()?, *v.last()?))
+        }
+        None => r.header.count.checked_sub(1).map(|n| (r.header.first, r.header.first + n)),
+    }
 }
 
 /// Requests with more keys than this are applied by the lane's helper thread.
@@ -362,7 +478,14 @@ fn join_parts(items: Vec<Item>) -> Vec<Item> {
         let j = (i..parts.len()).find(|&j| parts[j].reply.run != run).unwrap_or(parts.len());
         let group = &mut parts[i..j];
         let count: u64 = group.iter().map(|p| p.reply.count).sum();
-        if let Some(bad) = group.iter_mut().find(|p| p.reply.status == status::ERROR) {
+        if group.iter().any(|p| p.reply.status == status::MOVED) {
+            out.push(Item {
+                reply: RunReply { run, status: status::MOVED, count },
+                part: 0,
+                segs: Vec::new(),
+                error: None,
+            });
+        } else if let Some(bad) = group.iter_mut().find(|p| p.reply.status == status::ERROR) {
             out.push(Item {
                 reply: RunReply { run, status: status::ERROR, count },
                 part: 0,
@@ -423,18 +546,31 @@ pub(super) enum Job {
         shard: Box<Shard>,
         active: bool,
         targets: Vec<Target>,
+        epoch: u32,
+        owned: Vec<KeyRange>,
     },
-    /// The membership changed: what this server now does with shard `id`.
+    /// The membership changed: what this server now does with shard `id`
+    /// (what changed under the old roles is replicated first).
     Roles {
         id: u32,
         active: bool,
         targets: Vec<Target>,
+        epoch: u32,
+        owned: Vec<KeyRange>,
     },
-    /// Sends a full copy of the keys of `range` to a new replica.
+    /// Sends a full copy of the keys of `range` to a new replica; when
+    /// `tracked` (a copy for a joining server, which will take ranges over
+    /// from it), as a batch that membership changes wait for.
     Snapshot {
         id: u32,
         range: KeyRange,
         to: (u32, PeerId),
+        tracked: bool,
+    },
+    /// Replicates what changed so far, then answers: every batch of state
+    /// made before has an id up to `Replication::last_batch()` after this.
+    Fence {
+        reply: crossbeam::channel::Sender<()>,
     },
     /// Replica side: the owner's state of some keys (a REPLICATE frame,
     /// checked only for its header so far), acknowledged on `from` once
@@ -478,6 +614,27 @@ struct LaneState {
 impl LaneState {
     /// Applies a request's pushes, then completes it or parks it.
     fn start(&mut self, req: Arc<Request>, runs: Vec<LaneRun>) -> Option<Frame> {
+        let owned = |r: &LaneRun| {
+            let Some(e) = self.shards.get(&r.shard) else { return true };
+            span(r).is_none_or(|(first, last)| e.owns(first, last))
+        };
+        if !runs.iter().all(owned) {
+            // Checked against the map of an epoch in which this server
+            // owned these keys, queued after the change that handed them
+            // over: nothing is applied, the worker sends it to the new owner
+            // (runs other lanes applied are retried too, and skipped there
+            // by their seqs).
+            let items = runs
+                .iter()
+                .map(|r| Item {
+                    reply: RunReply { run: r.header.run, status: status::MOVED, count: r.header.count },
+                    part: r.part,
+                    segs: Vec::new(),
+                    error: None,
+                })
+                .collect();
+            return req.finish_part(Output { items, progress: u64::MAX });
+        }
         let pushed: Vec<Result<(), String>> = if req.kind == kind::PULL {
             runs.iter().map(|_| Ok(())).collect()
         } else {
@@ -563,18 +720,28 @@ impl LaneState {
         self.release_parked(replies);
     }
 
-    fn install(&mut self, id: u32, mut shard: Shard, active: bool, targets: Vec<Target>) {
+    fn install(
+        &mut self,
+        id: u32,
+        mut shard: Shard,
+        active: bool,
+        targets: Vec<Target>,
+        epoch: u32,
+        owned: Vec<KeyRange>,
+    ) {
         if active {
             for (w, &c) in self.clocks.iter().enumerate() {
                 let _ = shard.record_progress(w, c);
             }
         }
         shard.track_changes(targets.iter().any(|t| !t.peers.is_empty()));
-        self.shards.insert(id, Entry { shard, active, targets });
+        self.shards.insert(id, Entry { shard, active, targets, epoch, owned, lineage: Vec::new() });
     }
 
-    fn roles(&mut self, id: u32, active: bool, targets: Vec<Target>) {
+    fn roles(&mut self, id: u32, active: bool, targets: Vec<Target>, epoch: u32, owned: Vec<KeyRange>) {
         let Some(e) = self.shards.get_mut(&id) else { return };
+        e.epoch = epoch;
+        e.owned = owned;
         if active && !e.active {
             // Promoted: the copy becomes the range's state of record. Its
             // progress is the old owner's; workers that left hold nobody
@@ -599,9 +766,13 @@ impl LaneState {
         let probe = s.delta_of(&ids[..ids.len().min(1)]);
         let per_key = 8 + s.layout().bytes() + probe.state.len() * 4 + probe.pending.len() * 8;
         let chunk = (MAX_DELTA_BYTES / per_key.max(1)).max(1);
-        let applied = bytes_of_vec(s.applied().to_vec());
+        let applied = bytes_of_vec(e.seqs_for(range));
         let progress = bytes_of_vec(s.progress_all());
-        ids.chunks(chunk)
+        // No slot at all (a sparse range nobody pushed to yet) still makes
+        // one delta: the receiver learns the range's seqs and progress.
+        let parts: Vec<&[u32]> = if ids.is_empty() { vec![ids] } else { ids.chunks(chunk).collect() };
+        parts
+            .into_iter()
             .map(|part| {
                 let d = s.delta_of(part);
                 let mut f = flags;
@@ -621,7 +792,7 @@ impl LaneState {
                 let h = ReplHeader {
                     table: s.table(),
                     from: repl.me.load(Ordering::Relaxed),
-                    epoch: repl.epoch.load(Ordering::Acquire),
+                    epoch: e.epoch,
                     flags: f,
                     batch: 0,
                     start: range.start,
@@ -706,19 +877,32 @@ impl LaneState {
         outbox.extend(frames);
     }
 
-    fn snapshot(&self, repl: &Replication, id: u32, range: KeyRange, to: PeerId, outbox: &mut Vec<(PeerId, Frame)>) {
+    fn snapshot(
+        &self,
+        repl: &Replication,
+        id: u32,
+        range: KeyRange,
+        to: (u32, PeerId),
+        tracked: bool,
+        outbox: &mut Vec<(PeerId, Frame)>,
+    ) {
         let Some(e) = self.shards.get(&id) else { return };
         let ids = e.shard.slots_in(range);
-        tracing::debug!(table = e.shard.table(), %range, keys = ids.len(), "sending a copy to a new replica");
-        if ids.is_empty() {
-            // Still tell the replica the seqs and progress of the range.
-            let mut f = self.delta_frames(repl, e, range, &[], repl::SNAPSHOT);
-            outbox.extend(f.drain(..).map(|f| (to, f)));
-            return;
-        }
-        for f in self.delta_frames(repl, e, range, &ids, repl::SNAPSHOT) {
-            outbox.push((to, f));
-        }
+        tracing::debug!(table = e.shard.table(), %range, keys = ids.len(), to = to.0, "sending a copy to a new replica");
+        // Still sent with no keys: the replica learns the range's seqs and
+        // progress.
+        let ds = self.deltas(repl, e, range, &ids, repl::SNAPSHOT);
+        let frames = if tracked && !ds.is_empty() {
+            // A batch without requests, complete once all of it is applied.
+            let batch = repl.next_batch.fetch_add(1, Ordering::Relaxed) + 1;
+            let fs = pack(ds, batch);
+            let b = Batch { waiting: Mutex::new(vec![(to.0, fs.len())]), requests: Vec::new() };
+            repl.batches.lock().insert(batch, Arc::new(b));
+            fs
+        } else {
+            pack(ds, 0)
+        };
+        outbox.extend(frames.into_iter().map(|f| (to.1, f)));
     }
 
     /// Replica side: applies a REPLICATE frame; acknowledges it unless it
@@ -879,7 +1063,7 @@ fn apply_delta_parts(
         e.shard.apply_delta(part, vs, vals, st, pend).map_err(|x| x.to_string())?;
     }
     if seqs {
-        e.shard.merge_applied(&applied);
+        e.learn(only.unwrap_or(KeyRange::new(h.start, h.end)), &applied);
     }
     Ok(())
 }
@@ -945,9 +1129,23 @@ impl Lane {
                             }
                         }
                         Job::Clock { worker, clock } => st.clock(worker, clock, &mut replies),
-                        Job::Install { id, shard, active, targets } => st.install(id, *shard, active, targets),
-                        Job::Roles { id, active, targets } => st.roles(id, active, targets),
-                        Job::Snapshot { id, range, to } => st.snapshot(&self.repl, id, range, to.1, &mut outbox),
+                        Job::Install { id, shard, active, targets, epoch, owned } => {
+                            st.install(id, *shard, active, targets, epoch, owned)
+                        }
+                        Job::Roles { id, active, targets, epoch, owned } => {
+                            // Changes made under the old roles go where
+                            // those roles said (a range handed to a joining
+                            // server reaches it before this one lets go).
+                            st.replicate(&self.repl, &mut outbox);
+                            st.roles(id, active, targets, epoch, owned)
+                        }
+                        Job::Snapshot { id, range, to, tracked } => {
+                            st.snapshot(&self.repl, id, range, to, tracked, &mut outbox)
+                        }
+                        Job::Fence { reply } => {
+                            st.replicate(&self.repl, &mut outbox);
+                            let _ = reply.send(());
+                        }
                         Job::Delta { id, from, header, segments, only, parts } => {
                             st.delta(id, from, header, &segments, only, &parts, &mut outbox)
                         }
@@ -1036,7 +1234,30 @@ fn push_run(shards: &mut HashMap<u32, Entry>, r: &LaneRun, clock: u64, worker: u
     let view = r.keys.as_ref().map(pod_slice::<u64>);
     let keys = run_keys(r, &view)?;
     let vals = pod_slice::<f32>(r.vals.as_ref().expect("checked by the handler"));
-    let applied = e.shard.push_from(keys, &vals, clock, worker, r.header.seq).map_err(|e| e.to_string())?;
+    let seq = r.header.seq;
+    let parts = span(r).map(|(a, b)| e.lineage_of(a, b)).unwrap_or_default();
+    let applied = if parts.is_empty() {
+        e.shard.push_from(keys, &vals, clock, worker, seq).map_err(|e| e.to_string())?
+    } else {
+        // A range whose pushes another server applied before: its own seqs.
+        let last = parts.iter().filter_map(|&i| e.lineage[i].1.get(worker).copied()).max();
+        let Some(last) = last else {
+            return Err(format!("worker rank {worker} is outside the job's {} workers", e.shard.applied().len()));
+        };
+        if seq != 0 && seq <= last {
+            false
+        } else {
+            e.shard.push_from(keys, &vals, clock, worker, 0).map_err(|e| e.to_string())?;
+            if seq != 0 {
+                for &i in &parts {
+                    if let Some(x) = e.lineage[i].1.get_mut(worker) {
+                        *x = (*x).max(seq);
+                    }
+                }
+            }
+            true
+        }
+    };
     if !applied {
         tracing::trace!(
             worker,

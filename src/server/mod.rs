@@ -157,9 +157,19 @@ impl Table {
 
     /// Whether server `me` owns every key of `[first, last]` in this epoch.
     fn owns(&self, me: u32, first: u64, last: u64) -> bool {
-        let Some(i) = self.map.find(first) else { return false };
-        let (range, owner) = self.map.range(i);
-        owner == me && range.contains(last)
+        // Consecutive ranges may share an owner (they differ in replicas).
+        let Some(mut i) = self.map.find(first) else { return false };
+        while i < self.map.len() {
+            let (range, owner) = self.map.range(i);
+            if owner != me {
+                return false;
+            }
+            if range.contains(last) {
+                return true;
+            }
+            i += 1;
+        }
+        false
     }
 }
 
@@ -181,6 +191,12 @@ struct Membership {
 
 /// Control id of a server's request to leave.
 const LEAVE_ID: u64 = u64::MAX - 1;
+/// Control id of a table spec an owner sends a joining server (its answer
+/// is only logged).
+const PEER_TABLE_ID: u64 = u64::MAX - 2;
+/// How long a membership change waits for state to reach the servers that
+/// take ranges over before it is acknowledged anyway (with an error logged).
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Work for the control thread, in arrival order.
 enum ControlJob {
@@ -897,6 +913,12 @@ impl ServerHandler {
                 Ok(())
             }
             Control::CreateTable(spec) => self.to_control(ControlJob::CreateTable { from, id: frame.id, spec }),
+            // A joining server's answer to a table its owner sent it.
+            Control::TableReady { .. } if frame.id == PEER_TABLE_ID => Ok(()),
+            Control::Error(m) if frame.id == PEER_TABLE_ID => {
+                tracing::error!(peer, error = %m, "a joining server could not create a table");
+                Ok(())
+            }
             other => Err(Error::protocol(peer, format!("unexpected control message {other:?}"))),
         }
     }
@@ -1000,6 +1022,7 @@ impl ServerHandler {
         tracing::debug!(table = spec.id, shards = table.shards.len(), "table created");
         // Published after the shards are in their lanes.
         self.shared.tables.write().insert(spec.id, Arc::new(table));
+        self.replay_early(net, None);
         Ok(spec.id)
     }
 
@@ -1007,6 +1030,8 @@ impl ServerHandler {
     /// this server for `ring`: a shard for every range it owns or copies
     /// that no shard covers yet, each shard told what it is for, and a full
     /// copy of every owned range sent to replicas that did not have it.
+    /// Copies sent to joining servers are tracked as replication batches,
+    /// which membership changes wait for (see `apply_membership`).
     fn layout(
         &self,
         net: &Arc<dyn Messenger>,
@@ -1017,6 +1042,7 @@ impl ServerHandler {
     ) -> Result<Table> {
         let rule = self.shared.cfg.rules.resolve(&spec.updater)?;
         let map = ring.ranges(spec.keys);
+        let epoch = ring.epoch();
         let layout = crate::store::SlotLayout::new(spec.dim)
             .ok_or_else(|| Error::InvalidSpec(format!("table {}: dim {}", spec.id, spec.dim)))?;
         let mut shards: Vec<ShardRef> = old.map(|t| t.shards.clone()).unwrap_or_default();
@@ -1026,7 +1052,7 @@ impl ServerHandler {
         let mut new: Vec<KeyRange> = Vec::new();
         for i in 0..map.len() {
             let (r, owner) = map.range(i);
-            if owner != me && !map.replicas(i).any(|s| s == me) {
+            if owner != me && !map.targets(i).any(|s| s == me) {
                 continue;
             }
             let mut at = r.start;
@@ -1082,14 +1108,21 @@ impl ServerHandler {
         shards.sort_by_key(|s| s.range.start);
         // What each shard is for: owned parts and their replicas.
         let mut active = vec![false; shards.len()];
+        let mut owned: Vec<Vec<KeyRange>> = vec![Vec::new(); shards.len()];
         let mut targets: Vec<Vec<Target>> = vec![Vec::new(); shards.len()];
-        let mut snapshots: Vec<(usize, KeyRange, u32)> = Vec::new();
+        let mut snapshots: Vec<(usize, KeyRange, u32, bool)> = Vec::new();
+        let mut learners: Vec<u32> = Vec::new();
         for i in 0..map.len() {
             let (r, owner) = map.range(i);
             if owner != me {
                 continue;
             }
-            let reps: Vec<u32> = map.replicas(i).collect();
+            let reps: Vec<u32> = map.targets(i).collect();
+            for s in map.learners(i) {
+                if !learners.contains(&s) {
+                    learners.push(s);
+                }
+            }
             let mut peers = Vec::with_capacity(reps.len());
             for &s in &reps {
                 match self.peer(net, ring, s) {
@@ -1103,18 +1136,34 @@ impl ServerHandler {
                 }
                 let part = KeyRange::new(sref.range.start.max(r.start), sref.range.end.min(r.end));
                 active[at] = true;
-                // Replicas that had no copy of this part in the old epoch
-                // (all of them when this server did not own it before).
+                owned[at].push(part);
+                // Who holds this part's current state already: the copies
+                // this server kept up to date when it owned the part before;
+                // or, when it learned the part as a joining server, the
+                // owner it learned from (everything that owner applied
+                // reached this server before the handover). Everyone else
+                // gets a copy, so a server that takes over from a dead owner
+                // copies to all its replicas: theirs may lack the dead
+                // owner's last state.
                 let had: Vec<u32> = old
                     .and_then(|t| {
                         let j = t.map.find(part.start)?;
                         let (old_range, old_owner) = t.map.range(j);
-                        (old_owner == me && old_range.contains(part.end - 1)).then(|| t.map.replicas(j).collect())
+                        if !old_range.contains(part.end - 1) {
+                            return None;
+                        }
+                        if old_owner == me {
+                            Some(t.map.targets(j).collect())
+                        } else if t.map.learners(j).any(|s| s == me) {
+                            Some(vec![old_owner])
+                        } else {
+                            None
+                        }
                     })
                     .unwrap_or_default();
                 for &(s, _) in &peers {
-                    if old.is_some() && !had.contains(&s) {
-                        snapshots.push((at, part, s));
+                    if (old.is_some() || map.learners(i).any(|l| l == s)) && !had.contains(&s) {
+                        snapshots.push((at, part, s, map.learners(i).any(|l| l == s)));
                     }
                 }
                 targets[at].push(Target { range: part, peers: peers.clone() });
@@ -1128,6 +1177,8 @@ impl ServerHandler {
         let mut fresh: HashMap<u32, Shard> = built.into_iter().map(|(r, s)| (r.id, s)).collect();
         for (at, sref) in shards.iter().enumerate() {
             let (act, tg) = (active[at], std::mem::take(&mut targets[at]));
+            let mut own = std::mem::take(&mut owned[at]);
+            own.sort_by_key(|r| r.start);
             match fresh.remove(&sref.id) {
                 Some(shard) => {
                     headers.insert(sref.id, shard.regions().0.clone());
@@ -1149,17 +1200,38 @@ impl ServerHandler {
                             registered.extend([Arc::new(h), Arc::new(sl)]);
                         }
                     }
-                    let job = Job::Install { id: sref.id, shard: Box::new(shard), active: act, targets: tg };
+                    let job = Job::Install {
+                        id: sref.id,
+                        shard: Box::new(shard),
+                        active: act,
+                        targets: tg,
+                        epoch,
+                        owned: own,
+                    };
                     self.shared.lanes[sref.lane].submit(job, true);
                 }
-                None => self.shared.lanes[sref.lane].submit(Job::Roles { id: sref.id, active: act, targets: tg }, true),
+                None => {
+                    let job = Job::Roles { id: sref.id, active: act, targets: tg, epoch, owned: own };
+                    self.shared.lanes[sref.lane].submit(job, true)
+                }
             }
         }
-        for (at, range, s) in snapshots {
+        // A joining server learns the table from the owners that fill it,
+        // ahead of the state on the same connection.
+        for s in learners {
+            let peer = self.shared.membership.lock().peers.get(&s).copied();
+            if let Some(p) = peer
+                && let Err(e) = net.send(p, Control::CreateTable(spec.clone()).to_frame(PEER_TABLE_ID))
+            {
+                tracing::warn!(server = s, error = %e, "cannot send a table to a joining server");
+            }
+        }
+        for (at, range, s, tracked) in snapshots {
             let sref = shards[at];
             let peer = self.shared.membership.lock().peers.get(&s).copied();
             if let Some(p) = peer {
-                self.shared.lanes[sref.lane].submit(Job::Snapshot { id: sref.id, range, to: (s, p) }, false);
+                let job = Job::Snapshot { id: sref.id, range, to: (s, p), tracked };
+                self.shared.lanes[sref.lane].submit(job, false);
             }
         }
         let mut shm_all: Vec<proto::ShmShard> = old.map(|t| t.shm.clone()).unwrap_or_default();
@@ -1274,47 +1346,113 @@ impl ServerHandler {
         self.shared.repl.forget(|s| !ring.is_alive(s));
         // The new epoch's tables are in place: replicated state that arrived
         // ahead of them is applied now.
-        let early = {
-            let mut e = self.shared.early.lock();
-            e.0 = epoch;
-            std::mem::take(&mut e.1)
-        };
-        for (from, f) in early {
-            if let Err(e) = self.on_replicate(net, from, f) {
+        self.replay_early(net, Some(epoch));
+        // Handover: everything this server applied under its old roles (and
+        // the copies it sent joining servers) must be on the servers holding
+        // those ranges now before it acknowledges; only then are workers
+        // told, so a new owner never serves a range before it holds all of
+        // it. A fence through every lane bounds the batches made so far.
+        let mut fences = Vec::with_capacity(self.shared.lanes.len());
+        for l in &self.shared.lanes {
+            let (tx, rx) = crossbeam::channel::bounded(1);
+            l.submit(Job::Fence { reply: tx }, true);
+            fences.push(rx);
+        }
+        for f in fences {
+            f.recv().map_err(|_| Error::ShuttingDown)?;
+        }
+        let last = self.shared.repl.last_batch();
+        let t0 = std::time::Instant::now();
+        if !self.shared.repl.settle(last, HANDOVER_TIMEOUT) {
+            tracing::error!(epoch, "replicated state not acknowledged within {HANDOVER_TIMEOUT:?}; going on");
+        }
+        tracing::debug!(epoch, waited_ms = t0.elapsed().as_millis() as u64, "handover settled");
+        Ok(())
+    }
+
+    /// Applies the replicated state held back for a newer epoch or for a
+    /// table not created yet (what still does not fit stays held); `epoch`
+    /// is this server's new epoch, if it changed.
+    fn replay_early(&self, net: &Arc<dyn Messenger>, epoch: Option<u32>) {
+        // Under the lock throughout: a frame arriving meanwhile waits, and
+        // so is queued to the lanes after the older ones replayed here.
+        let mut early = self.shared.early.lock();
+        if let Some(epoch) = epoch {
+            early.0 = epoch;
+        }
+        let held = std::mem::take(&mut early.1);
+        tracing::trace!(frames = held.len(), "replaying held replicated state");
+        for (from, f) in held {
+            if let Err(e) = self.replicate_locked(net, from, f, &mut early) {
                 tracing::debug!(error = %e, "dropped early replicated state");
             }
         }
-        Ok(())
     }
 
     /// Replica side of replication: the owner's state of some keys (one or
     /// more deltas per frame), acknowledged once every delta is applied.
     fn on_replicate(&self, net: &Arc<dyn Messenger>, from: PeerId, frame: Frame) -> Result<()> {
+        let mut early = self.shared.early.lock();
+        self.replicate_locked(net, from, frame, &mut early)
+    }
+
+    /// [`Self::on_replicate`] under the lock of the held-back frames: the
+    /// decision to hold a frame back and the queueing of one applied now
+    /// happen under it, so one sender's frames reach the lanes in order
+    /// (a state applied after a newer one would overwrite it).
+    fn replicate_locked(
+        &self,
+        net: &Arc<dyn Messenger>,
+        from: PeerId,
+        frame: Frame,
+        early: &mut (u32, Vec<(PeerId, Frame)>),
+    ) -> Result<()> {
         let bad = |d: String| Error::protocol(net.peer_addr(from), d);
         let deltas = lane::unpack(&frame).map_err(bad)?;
         let epoch = deltas.iter().map(|d| d.header.epoch).max().unwrap_or(0);
-        {
-            // Checked and parked under one lock with the epoch's change, so
-            // nothing parked is missed by the replay.
-            let mut early = self.shared.early.lock();
-            if epoch > early.0 {
+        let (my_epoch, tables) = {
+            let tables = self.shared.tables.read().clone();
+            // State for a table not here yet: an owner filling this joining
+            // server sent the spec ahead of it, and its creation replays it.
+            let unknown = deltas.iter().any(|d| !tables.contains_key(&d.header.table));
+            // Behind a held frame of the same sender: held too, in order.
+            let behind = early.1.iter().any(|(f, _)| *f == from);
+            if epoch > early.0 || unknown || behind {
+                tracing::trace!(
+                    epoch,
+                    mine = early.0,
+                    unknown,
+                    table = deltas[0].header.table,
+                    batch = deltas[0].header.batch,
+                    "replicated state held back"
+                );
                 if early.1.len() >= MAX_EARLY_FRAMES {
                     return Err(Error::LimitExceeded("replicated state far ahead of this server's epoch".into()));
                 }
                 early.1.push((from, frame));
                 return Ok(());
             }
-        }
-        let tables = self.shared.tables.read().clone();
+            (early.0, tables)
+        };
         let mut jobs = Vec::new();
         for d in deltas {
             let h = d.header;
             let table = tables.get(&h.table).ok_or(Error::UnknownTable(h.table))?;
-            if h.end <= h.start || !table.owns(h.from, h.start, h.end - 1) {
-                // Not the owner in our epoch: a server declared dead that
-                // still runs. Never acknowledged, so its pushes are not either.
-                tracing::debug!(table = h.table, from = h.from, "refused replicated state from a non-owner");
-                return Ok(());
+            if h.end <= h.start {
+                return Err(bad(format!("replicated range [{}, {})", h.start, h.end)));
+            }
+            if !table.owns(h.from, h.start, h.end - 1) {
+                // Not the owner in our epoch. A live server that owned the
+                // range in an earlier epoch replicated it before letting go
+                // (a range handed to a joining server): applied wherever a
+                // copy is kept, so its pushes complete. A server declared
+                // dead that still runs: never acknowledged, so its pushes
+                // are not either.
+                let alive = self.shared.membership.lock().ring.as_ref().is_some_and(|r| r.is_alive(h.from));
+                if !(alive && h.epoch < my_epoch) {
+                    tracing::debug!(table = h.table, from = h.from, "refused replicated state from a non-owner");
+                    return Ok(());
+                }
             }
             let parts: Vec<(ShardRef, KeyRange)> = table.overlapping(h.start, h.end).collect();
             let covered: u64 = parts.iter().map(|(_, r)| r.len()).sum();

@@ -17,7 +17,7 @@ pub use filter::{FilterStats, Filters, Kkt, Significant};
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -335,6 +335,12 @@ impl KeyCache {
 
 /// State shared with the transport's handler.
 struct Shared {
+    /// A membership epoch to acknowledge to the scheduler once every
+    /// operation issued before it (timestamps below the second value) is
+    /// done: the scheduler moves ranges to a joining server only when no
+    /// worker still has a request routed by an older map.
+    ack: Mutex<Option<(u32, u64)>>,
+    ack_pending: AtomicBool,
     key_cache: Mutex<KeyCache>,
     traffic: TrafficCounters,
     /// Per server: the shared-memory push ring, when there is one.
@@ -375,6 +381,8 @@ enum Route {
         servers: Vec<proto::ServerInfo>,
     },
     Moved,
+    /// An operation completed while a membership acknowledgement waits.
+    AckCheck,
     /// A server's connection dropped at this instant.
     Lost {
         server: u32,
@@ -529,6 +537,8 @@ impl Worker {
     /// server.
     pub fn connect(transport: &dyn Transport, scheduler: &str, cfg: WorkerConfig) -> Result<Worker> {
         let shared = Arc::new(Shared {
+            ack: Mutex::new(None),
+            ack_pending: AtomicBool::new(false),
             key_cache: Mutex::new(KeyCache::default()),
             traffic: TrafficCounters::default(),
             rings: RwLock::new(Vec::new()),
@@ -1570,6 +1580,28 @@ impl Inner {
     /// whose server lost its range (or answered `MOVED`) to the range's new
     /// owner, in issue order, then tells every server this worker's clock
     /// again (so that promoted copies know its progress).
+    /// Acknowledges the newest membership to the scheduler once every
+    /// operation issued before it is done.
+    fn try_ack(&self) {
+        if !self.shared.ack_pending.load(Ordering::Acquire) {
+            return;
+        }
+        let mut ack = self.shared.ack.lock();
+        let Some((epoch, boundary)) = *ack else { return };
+        if self.shared.ops.lock().keys().any(|&ts| ts < boundary) {
+            return;
+        }
+        self.shared.ack_pending.store(false, Ordering::Release);
+        *ack = Some((epoch, 0));
+        drop(ack);
+        let sched = *self.shared.scheduler.lock();
+        if let Some(p) = sched
+            && let Err(e) = self.net.send(p, Control::MembershipAck { epoch }.to_frame(0))
+        {
+            tracing::debug!(epoch, error = %e, "membership acknowledgement not delivered");
+        }
+    }
+
     fn apply_membership(&self, epoch: u32, servers: Vec<proto::ServerInfo>) {
         let mut ring = self.ring.write();
         if epoch <= ring.epoch() {
@@ -1656,11 +1688,11 @@ impl Inner {
                 }
                 let was_moved = moved.iter().any(|(m, j, _)| Arc::ptr_eq(m, &op) && *j == i);
                 let Some(ri) = info.map.find(keys[r.lo]) else { continue };
-                let (range, owner) = info.map.range(ri);
+                let owner = info.map.range(ri).1;
                 if owner == r.server() && !was_moved {
                     continue;
                 }
-                if owner == NO_SERVER || !range.contains(keys[r.lo + r.count - 1]) {
+                if owner == NO_SERVER || single_owner(&info.map, keys[r.lo], keys[r.lo + r.count - 1]).is_none() {
                     // No live copy, or the range split under the run.
                     if op.claim(i) {
                         let e =
@@ -1713,8 +1745,17 @@ impl Inner {
             let Ok(info) = self.table(sent.table) else { continue };
             let keys = pod_slice::<Key>(&sent.keys);
             let r = &op.runs()[i];
-            let Some(ri) = info.map.find(keys[r.lo]) else { continue };
-            let owner = info.map.range(ri).1;
+            let Some(owner) = single_owner(&info.map, keys[r.lo], keys[r.lo + r.count - 1]) else {
+                if op.claim(i) {
+                    let e = Error::Disconnected(format!(
+                        "keys {}.. are split between owners in epoch {}",
+                        keys[r.lo],
+                        ring.epoch()
+                    ));
+                    self.shared.finish_run(&op, i, None, Some(e));
+                }
+                continue;
+            };
             if owner == NO_SERVER {
                 continue;
             }
@@ -1857,6 +1898,11 @@ impl Shared {
         }
         self.ops.lock().remove(&op.ts);
         self.ops_changed.notify_all();
+        if self.ack_pending.load(Ordering::Acquire)
+            && let Some(tx) = self.router.lock().as_ref()
+        {
+            let _ = tx.send(Route::AckCheck);
+        }
     }
 
     fn fail_server_runs(&self, op: &Arc<Op>, server: u32, e: &Error) {
@@ -1920,7 +1966,15 @@ impl Shared {
             let Some(run) = op.runs().get(i) else {
                 return Err(Error::protocol(peer(), format!("reply names run {i} of {}", op.runs().len())));
             };
-            if run.server() != server || run.count as u64 != r.count {
+            if run.server() != server {
+                // A late answer from the server the run was taken from (a
+                // range handed over): the new owner answers it, and skips
+                // it by its seq if it was a push this one applied.
+                let _ = vals.by_ref().take(segs_of(r.status)).count();
+                let _ = errs.by_ref().take(usize::from(r.status == status::ERROR)).count();
+                continue;
+            }
+            if run.count as u64 != r.count {
                 return Err(Error::protocol(peer(), format!("reply for run {i} does not match the request")));
             }
             if !op.claim(i) {
@@ -1964,6 +2018,25 @@ impl Shared {
     }
 }
 
+/// The owner of every key of `[first, last]`, if one server owns them all.
+fn single_owner(map: &crate::scheduler::ring::RangeMap, first: Key, last: Key) -> Option<u32> {
+    let mut i = map.find(first)?;
+    let owner = map.range(i).1;
+    loop {
+        let (range, o) = map.range(i);
+        if o != owner {
+            return None;
+        }
+        if range.contains(last) {
+            return Some(owner);
+        }
+        i += 1;
+        if i >= map.len() {
+            return None;
+        }
+    }
+}
+
 /// The router thread: applies membership changes and re-sends moved runs
 /// off the transport's threads (it connects and sends, which may block).
 /// It also fails the runs of a server whose connection dropped when no new
@@ -1979,16 +2052,26 @@ fn router(inner: std::sync::Weak<Inner>, rx: crossbeam::channel::Receiver<Route>
         match msg {
             Ok(Route::Membership { epoch, servers }) => {
                 inner.apply_membership(epoch, servers);
-                let ring = inner.ring.read();
-                lost.retain(|s, _| ring.is_alive(*s));
+                {
+                    let ring = inner.ring.read();
+                    lost.retain(|s, _| ring.is_alive(*s));
+                }
+                let boundary = inner.next_ts.load(Ordering::Acquire);
+                let mut ack = inner.shared.ack.lock();
+                if ack.is_none_or(|(e, _)| e < epoch) {
+                    *ack = Some((epoch, boundary));
+                    inner.shared.ack_pending.store(true, Ordering::Release);
+                }
             }
             Ok(Route::Moved) => inner.reroute_moved(),
+            Ok(Route::AckCheck) => {}
             Ok(Route::Lost { server, at }) => {
                 lost.entry(server).or_insert(at);
             }
             Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam::channel::RecvTimeoutError::Disconnected) => return,
         }
+        inner.try_ack();
         let limit = failover_timeout();
         lost.retain(|&server, at| {
             if at.elapsed() < limit {

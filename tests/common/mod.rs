@@ -99,6 +99,9 @@ pub struct Job {
     pub servers: Vec<Proc>,
     pub addr: String,
     pub server_addrs: Vec<String>,
+    /// What the servers were started with (a server added later gets it too).
+    server_args: Vec<String>,
+    server_env: Vec<(String, String)>,
 }
 
 pub fn start_job(io: &'static str, servers: u32, workers: u32, tag: &str, deadline: Instant) -> Job {
@@ -172,28 +175,45 @@ pub fn start_job_env(
             .stderr(std::fs::File::create(dir.join("scheduler.log")).unwrap()),
     );
     let addr = read_addr(&af, &mut scheduler, deadline);
-    let mut procs = Vec::new();
-    let mut server_addrs = Vec::new();
-    for i in 0..servers {
-        let f = dir.join(format!("server{i}.addr"));
-        let mut p = Proc::spawn(
-            &format!("server {i}"),
-            Command::new(BIN)
-                .args(["server", "--scheduler", &addr, "--addr-file"])
-                .arg(&f)
-                .args(server_args)
-                .envs(server_env.iter().copied())
-                .env("PSERVER_IO", io)
-                .env("PSERVER_TOKEN", &token)
-                .stderr(std::fs::File::create(dir.join(format!("server{i}.log"))).unwrap()),
-        );
-        server_addrs.push(read_addr(&f, &mut p, deadline));
-        procs.push(p);
+    let mut job = Job {
+        dir,
+        io,
+        token,
+        scheduler,
+        servers: Vec::new(),
+        addr,
+        server_addrs: Vec::new(),
+        server_args: server_args.iter().map(|s| s.to_string()).collect(),
+        server_env: server_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    };
+    for _ in 0..servers {
+        job.add_server(deadline);
     }
-    Job { dir, io, token, scheduler, servers: procs, addr, server_addrs }
+    job
 }
 
 impl Job {
+    /// Starts one more server registering with the scheduler (while the job
+    /// runs: it joins); its log is `server{i}.log`. Returns its index.
+    pub fn add_server(&mut self, deadline: Instant) -> usize {
+        let i = self.servers.len();
+        let f = self.dir.join(format!("server{i}.addr"));
+        let mut p = Proc::spawn(
+            &format!("server {i}"),
+            Command::new(BIN)
+                .args(["server", "--scheduler", &self.addr, "--addr-file"])
+                .arg(&f)
+                .args(&self.server_args)
+                .envs(self.server_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .env("PSERVER_IO", self.io)
+                .env("PSERVER_TOKEN", &self.token)
+                .stderr(std::fs::File::create(self.dir.join(format!("server{i}.log"))).unwrap()),
+        );
+        self.server_addrs.push(read_addr(&f, &mut p, deadline));
+        self.servers.push(p);
+        i
+    }
+
     /// The command of worker `rank` of `workers`: `pserver ARGS` with the
     /// job's environment, as tools/launch sets it.
     pub fn worker_command(&self, rank: u32, workers: u32, args: &[&str]) -> Command {
