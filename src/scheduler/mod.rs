@@ -14,6 +14,16 @@
 //! copies), it goes to the workers, which send what the dead server had not
 //! acknowledged to the new owners. The job fails only when a range lost its
 //! owner and every replica (or had none).
+//!
+//! A worker whose connection drops or whose heartbeats stop before it said
+//! it is done is *lost*: the servers are told at once (`WorkerLeft`), so
+//! that no consistency wait of the others waits for it, and its rank waits
+//! `worker_restart_timeout` for a new incarnation to register. That one
+//! gets the rank, the current server list and a larger incarnation, asks
+//! the servers for the rank's clock and continues from it. Barriers and
+//! checkpoints keep the rank's seat meanwhile (they mean "every worker"); a
+//! rank not taken again in time fails the job. A worker that reports an
+//! error (`WorkerDone` with one) fails the job at once.
 
 pub mod heartbeat;
 pub mod ring;
@@ -44,7 +54,14 @@ pub struct SchedulerConfig {
     pub checkpoint_dir: Option<std::path::PathBuf>,
     /// Checkpoint at every clock divisible by this (0: never).
     pub checkpoint_every: u32,
+    /// How long the rank of a lost worker (connection dropped, or silent)
+    /// waits for a new incarnation before the job fails; zero fails at once.
+    pub worker_restart_timeout: std::time::Duration,
 }
+
+/// Default of [`SchedulerConfig::worker_restart_timeout`]: time for a
+/// supervisor (or a person) to start the worker again.
+pub const WORKER_RESTART_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -56,6 +73,7 @@ impl Default for SchedulerConfig {
             replicas: None,
             checkpoint_dir: None,
             checkpoint_every: 0,
+            worker_restart_timeout: WORKER_RESTART_TIMEOUT,
         }
     }
 }
@@ -85,7 +103,16 @@ struct State {
     /// Worker peers by rank, once welcomed.
     worker_peers: Vec<Option<PeerId>>,
     done: Vec<bool>,
+    /// Ranks whose worker was lost, waiting for a new incarnation.
+    lost: Vec<Option<Lost>>,
+    /// New incarnations registered while the servers apply a membership
+    /// change: welcomed once it is in effect (with its server list).
+    rejoining: Vec<(usize, Pending)>,
     barrier: Vec<(PeerId, u64)>,
+    /// Barriers the job completed (a worker's `n`-th barrier is number `n`).
+    barriers_done: u64,
+    /// The clock of the last checkpoint round (taken or abandoned).
+    last_checkpoint: Option<u32>,
     failure: Option<String>,
     finished: bool,
     /// When each node was last heard from.
@@ -105,10 +132,18 @@ struct State {
     ops: status::Ops,
 }
 
-/// A checkpoint in progress: workers that arrived, servers still writing.
+/// A worker rank whose worker was lost: since when, why, and its peer.
+struct Lost {
+    since: std::time::Instant,
+    why: String,
+    peer: PeerId,
+}
+
+/// A checkpoint in progress: workers that arrived (by rank, with the request
+/// to answer), servers still writing.
 struct CheckpointRound {
     clock: u32,
-    workers: Vec<(PeerId, u64)>,
+    workers: Vec<(u32, PeerId, u64)>,
     servers: HashSet<u32>,
     files: Vec<crate::server::checkpoint::FileEntry>,
     tables: Vec<crate::table::TableSpec>,
@@ -202,7 +237,9 @@ impl Drop for SchedulerNode {
 /// Declares nodes dead when their heartbeats stop.
 fn monitor(shared: &Shared, net: &Arc<dyn Messenger>) {
     let timeout = shared.cfg.heartbeat_timeout;
-    let tick = (timeout / 4).clamp(std::time::Duration::from_millis(20), std::time::Duration::from_secs(1));
+    let restart = shared.cfg.worker_restart_timeout;
+    let shortest = if restart.is_zero() { timeout } else { timeout.min(restart) };
+    let tick = (shortest / 4).clamp(std::time::Duration::from_millis(20), std::time::Duration::from_secs(1));
     let mut st = shared.state.lock();
     while !st.finished {
         shared.changed.wait_for(&mut st, tick);
@@ -217,8 +254,9 @@ fn monitor(shared: &Shared, net: &Arc<dyn Messenger>) {
             .collect();
         for r in dead_workers {
             let msg = format!("no heartbeat for {timeout:?}");
-            SchedulerHandler::worker_done_in(shared, &mut st, r, Some(msg), &mut out);
+            SchedulerHandler::worker_lost_in(shared, &mut st, r, msg, &mut out);
         }
+        SchedulerHandler::restart_deadlines_in(shared, &mut st, now, &mut out);
         let silent_servers: Vec<usize> = (0..st.server_peers.len())
             .filter(|&r| st.server_infos[r].alive && silent(&st.server_peers[r], &st))
             .collect();
@@ -305,7 +343,7 @@ impl Handler for SchedulerHandler {
             if let Some(rank) = st.worker_peers.iter().position(|p| *p == Some(peer))
                 && !st.done[rank]
             {
-                self.worker_done(&mut st, rank, Some("disconnected before finishing".into()), &mut out);
+                Self::worker_lost_in(&self.shared, &mut st, rank, "disconnected before finishing".into(), &mut out);
             } else if let Some(rank) = st.server_peers.iter().position(|p| *p == peer)
                 && !st.finished
             {
@@ -332,6 +370,9 @@ impl SchedulerHandler {
         let cfg = &self.shared.cfg;
         match msg {
             Control::Register { role, addr, rank } => {
+                if role == Role::Worker && !st.worker_peers.is_empty() {
+                    return self.rejoin_worker(st, Pending { peer: from, id, addr, rank }, out);
+                }
                 let list = match role {
                     Role::Server if st.servers.len() < cfg.servers as usize => &mut st.servers,
                     Role::Worker if st.workers.len() < cfg.workers as usize => &mut st.workers,
@@ -355,19 +396,27 @@ impl SchedulerHandler {
                     self.welcome_workers(st, out);
                 }
             }
-            Control::Barrier { worker } => {
+            Control::Barrier { worker, n } => {
                 if let Some(f) = &st.failure {
                     out.push((from, Control::Error(format!("barrier abandoned: {f}")).to_frame(id)));
                     return;
                 }
+                if n < st.barriers_done {
+                    // A restarted worker passing again a barrier its
+                    // predecessor (and everyone else) passed.
+                    out.push((from, Control::BarrierDone.to_frame(id)));
+                    return;
+                }
+                if n > st.barriers_done {
+                    let m = format!("barrier {n} of worker {worker}: the job is at barrier {}", st.barriers_done);
+                    out.push((from, Control::Error(m).to_frame(id)));
+                    return;
+                }
                 st.barrier.push((from, id));
+                // Lost ranks count: their next incarnation will come here.
                 let alive = st.done.iter().filter(|d| !**d).count();
                 tracing::trace!(worker, waiting = st.barrier.len(), alive, "barrier");
-                if st.barrier.len() >= alive {
-                    for (p, i) in st.barrier.drain(..) {
-                        out.push((p, Control::BarrierDone.to_frame(i)));
-                    }
-                }
+                Self::release_barrier_in(st, out);
             }
             Control::Heartbeat => {}
             Control::Checkpoint { worker, clock } => {
@@ -375,6 +424,14 @@ impl SchedulerHandler {
                     out.push((from, Control::CheckpointDone { clock, written: false }.to_frame(id)));
                     return;
                 };
+                if st.worker_peers.get(worker as usize) != Some(&Some(from))
+                    || st.last_checkpoint.is_some_and(|c| clock <= c)
+                {
+                    // Not that worker, or a restarted worker reaching a
+                    // clock the job checkpointed (or gave up) already.
+                    out.push((from, Control::CheckpointDone { clock, written: false }.to_frame(id)));
+                    return;
+                }
                 let round = st.checkpoint.get_or_insert_with(|| CheckpointRound {
                     clock,
                     workers: Vec::new(),
@@ -387,7 +444,11 @@ impl SchedulerHandler {
                     out.push((from, Control::CheckpointDone { clock, written: false }.to_frame(id)));
                     return;
                 }
-                round.workers.push((from, id));
+                // By rank: a restarted worker's request replaces its
+                // predecessor's, which stays valid while the rank is lost
+                // (it had all its pushes of clocks below `clock` answered).
+                round.workers.retain(|(r, _, _)| *r != worker);
+                round.workers.push((worker, from, id));
                 let alive = st.done.iter().filter(|d| !**d).count();
                 if st.checkpoint.as_ref().is_some_and(|r| r.workers.len() >= alive && r.servers.is_empty()) {
                     let dir = crate::server::checkpoint::dir_for(&root, clock).display().to_string();
@@ -431,7 +492,8 @@ impl SchedulerHandler {
                             false
                         }
                     };
-                    for (p, i) in round.workers {
+                    st.last_checkpoint = Some(clock);
+                    for (_, p, i) in round.workers {
                         out.push((p, Control::CheckpointDone { clock, written }.to_frame(i)));
                     }
                 }
@@ -443,7 +505,8 @@ impl SchedulerHandler {
                 let is_server = st.server_peers.contains(&from);
                 if is_server && let Some(round) = st.checkpoint.take_if(|r| !r.servers.is_empty()) {
                     tracing::error!(clock = round.clock, "checkpoint abandoned: {m}");
-                    for (p, i) in round.workers {
+                    st.last_checkpoint = Some(round.clock);
+                    for (_, p, i) in round.workers {
                         out.push((p, Control::CheckpointDone { clock: round.clock, written: false }.to_frame(i)));
                     }
                 }
@@ -477,6 +540,7 @@ impl SchedulerHandler {
                 if complete {
                     st.applying = None;
                     self.tell_workers(st, out);
+                    self.welcome_rejoining(st, out);
                 }
             }
             Control::Report(r) => st.ops.record(from, r),
@@ -526,7 +590,8 @@ impl SchedulerHandler {
         }
         if let Some(round) = st.checkpoint.take_if(|r| !r.servers.is_empty()) {
             tracing::warn!(clock = round.clock, "checkpoint abandoned: a server failed while writing it");
-            for (p, i) in round.workers {
+            st.last_checkpoint = Some(round.clock);
+            for (_, p, i) in round.workers {
                 out.push((p, Control::CheckpointDone { clock: round.clock, written: false }.to_frame(i)));
             }
         }
@@ -595,6 +660,7 @@ impl SchedulerHandler {
                 replicas: cfg.replicas(),
                 incarnation: 0,
                 checkpoint: Some(self.plan(st)),
+                restarted: false,
             };
             out.push((p.peer, w.to_frame(p.id)));
         }
@@ -606,6 +672,7 @@ impl SchedulerHandler {
         let ranks = assign_ranks(&st.workers, w);
         st.worker_peers = vec![None; w];
         st.done = vec![false; w];
+        st.lost = (0..w).map(|_| None).collect();
         for (p, rank) in st.workers.iter().zip(ranks) {
             st.worker_peers[rank] = Some(p.peer);
             st.registrations += 1;
@@ -619,6 +686,7 @@ impl SchedulerHandler {
                 replicas: cfg.replicas(),
                 incarnation: st.registrations,
                 checkpoint: Some(self.plan(st)),
+                restarted: false,
             };
             out.push((p.peer, m.to_frame(p.id)));
         }
@@ -650,14 +718,17 @@ impl SchedulerHandler {
             for (p, i) in st.barrier.drain(..) {
                 out.push((p, Control::Error(msg.clone()).to_frame(i)));
             }
-        } else {
-            // A finished worker no longer counts towards barriers.
-            let alive = st.done.iter().filter(|d| !**d).count();
-            if alive > 0 && st.barrier.len() >= alive {
-                for (p, i) in st.barrier.drain(..) {
-                    out.push((p, Control::BarrierDone.to_frame(i)));
+            // Nor does a checkpoint wait for it.
+            if let Some(round) = st.checkpoint.take_if(|r| r.servers.is_empty()) {
+                st.last_checkpoint = Some(round.clock);
+                let msg = format!("checkpoint abandoned: worker {rank} failed: {e}");
+                for (_, p, i) in round.workers {
+                    out.push((p, Control::Error(msg.clone()).to_frame(i)));
                 }
             }
+        } else {
+            // A finished worker no longer counts towards barriers.
+            Self::release_barrier_in(st, out);
         }
         if st.done.iter().all(|d| *d) {
             for (s, &p) in st.server_peers.iter().enumerate() {
@@ -668,5 +739,143 @@ impl SchedulerHandler {
             st.finished = true;
             tracing::info!("all workers done; job finished");
         }
+    }
+
+    /// Completes the barrier once every worker that is not done (lost ranks
+    /// included: their next incarnation comes) has arrived.
+    fn release_barrier_in(st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        let alive = st.done.iter().filter(|d| !**d).count();
+        if alive > 0 && st.barrier.len() >= alive {
+            st.barriers_done += 1;
+            for (p, i) in st.barrier.drain(..) {
+                out.push((p, Control::BarrierDone.to_frame(i)));
+            }
+        }
+    }
+
+    /// Worker `rank` died (its connection dropped or it went silent) before
+    /// saying it is done: the servers stop waiting for it and its rank waits
+    /// for a new incarnation, or the job fails at once when the job allows
+    /// no restarts.
+    fn worker_lost_in(shared: &Shared, st: &mut State, rank: usize, why: String, out: &mut Vec<(PeerId, Frame)>) {
+        let timeout = shared.cfg.worker_restart_timeout;
+        if timeout.is_zero() || st.failure.is_some() {
+            return Self::worker_done_in(shared, st, rank, Some(why), out);
+        }
+        let Some(peer) = st.worker_peers[rank].take() else { return };
+        tracing::warn!(worker = rank, why, "worker lost; waiting {timeout:?} for it to be restarted");
+        st.ops.gone(peer);
+        // Consistency waits of the others must not wait for it meanwhile.
+        for (s, &p) in st.server_peers.iter().enumerate() {
+            if st.server_infos[s].alive {
+                out.push((p, Control::WorkerLeft { worker: rank as u32 }.to_frame(0)));
+            }
+        }
+        // Its barrier entry is dropped (the new incarnation arrives again);
+        // its checkpoint arrival stays valid (see `Control::Checkpoint`).
+        st.barrier.retain(|(p, _)| *p != peer);
+        // In case it still runs (silent, not dead): it is out.
+        out.push((peer, Control::Shutdown.to_frame(0)));
+        st.lost[rank] = Some(Lost { since: std::time::Instant::now(), why, peer });
+    }
+
+    /// Fails the job for every lost rank whose grace period is over.
+    fn restart_deadlines_in(shared: &Shared, st: &mut State, now: std::time::Instant, out: &mut Vec<(PeerId, Frame)>) {
+        let timeout = shared.cfg.worker_restart_timeout;
+        for rank in 0..st.lost.len() {
+            let Some(lost) = st.lost[rank].take_if(|l| now.duration_since(l.since) >= timeout) else { continue };
+            let e = format!(
+                "lost ({}) and not restarted within {timeout:?} (--worker-restart-timeout {})",
+                lost.why,
+                timeout.as_secs_f64()
+            );
+            Self::worker_done_in(shared, st, rank, Some(e), out);
+        }
+    }
+
+    /// A worker registering after the job started: it takes a lost rank.
+    fn rejoin_worker(&self, st: &mut State, p: Pending, out: &mut Vec<(PeerId, Frame)>) {
+        if let Some(f) = &st.failure {
+            out.push((p.peer, Control::Error(format!("the job failed: {f}")).to_frame(p.id)));
+            return;
+        }
+        let free: Vec<bool> =
+            (0..st.lost.len()).map(|r| st.lost[r].is_some() && !st.rejoining.iter().any(|(q, _)| *q == r)).collect();
+        let Some(rank) = rejoin_rank(&free, p.rank) else {
+            let lost: Vec<usize> = (0..free.len()).filter(|&r| free[r]).collect();
+            let m = match p.rank {
+                Some(r) if lost.is_empty() => format!("the job has no free worker place (rank {r} is not lost)"),
+                Some(r) => format!("worker rank {r} is not lost (lost ranks: {lost:?})"),
+                None => "the job has no free worker place".to_string(),
+            };
+            out.push((p.peer, Control::Error(m).to_frame(p.id)));
+            return;
+        };
+        let lost = st.lost[rank].take().expect("a free rank is lost");
+        // The new incarnation's row replaces the old one's in the status.
+        if let Some(old) = st.workers.iter_mut().find(|q| q.peer == lost.peer) {
+            *old = Pending { peer: p.peer, id: p.id, addr: p.addr.clone(), rank: Some(rank as u32) };
+        }
+        tracing::info!(worker = rank, addr = %p.addr, after = ?lost.since.elapsed(), "a worker restarts in a lost rank");
+        if st.applying.is_some() {
+            // Its server list would be one the servers are still applying.
+            st.rejoining.push((rank, p));
+        } else {
+            self.welcome_restarted(st, rank, p, out);
+        }
+    }
+
+    /// New incarnations that waited for a membership change to be in effect.
+    fn welcome_rejoining(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        for (rank, p) in std::mem::take(&mut st.rejoining) {
+            self.welcome_restarted(st, rank, p, out);
+        }
+    }
+
+    fn welcome_restarted(&self, st: &mut State, rank: usize, p: Pending, out: &mut Vec<(PeerId, Frame)>) {
+        let cfg = &self.shared.cfg;
+        st.worker_peers[rank] = Some(p.peer);
+        st.registrations += 1;
+        // Checkpoints go on; the job's restored one is long applied.
+        let plan = crate::proto::CheckpointPlan { restore: None, ..self.plan(st) };
+        let m = Control::Welcome {
+            role: Role::Worker,
+            rank: rank as u32,
+            servers: st.server_infos.clone(),
+            workers: cfg.workers,
+            vnodes: cfg.vnodes,
+            epoch: st.epoch,
+            replicas: cfg.replicas(),
+            incarnation: st.registrations,
+            checkpoint: Some(plan),
+            restarted: true,
+        };
+        out.push((p.peer, m.to_frame(p.id)));
+    }
+}
+
+/// The rank a worker registering mid-job takes: the one it asks for if that
+/// rank is `free` (lost, not yet taken again), else, when it asks for none,
+/// the lowest free one.
+fn rejoin_rank(free: &[bool], requested: Option<u32>) -> Option<usize> {
+    match requested {
+        Some(r) => free.get(r as usize).copied().unwrap_or(false).then_some(r as usize),
+        None => free.iter().position(|f| *f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restarted_worker_takes_its_lost_rank_or_the_lowest_one() {
+        let free = [false, true, false, true];
+        assert_eq!(rejoin_rank(&free, Some(3)), Some(3));
+        assert_eq!(rejoin_rank(&free, None), Some(1));
+        // A rank that runs (or does not exist) is never taken over.
+        assert_eq!(rejoin_rank(&free, Some(0)), None);
+        assert_eq!(rejoin_rank(&free, Some(9)), None);
+        assert_eq!(rejoin_rank(&[false, false], None), None);
     }
 }
