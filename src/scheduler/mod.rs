@@ -340,6 +340,7 @@ impl Handler for SchedulerHandler {
             if st.servers.iter().chain(&st.workers).any(|p| p.peer == peer) {
                 st.ops.gone(peer);
             }
+            Self::rejoining_gone_in(&mut st, peer);
             if let Some(rank) = st.worker_peers.iter().position(|p| *p == Some(peer))
                 && !st.done[rank]
             {
@@ -822,6 +823,16 @@ impl SchedulerHandler {
             st.rejoining.push((rank, p));
         } else {
             self.welcome_restarted(st, rank, p, out);
+        }
+    }
+
+    /// A new incarnation that disconnected before its (deferred) welcome:
+    /// its rank is lost again, with a fresh grace period.
+    fn rejoining_gone_in(st: &mut State, peer: PeerId) {
+        if let Some(i) = st.rejoining.iter().position(|(_, p)| p.peer == peer) {
+            let (rank, _) = st.rejoining.remove(i);
+            let why = "its new worker disconnected before it was welcomed".to_string();
+            st.lost[rank] = Some(Lost { since: std::time::Instant::now(), why, peer });
         }
     }
 
