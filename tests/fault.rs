@@ -253,6 +253,45 @@ fn a_killed_worker_restarted_continues_and_counters_stay_exact_uring() {
 }
 
 #[test]
+fn a_worker_restarted_across_a_server_failover_joins_the_new_epoch() {
+    let deadline = Instant::now() + DEADLINE;
+    let (servers, workers) = (3u32, 2u32);
+    let mut job = start_job("std", servers, workers, "fault-wrestart-failover", deadline);
+    let args = ["check", "--counting", "--keys", "2000", "--rounds", "1500", "--pace-ms", "1", "--tau", "2"];
+    let mut ws: Vec<Watched> = (0..workers).map(|r| watched_worker(&job, r, workers, &args)).collect();
+    wait_for(&mut ws[1..], "round 20 acknowledged", deadline);
+    // A server dies, then (during or just after the failover) a worker.
+    job.servers[1].child.kill().unwrap();
+    let _ = job.servers[1].child.wait();
+    ws[1].proc.child.kill().unwrap();
+    let _ = ws[1].finish(deadline);
+    let again = watched_worker(&job, 1, workers, &args);
+    let first = ws.swap_remove(0);
+    let mut ws = vec![first, again];
+    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
+    let all: Vec<String> = ws
+        .iter()
+        .map(|w| format!("== {}:\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
+        .collect();
+    assert!(statuses.iter().all(|st| st.success()), "a worker failed:\n{}", all.join("\n"));
+    for w in &ws {
+        let out = w.out.lock().unwrap().clone();
+        let (_, epoch) = parse_counting(&out);
+        assert!(epoch >= 2, "{}: no failover happened (epoch {epoch})", w.proc.name);
+        assert!(out.contains("(restarts 1;"), "{}: the restart is not counted:\n{out}", w.proc.name);
+    }
+    assert!(ws[1].out.lock().unwrap().contains("resumed at clock "), "{}", all.join("\n"));
+    let st = job.scheduler.wait(deadline);
+    assert!(st.success(), "scheduler failed: {st}\n{}", job.log("scheduler"));
+    for (i, s) in job.servers.iter_mut().enumerate() {
+        if i != 1 {
+            let st = s.wait(deadline);
+            assert!(st.success(), "{} failed: {st}", s.name);
+        }
+    }
+}
+
+#[test]
 fn a_killed_worker_not_restarted_fails_the_job_after_the_restart_timeout() {
     let deadline = Instant::now() + DEADLINE;
     let workers = 2u32;
