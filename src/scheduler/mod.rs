@@ -108,6 +108,9 @@ struct State {
     /// New incarnations registered while the servers apply a membership
     /// change: welcomed once it is in effect (with its server list).
     rejoining: Vec<(usize, Pending)>,
+    /// Workers registered for a rank that still runs (its death not noticed
+    /// yet): they take it once it is lost, and are refused once it is done.
+    queued: Vec<(usize, Pending)>,
     barrier: Vec<(PeerId, u64)>,
     /// Barriers the job completed (a worker's `n`-th barrier is number `n`).
     barriers_done: u64,
@@ -372,7 +375,7 @@ impl SchedulerHandler {
         match msg {
             Control::Register { role, addr, rank } => {
                 if role == Role::Worker && !st.worker_peers.is_empty() {
-                    return self.rejoin_worker(st, Pending { peer: from, id, addr, rank }, out);
+                    return Self::rejoin_worker_in(&self.shared, st, Pending { peer: from, id, addr, rank }, out);
                 }
                 let list = match role {
                     Role::Server if st.servers.len() < cfg.servers as usize => &mut st.servers,
@@ -706,6 +709,10 @@ impl SchedulerHandler {
         out: &mut Vec<(PeerId, Frame)>,
     ) {
         st.done[rank] = true;
+        for (_, p) in st.queued.extract_if(.., |(r, _)| *r == rank) {
+            let m = format!("worker rank {rank} finished; the job has no free worker place");
+            out.push((p.peer, Control::Error(m).to_frame(p.id)));
+        }
         // Consistency waits of the others must not wait for this worker.
         for (s, &p) in st.server_peers.iter().enumerate() {
             if st.server_infos[s].alive {
@@ -778,6 +785,10 @@ impl SchedulerHandler {
         // In case it still runs (silent, not dead): it is out.
         out.push((peer, Control::Shutdown.to_frame(0)));
         st.lost[rank] = Some(Lost { since: std::time::Instant::now(), why, peer });
+        if let Some(i) = st.queued.iter().position(|(r, _)| *r == rank) {
+            let (_, p) = st.queued.remove(i);
+            Self::rejoin_worker_in(shared, st, p, out);
+        }
     }
 
     /// Fails the job for every lost rank whose grace period is over.
@@ -795,7 +806,7 @@ impl SchedulerHandler {
     }
 
     /// A worker registering after the job started: it takes a lost rank.
-    fn rejoin_worker(&self, st: &mut State, p: Pending, out: &mut Vec<(PeerId, Frame)>) {
+    fn rejoin_worker_in(shared: &Shared, st: &mut State, p: Pending, out: &mut Vec<(PeerId, Frame)>) {
         if let Some(f) = &st.failure {
             out.push((p.peer, Control::Error(format!("the job failed: {f}")).to_frame(p.id)));
             return;
@@ -803,6 +814,16 @@ impl SchedulerHandler {
         let free: Vec<bool> =
             (0..st.lost.len()).map(|r| st.lost[r].is_some() && !st.rejoining.iter().any(|(q, _)| *q == r)).collect();
         let Some(rank) = rejoin_rank(&free, p.rank) else {
+            if let Some(r) = p.rank.map(|r| r as usize).filter(|&r| r < st.done.len() && !st.done[r])
+                && st.worker_peers[r].is_some()
+            {
+                // A supervisor restarting a worker whose death the scheduler
+                // has not noticed yet (its connection's end is still on its
+                // way, or its heartbeats have not timed out).
+                tracing::info!(worker = r, "a new worker for a rank that still runs: it waits until it is lost");
+                st.queued.push((r, p));
+                return;
+            }
             let lost: Vec<usize> = (0..free.len()).filter(|&r| free[r]).collect();
             let m = match p.rank {
                 Some(r) if lost.is_empty() => format!("the job has no free worker place (rank {r} is not lost)"),
@@ -822,13 +843,14 @@ impl SchedulerHandler {
             // Its server list would be one the servers are still applying.
             st.rejoining.push((rank, p));
         } else {
-            self.welcome_restarted(st, rank, p, out);
+            Self::welcome_restarted_in(shared, st, rank, p, out);
         }
     }
 
     /// A new incarnation that disconnected before its (deferred) welcome:
     /// its rank is lost again, with a fresh grace period.
     fn rejoining_gone_in(st: &mut State, peer: PeerId) {
+        st.queued.retain(|(_, p)| p.peer != peer);
         if let Some(i) = st.rejoining.iter().position(|(_, p)| p.peer == peer) {
             let (rank, _) = st.rejoining.remove(i);
             let why = "its new worker disconnected before it was welcomed".to_string();
@@ -839,16 +861,17 @@ impl SchedulerHandler {
     /// New incarnations that waited for a membership change to be in effect.
     fn welcome_rejoining(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
         for (rank, p) in std::mem::take(&mut st.rejoining) {
-            self.welcome_restarted(st, rank, p, out);
+            Self::welcome_restarted_in(&self.shared, st, rank, p, out);
         }
     }
 
-    fn welcome_restarted(&self, st: &mut State, rank: usize, p: Pending, out: &mut Vec<(PeerId, Frame)>) {
-        let cfg = &self.shared.cfg;
+    fn welcome_restarted_in(shared: &Shared, st: &mut State, rank: usize, p: Pending, out: &mut Vec<(PeerId, Frame)>) {
+        let cfg = &shared.cfg;
         st.worker_peers[rank] = Some(p.peer);
         st.registrations += 1;
         // Checkpoints go on; the job's restored one is long applied.
-        let plan = crate::proto::CheckpointPlan { restore: None, ..self.plan(st) };
+        let every = if cfg.checkpoint_dir.is_some() { cfg.checkpoint_every } else { 0 };
+        let plan = crate::proto::CheckpointPlan { every, restore: None };
         let m = Control::Welcome {
             role: Role::Worker,
             rank: rank as u32,
