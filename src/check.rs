@@ -16,6 +16,8 @@ const DENSE: u32 = 0xC4EC_0001;
 const SPARSE: u32 = 0xC4EC_0002;
 const COUNT_DENSE: u32 = 0xC4EC_0003;
 const COUNT_SPARSE: u32 = 0xC4EC_0004;
+/// One counter: restarted workers of the counting check add 1 to it.
+const COUNT_RESTARTS: u32 = 0xC4EC_0005;
 
 /// What a worker verified.
 #[derive(Clone, Debug, PartialEq)]
@@ -99,6 +101,12 @@ pub struct CountingReport {
     pub slowest_ms: f64,
     /// The membership epoch at the end (above 1 after a failover).
     pub epoch: u32,
+    /// Workers of the job that were restarted (each adds 1 to a counter of
+    /// the job when it starts), and the counters above the expected value.
+    pub restarts: u64,
+    pub extra: u64,
+    /// The clock this worker resumed at, when it was restarted.
+    pub resumed: Option<u32>,
 }
 
 /// The counting check, for fault injection: each round every worker adds 1
@@ -106,17 +114,37 @@ pub struct CountingReport {
 /// pushes are acknowledged; at the end every counter must equal the number
 /// of acknowledged pushes of all workers. A lost acknowledged push shows as
 /// a smaller counter, a push applied twice as a larger one.
-pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration) -> Result<CountingReport> {
-    w.create_table(TableSpec::dense(COUNT_DENSE, keys, 1))?;
+///
+/// A restarted worker (see [`Worker::restarted`]) first counts itself in
+/// the job's restarts table, then runs the rounds from its resume clock
+/// (round `r` is clock `r`). Its predecessor may have had that round in
+/// flight, applied on some servers and then done again, so with `R`
+/// restarts every counter must lie in `expect..=expect + R`: never below (an
+/// acknowledged push lost), at most one extra per restart.
+///
+/// `tau`: the dense table's pushes are acknowledged under bounded delay
+/// (every worker's pushes of clocks `< clock - tau` applied), so that a
+/// worker that falls behind, or is lost, would hold the others up if the
+/// bookkeeping did not exclude it; `None`: eventual, as the sparse table.
+pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration, tau: Option<u32>) -> Result<CountingReport> {
+    let resumed = w.restarted();
+    w.create_table(TableSpec::dense(COUNT_RESTARTS, 1, 1))?;
+    if resumed.is_some() {
+        w.wait(w.push(COUNT_RESTARTS, &[0], &[1.0])?)?;
+    }
+    let consistency = tau.map_or(crate::table::Consistency::Eventual, crate::table::Consistency::BoundedDelay);
+    w.create_table(TableSpec::dense(COUNT_DENSE, keys, 1).consistency(consistency))?;
     w.create_table(TableSpec::sparse(COUNT_SPARSE, u64::MAX, 1))?;
     let all: Vec<u64> = (0..keys).collect();
     let mut sparse: Vec<u64> = (0..keys).map(|i| mix64(i ^ 0x5eed)).collect();
     sparse.sort_unstable();
     sparse.dedup();
     let (ones, sparse_ones) = (vec![1.0f32; all.len()], vec![1.0f32; sparse.len()]);
+    // A restarted worker passes it at once (the job did already).
     w.barrier()?;
     let mut slowest = Duration::ZERO;
-    for round in 0..rounds {
+    let first = resumed.unwrap_or(0).min(rounds);
+    for round in first..rounds {
         let t0 = Instant::now();
         let a = w.push(COUNT_DENSE, &all, &ones)?;
         let b = w.push(COUNT_SPARSE, &sparse, &sparse_ones)?;
@@ -134,15 +162,19 @@ pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration) -> Result<Co
     w.barrier()?;
     // Every worker acknowledged every round (or returned the error above).
     let expect = (u64::from(rounds) * u64::from(w.num_workers())) as f32;
+    let restarts = w.pull(COUNT_RESTARTS, &[0])?.wait()?[0];
+    let most = expect + restarts;
+    let mut extra = 0;
     for (table, ks) in [(COUNT_DENSE, &all), (COUNT_SPARSE, &sparse)] {
         let got = w.pull(table, ks)?.wait()?;
-        if let Some(i) = got.iter().position(|&v| v != expect) {
-            let wrong = got.iter().filter(|&&v| v != expect).count();
+        extra += got.iter().filter(|&&v| v > expect && v <= most).count() as u64;
+        if let Some(i) = got.iter().position(|&v| !(expect..=most).contains(&v)) {
+            let wrong = got.iter().filter(|&&v| !(expect..=most).contains(&v)).count();
             // The wrong keys as runs of consecutive indices, for diagnosis.
             let mut spans: Vec<String> = Vec::new();
             let mut j = 0;
             while j < got.len() && spans.len() < 16 {
-                if got[j] == expect {
+                if (expect..=most).contains(&got[j]) {
                     j += 1;
                     continue;
                 }
@@ -150,8 +182,13 @@ pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration) -> Result<Co
                 spans.push(format!("keys {}..={} count {}", ks[j], ks[k - 1], got[j]));
                 j = k;
             }
+            let expected = if restarts > 0.0 {
+                format!("{expect}..={most} ({expect} acknowledged pushes, {restarts} restarts)")
+            } else {
+                format!("{expect} acknowledged pushes")
+            };
             return Err(fail(format!(
-                "table {table:#x}: key {} counts {}, expected {expect} acknowledged pushes ({wrong} of {} counters wrong: {})",
+                "table {table:#x}: key {} counts {}, expected {expected} ({wrong} of {} counters wrong: {})",
                 ks[i],
                 got[i],
                 ks.len(),
@@ -161,9 +198,12 @@ pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration) -> Result<Co
     }
     w.barrier()?;
     Ok(CountingReport {
-        acked: u64::from(rounds) * 2,
+        acked: u64::from(rounds - first) * 2,
         counter: expect,
         slowest_ms: slowest.as_secs_f64() * 1e3,
         epoch: w.epoch(),
+        restarts: restarts as u64,
+        extra,
+        resumed,
     })
 }

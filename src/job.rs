@@ -38,6 +38,9 @@ pub struct JobConfig {
     pub checkpoint_dir: Option<std::path::PathBuf>,
     /// Checkpoint every this many clocks (0: never).
     pub checkpoint_every: u32,
+    /// How long a lost worker's rank waits for a new incarnation (see
+    /// [`SchedulerConfig::worker_restart_timeout`]).
+    pub worker_restart_timeout: std::time::Duration,
 }
 
 impl Default for JobConfig {
@@ -56,6 +59,7 @@ impl Default for JobConfig {
             replicas: None,
             checkpoint_dir: None,
             checkpoint_every: 0,
+            worker_restart_timeout: crate::scheduler::WORKER_RESTART_TIMEOUT,
         }
     }
 }
@@ -106,6 +110,7 @@ where
         replicas: cfg.replicas,
         checkpoint_dir: cfg.checkpoint_dir.clone(),
         checkpoint_every: cfg.checkpoint_every,
+        worker_restart_timeout: cfg.worker_restart_timeout,
         ..SchedulerConfig::default()
     };
     let sched = SchedulerNode::start(t, &cfg.scheduler_addr, sched_cfg)?;
@@ -208,9 +213,10 @@ impl LaunchEnv {
             )));
         }
         // Only a check of the launch: once servers failed, joined or left
-        // (a later epoch), a worker started now sees a different count.
+        // (a later epoch), or for a restarted worker, the count differs.
         if let Some(n) = self.servers
             && w.epoch() == 1
+            && w.restarted().is_none()
             && n as usize != w.num_servers()
         {
             return Err(Error::Config(format!(

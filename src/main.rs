@@ -252,6 +252,10 @@ struct CheckArgs {
     /// Counting mode: pause between rounds, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pace_ms: u64,
+    /// Counting mode: the dense table's pushes wait under bounded delay of
+    /// this many clocks (default: eventual consistency).
+    #[arg(long)]
+    tau: Option<u32>,
     /// Transport (embedded: inproc by default; launched: tcp).
     #[arg(long, env = "PSERVER_TRANSPORT")]
     transport: Option<String>,
@@ -280,6 +284,11 @@ struct SchedulerArgs {
     replicas: Option<u32>,
     #[command(flatten)]
     checkpoints: CheckpointArgs,
+    /// Seconds the rank of a worker that died mid-job (connection dropped or
+    /// heartbeats stopped) waits for a new worker to take it (started with
+    /// the same PSERVER_RANK) before the job fails; 0 fails at once.
+    #[arg(long, env = "PSERVER_WORKER_RESTART_TIMEOUT", default_value_t = SchedulerConfig::default().worker_restart_timeout.as_secs_f64())]
+    worker_restart_timeout: f64,
     /// Write the address nodes should use into this file once listening.
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -454,6 +463,9 @@ fn metrics(bind: Option<&str>, render: impl Fn() -> String + Send + 'static) -> 
 
 fn scheduler_cmd(a: SchedulerArgs, auth: &AuthArgs) -> Result<()> {
     let t = Tcp::new(IoMode::from_env()?, limits(a.max_connections)?).with_auth(auth.resolve()?);
+    let worker_restart_timeout = Duration::try_from_secs_f64(a.worker_restart_timeout).map_err(|_| {
+        anyhow::anyhow!("--worker-restart-timeout {}: not a number of seconds >= 0", a.worker_restart_timeout)
+    })?;
     let cfg = SchedulerConfig {
         servers: a.servers,
         workers: a.workers,
@@ -461,6 +473,7 @@ fn scheduler_cmd(a: SchedulerArgs, auth: &AuthArgs) -> Result<()> {
         replicas: a.replicas,
         checkpoint_dir: a.checkpoints.checkpoint_dir.clone(),
         checkpoint_every: a.checkpoints.checkpoint_every,
+        worker_restart_timeout,
         ..SchedulerConfig::default()
     };
     let node = Arc::new(
@@ -826,12 +839,26 @@ fn check_cmd(a: CheckArgs, auth: &AuthArgs) -> Result<()> {
     let (mode, t) = mode(&a.transport, &a.job, auth)?;
     if a.counting {
         let pace = Duration::from_millis(a.pace_ms);
-        let reports = run_workers(mode, t.as_ref(), |w| pserver::check::counting(w, a.keys, a.rounds, pace))?;
+        let reports = run_workers(mode, t.as_ref(), |w| pserver::check::counting(w, a.keys, a.rounds, pace, a.tau))?;
         for (rank, r) in reports {
+            // With restarts, a counter may hold one extra per restart (a
+            // round in flight when a worker died, done again).
+            let counters = if r.restarts == 0 {
+                format!("every counter = {}", r.counter)
+            } else {
+                format!(
+                    "every counter in {}..={} (restarts {}; {} counters carry an extra)",
+                    r.counter,
+                    r.counter + r.restarts as f32,
+                    r.restarts,
+                    r.extra
+                )
+            };
+            let resumed = r.resumed.map(|c| format!("resumed at clock {c}, ")).unwrap_or_default();
             println!(
-                "counting passed on worker {rank}: {} pushes acknowledged, every counter = {}, \
+                "counting passed on worker {rank}: {} pushes acknowledged, {counters}, {resumed}\
                  slowest acknowledgement {:.1} ms, epoch {}",
-                r.acked, r.counter, r.slowest_ms, r.epoch
+                r.acked, r.slowest_ms, r.epoch
             );
         }
         return Ok(());

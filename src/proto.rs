@@ -101,6 +101,10 @@ pub mod status {
 pub mod flags {
     /// A pull that carries known versions and wants only changed keys.
     pub const VERSIONED: u32 = 1;
+    /// A CLOCK frame that *sets* the worker's clock to its value, lower or
+    /// not (a restarted worker re-entering the consistency bookkeeping at
+    /// its resume clock); a plain CLOCK frame only raises it.
+    pub const CLOCK_RESET: u32 = 2;
 }
 
 /// The version a worker sends for a key it never saw: odd, so it never equals
@@ -322,7 +326,9 @@ pub enum Control {
     /// Scheduler -> node, once everyone has registered. `replicas`: copies
     /// of every range besides its owner's. `incarnation`: a worker's push
     /// sequence numbers start at `incarnation << 40`, so a restarted worker's
-    /// never look like retries of its predecessor's.
+    /// never look like retries of its predecessor's. `restarted`: the worker
+    /// takes the place of a lost one mid-job (it asks the servers for its
+    /// rank's clock, see `WorkerClock`, and continues from there).
     Welcome {
         role: Role,
         rank: u32,
@@ -333,6 +339,7 @@ pub enum Control {
         replicas: u32,
         incarnation: u32,
         checkpoint: Option<CheckpointPlan>,
+        restarted: bool,
     },
     /// Scheduler -> nodes: the server list changed (a server died, joined or
     /// left); ranges move as the new ring says.
@@ -360,8 +367,10 @@ pub enum Control {
     CreateTable(TableSpec),
     /// Server -> worker: the table is ready.
     TableReady { table: u32 },
-    /// Worker -> scheduler: wait until every worker arrives.
-    Barrier { worker: u32 },
+    /// Worker -> scheduler: wait until every worker arrives. `n`: how many
+    /// barriers this worker passed before (a restarted worker calls the same
+    /// barriers again; those the job already passed are answered at once).
+    Barrier { worker: u32, n: u64 },
     /// Scheduler -> worker: everyone arrived.
     BarrierDone,
     /// Worker -> scheduler: finished (`error` when it failed).
@@ -394,6 +403,11 @@ pub enum Control {
     /// Scheduler -> servers: a worker left the job (finished, failed or
     /// died); its clock no longer holds anyone back.
     WorkerLeft { worker: u32 },
+    /// Restarted worker -> server: the last clock you received from rank
+    /// `worker` (any incarnation; never the `WorkerLeft` mark).
+    WorkerClock { worker: u32 },
+    /// Server -> worker: it (0 when none came).
+    WorkerClockReply { clock: u32 },
     /// A refused control request.
     Error(String),
     /// Node -> scheduler, with each heartbeat: the node's figures.

@@ -1,5 +1,6 @@
 //! Fault injection on real processes (DESIGN section 6): servers killed
-//! with SIGKILL while workers push, on 127.0.0.1. Every test is bounded in
+//! with SIGKILL while workers push, and workers killed (and restarted), on
+//! 127.0.0.1. Every test is bounded in
 //! time, and asserts on results, never on speed.
 
 mod common;
@@ -176,6 +177,152 @@ fn without_replicas_a_killed_server_fails_the_job_with_a_clear_error() {
     let st = job.scheduler.wait(deadline);
     assert!(!st.success(), "the scheduler reported success although a server's data was lost");
     let _ = job.servers[1].wait(deadline);
+}
+
+/// The counting check with 2 servers and 2 workers (bounded delay 2 on the
+/// dense table); worker 1 is SIGKILLed after an acknowledged round and a
+/// new process takes its rank: the job ends well, every counter is within
+/// one extra of the acknowledged pushes, and the new worker resumed at its
+/// rank's clock.
+fn counting_survives_a_restarted_worker(io: &'static str) {
+    let deadline = Instant::now() + DEADLINE;
+    let (servers, workers) = (2u32, 2u32);
+    let mut job = start_job(io, servers, workers, &format!("fault-wrestart-{io}"), deadline);
+    // A short pace, so that the kill often comes with a round in flight.
+    let rounds = 1500;
+    let args = ["check", "--counting", "--keys", "2000", "--rounds", "1500", "--pace-ms", "1", "--tau", "2"];
+    let mut ws: Vec<Watched> = (0..workers).map(|r| watched_worker(&job, r, workers, &args)).collect();
+    wait_for(&mut ws[1..], "round 20 acknowledged", deadline);
+    ws[1].proc.child.kill().unwrap();
+    let _ = ws[1].finish(deadline);
+    assert!(
+        !ws[1].err.lock().unwrap().contains(&format!("round {rounds} acknowledged")),
+        "worker 1 finished before the kill: the test proves nothing"
+    );
+    let mut again = watched_worker(&job, 1, workers, &args);
+    let first = ws.swap_remove(0);
+    let mut ws = vec![first, again];
+    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
+    let report = |ws: &[Watched]| -> String {
+        ws.iter()
+            .map(|w| format!("== {}:\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        statuses.iter().all(|st| st.success()),
+        "a worker failed:\n{}\n== scheduler:\n{}",
+        report(&ws),
+        job.log("scheduler")
+    );
+    for w in &ws {
+        let out = w.out.lock().unwrap().clone();
+        let _ = parse_counting(&out); // the line the other tests read is intact
+        assert!(out.contains("(restarts 1;"), "{}: the restart is not counted:\n{out}", w.proc.name);
+    }
+    again = ws.pop().unwrap();
+    let out = again.out.lock().unwrap().clone();
+    let clock: u32 = out
+        .split("resumed at clock ")
+        .nth(1)
+        .and_then(|t| t.split(',').next())
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("the restarted worker did not say where it resumed:\n{out}"));
+    assert!((20..rounds).contains(&clock), "resumed at clock {clock}, after 20 acknowledged rounds of {rounds}");
+    eprintln!("{io}: worker 1 killed after round 20 and restarted; it resumed at clock {clock}: {}", out.trim());
+    let st = job.scheduler.wait(deadline);
+    assert!(st.success(), "scheduler failed: {st}\n{}", job.log("scheduler"));
+    for s in &mut job.servers {
+        let st = s.wait(deadline);
+        assert!(st.success(), "{} failed: {st}", s.name);
+    }
+}
+
+#[test]
+fn a_killed_worker_restarted_continues_and_counters_stay_exact_std() {
+    counting_survives_a_restarted_worker("std");
+}
+
+#[test]
+fn a_killed_worker_restarted_continues_and_counters_stay_exact_uring() {
+    if !uring_works() {
+        eprintln!("SKIPPED: io_uring is not available on this machine");
+        return;
+    }
+    counting_survives_a_restarted_worker("uring");
+}
+
+#[test]
+fn a_worker_restarted_across_a_server_failover_joins_the_new_epoch() {
+    let deadline = Instant::now() + DEADLINE;
+    let (servers, workers) = (3u32, 2u32);
+    let mut job = start_job("std", servers, workers, "fault-wrestart-failover", deadline);
+    let args = ["check", "--counting", "--keys", "2000", "--rounds", "1500", "--pace-ms", "1", "--tau", "2"];
+    let mut ws: Vec<Watched> = (0..workers).map(|r| watched_worker(&job, r, workers, &args)).collect();
+    wait_for(&mut ws[1..], "round 20 acknowledged", deadline);
+    // A server dies, then (during or just after the failover) a worker.
+    job.servers[1].child.kill().unwrap();
+    let _ = job.servers[1].child.wait();
+    ws[1].proc.child.kill().unwrap();
+    let _ = ws[1].finish(deadline);
+    let again = watched_worker(&job, 1, workers, &args);
+    let first = ws.swap_remove(0);
+    let mut ws = vec![first, again];
+    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
+    let all: Vec<String> = ws
+        .iter()
+        .map(|w| format!("== {}:\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
+        .collect();
+    assert!(statuses.iter().all(|st| st.success()), "a worker failed:\n{}", all.join("\n"));
+    for w in &ws {
+        let out = w.out.lock().unwrap().clone();
+        let (_, epoch) = parse_counting(&out);
+        assert!(epoch >= 2, "{}: no failover happened (epoch {epoch})", w.proc.name);
+        assert!(out.contains("(restarts 1;"), "{}: the restart is not counted:\n{out}", w.proc.name);
+    }
+    assert!(ws[1].out.lock().unwrap().contains("resumed at clock "), "{}", all.join("\n"));
+    let st = job.scheduler.wait(deadline);
+    assert!(st.success(), "scheduler failed: {st}\n{}", job.log("scheduler"));
+    for (i, s) in job.servers.iter_mut().enumerate() {
+        if i != 1 {
+            let st = s.wait(deadline);
+            assert!(st.success(), "{} failed: {st}", s.name);
+        }
+    }
+}
+
+#[test]
+fn a_killed_worker_not_restarted_fails_the_job_after_the_restart_timeout() {
+    let deadline = Instant::now() + DEADLINE;
+    let workers = 2u32;
+    let mut job = start_job_with("std", None, 2, workers, "fault-wlost", deadline, &["--worker-restart-timeout", "2"]);
+    // Bounded delay: worker 0 would wait for worker 1's clocks if the lost
+    // worker were not excluded.
+    let args = ["check", "--counting", "--keys", "1000", "--rounds", "100", "--pace-ms", "5", "--tau", "2"];
+    let mut ws: Vec<Watched> = (0..workers).map(|r| watched_worker(&job, r, workers, &args)).collect();
+    wait_for(&mut ws[1..], "round 10 acknowledged", deadline);
+    let killed = Instant::now();
+    ws[1].proc.child.kill().unwrap();
+    let _ = ws[1].finish(deadline);
+    let st = ws[0].finish(deadline);
+    let (out, err) = (ws[0].out.lock().unwrap().clone(), ws[0].err.lock().unwrap().clone());
+    assert!(!st.success(), "worker 0 succeeded although worker 1 never came back:\n{out}\n{err}");
+    assert!(err.contains("round 100 acknowledged"), "worker 0 was held up by the lost worker:\n{err}");
+    assert!(
+        err.contains("worker 1 failed: lost") && err.contains("--worker-restart-timeout 2"),
+        "worker 0's error does not say what happened:\n{err}"
+    );
+    let st = job.scheduler.wait(deadline);
+    let log = job.log("scheduler");
+    assert!(!st.success(), "the scheduler reported success although worker 1 was lost");
+    assert!(
+        log.contains("worker 1 failed: lost (disconnected before finishing) and not restarted within 2s"),
+        "the scheduler's error does not name the rank and the timeout:\n{log}"
+    );
+    assert!(killed.elapsed() >= Duration::from_secs(2), "the job failed before the grace period ended");
+    for s in &mut job.servers {
+        let _ = s.wait(deadline);
+    }
 }
 
 /// Trains L1 logistic regression on `data` with 3 servers and 2 workers;

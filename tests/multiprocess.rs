@@ -252,6 +252,8 @@ fn a_hung_worker_is_detected_by_missed_heartbeats_and_fails_the_job() {
     };
     let mut sched_cmd = Command::new(BIN);
     sched_cmd.args(["scheduler", "--bind", "127.0.0.1:0", "--servers", "1", "--workers", "2", "--addr-file"]).arg(&af);
+    // A hung worker is lost; nobody restarts it, so the job fails after this.
+    sched_cmd.args(["--worker-restart-timeout", "1"]);
     fast(&mut sched_cmd);
     let mut scheduler = Proc::spawn("scheduler", &mut sched_cmd);
     let addr = read_addr(&af, &mut scheduler, deadline);

@@ -209,6 +209,14 @@ pub fn train(
     if cfg.block_size == 0 || cfg.iters == 0 {
         return Err(Error::Config("block size and iterations must be positive".into()));
     }
+    if let Some(c) = w.restarted() {
+        // Redoing the block in flight would add this worker's gradient to a
+        // step the servers already took (the rule aggregates per clock), and
+        // the damping and objective history would have to be rebuilt.
+        return Err(Error::Config(format!(
+            "train lr cannot continue a restarted worker (its rank's clock is {c}): start the job again instead"
+        )));
+    }
     let start = Instant::now();
     let workers = u64::from(w.num_workers());
     let rank = u64::from(w.rank());

@@ -22,6 +22,16 @@
 //! hand ranges over apply it first and acknowledge only when everything
 //! they applied is on the joiner (hand over the delta), then the joiner
 //! applies it, and only then are workers told. Joins go one at a time.
+//!
+//! A worker whose connection drops or whose heartbeats stop before it said
+//! it is done is *lost*: the servers are told at once (`WorkerLeft`), so
+//! that no consistency wait of the others waits for it, and its rank waits
+//! `worker_restart_timeout` for a new incarnation to register. That one
+//! gets the rank, the current server list and a larger incarnation, asks
+//! the servers for the rank's clock and continues from it. Barriers and
+//! checkpoints keep the rank's seat meanwhile (they mean "every worker"); a
+//! rank not taken again in time fails the job. A worker that reports an
+//! error (`WorkerDone` with one) fails the job at once.
 
 pub mod heartbeat;
 pub mod ring;
@@ -52,7 +62,14 @@ pub struct SchedulerConfig {
     pub checkpoint_dir: Option<std::path::PathBuf>,
     /// Checkpoint at every clock divisible by this (0: never).
     pub checkpoint_every: u32,
+    /// How long the rank of a lost worker (connection dropped, or silent)
+    /// waits for a new incarnation before the job fails; zero fails at once.
+    pub worker_restart_timeout: std::time::Duration,
 }
+
+/// Default of [`SchedulerConfig::worker_restart_timeout`]: time for a
+/// supervisor (or a person) to start the worker again.
+pub const WORKER_RESTART_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -64,6 +81,7 @@ impl Default for SchedulerConfig {
             replicas: None,
             checkpoint_dir: None,
             checkpoint_every: 0,
+            worker_restart_timeout: WORKER_RESTART_TIMEOUT,
         }
     }
 }
@@ -93,7 +111,19 @@ struct State {
     /// Worker peers by rank, once welcomed.
     worker_peers: Vec<Option<PeerId>>,
     done: Vec<bool>,
+    /// Ranks whose worker was lost, waiting for a new incarnation.
+    lost: Vec<Option<Lost>>,
+    /// New incarnations registered while the servers apply a membership
+    /// change: welcomed once it is in effect (with its server list).
+    rejoining: Vec<(usize, Pending)>,
+    /// Workers registered for a rank that still runs (its death not noticed
+    /// yet): they take it once it is lost, and are refused once it is done.
+    queued: Vec<(usize, Pending)>,
     barrier: Vec<(PeerId, u64)>,
+    /// Barriers the job completed (a worker's `n`-th barrier is number `n`).
+    barriers_done: u64,
+    /// The clock of the last checkpoint round (taken or abandoned).
+    last_checkpoint: Option<u32>,
     failure: Option<String>,
     finished: bool,
     /// When each node was last heard from.
@@ -145,10 +175,18 @@ enum JoinPhase {
     Promoting,
 }
 
-/// A checkpoint in progress: workers that arrived, servers still writing.
+/// A worker rank whose worker was lost: since when, why, and its peer.
+struct Lost {
+    since: std::time::Instant,
+    why: String,
+    peer: PeerId,
+}
+
+/// A checkpoint in progress: workers that arrived (by rank, with the request
+/// to answer), servers still writing.
 struct CheckpointRound {
     clock: u32,
-    workers: Vec<(PeerId, u64)>,
+    workers: Vec<(u32, PeerId, u64)>,
     servers: HashSet<u32>,
     files: Vec<crate::server::checkpoint::FileEntry>,
     tables: Vec<crate::table::TableSpec>,
@@ -242,7 +280,9 @@ impl Drop for SchedulerNode {
 /// Declares nodes dead when their heartbeats stop.
 fn monitor(shared: &Shared, net: &Arc<dyn Messenger>) {
     let timeout = shared.cfg.heartbeat_timeout;
-    let tick = (timeout / 4).clamp(std::time::Duration::from_millis(20), std::time::Duration::from_secs(1));
+    let restart = shared.cfg.worker_restart_timeout;
+    let shortest = if restart.is_zero() { timeout } else { timeout.min(restart) };
+    let tick = (shortest / 4).clamp(std::time::Duration::from_millis(20), std::time::Duration::from_secs(1));
     let mut st = shared.state.lock();
     while !st.finished {
         shared.changed.wait_for(&mut st, tick);
@@ -257,8 +297,9 @@ fn monitor(shared: &Shared, net: &Arc<dyn Messenger>) {
             .collect();
         for r in dead_workers {
             let msg = format!("no heartbeat for {timeout:?}");
-            SchedulerHandler::worker_done_in(shared, &mut st, r, Some(msg), &mut out);
+            SchedulerHandler::worker_lost_in(shared, &mut st, r, msg, &mut out);
         }
+        SchedulerHandler::restart_deadlines_in(shared, &mut st, now, &mut out);
         let silent_servers: Vec<usize> = (0..st.server_peers.len())
             .filter(|&r| st.server_infos[r].alive && silent(&st.server_peers[r], &st))
             .collect();
@@ -342,10 +383,11 @@ impl Handler for SchedulerHandler {
             if st.servers.iter().chain(&st.workers).any(|p| p.peer == peer) {
                 st.ops.gone(peer);
             }
+            Self::rejoining_gone_in(&mut st, peer);
             if let Some(rank) = st.worker_peers.iter().position(|p| *p == Some(peer))
                 && !st.done[rank]
             {
-                self.worker_done(&mut st, rank, Some("disconnected before finishing".into()), &mut out);
+                Self::worker_lost_in(&self.shared, &mut st, rank, "disconnected before finishing".into(), &mut out);
             } else if let Some(rank) = st.server_peers.iter().position(|p| *p == peer)
                 && !st.finished
             {
@@ -381,6 +423,9 @@ impl SchedulerHandler {
                 self.start_join(st, out);
             }
             Control::Register { role, addr, rank } => {
+                if role == Role::Worker && !st.worker_peers.is_empty() {
+                    return Self::rejoin_worker_in(&self.shared, st, Pending { peer: from, id, addr, rank }, out);
+                }
                 let list = match role {
                     Role::Server if st.servers.len() < cfg.servers as usize => &mut st.servers,
                     Role::Worker if st.workers.len() < cfg.workers as usize => &mut st.workers,
@@ -413,23 +458,39 @@ impl SchedulerHandler {
                     self.welcome_workers(st, out);
                 }
             }
-            Control::Barrier { worker } => {
+            Control::Barrier { worker, n } => {
                 if let Some(f) = &st.failure {
                     out.push((from, Control::Error(format!("barrier abandoned: {f}")).to_frame(id)));
                     return;
                 }
+                if n < st.barriers_done {
+                    // A restarted worker passing again a barrier its
+                    // predecessor (and everyone else) passed.
+                    out.push((from, Control::BarrierDone.to_frame(id)));
+                    return;
+                }
+                if n > st.barriers_done {
+                    let m = format!("barrier {n} of worker {worker}: the job is at barrier {}", st.barriers_done);
+                    out.push((from, Control::Error(m).to_frame(id)));
+                    return;
+                }
                 st.barrier.push((from, id));
+                // Lost ranks count: their next incarnation will come here.
                 let alive = st.done.iter().filter(|d| !**d).count();
                 tracing::trace!(worker, waiting = st.barrier.len(), alive, "barrier");
-                if st.barrier.len() >= alive {
-                    for (p, i) in st.barrier.drain(..) {
-                        out.push((p, Control::BarrierDone.to_frame(i)));
-                    }
-                }
+                Self::release_barrier_in(st, out);
             }
             Control::Heartbeat => {}
             Control::Checkpoint { worker, clock } => {
                 if cfg.checkpoint_dir.is_none() {
+                    out.push((from, Control::CheckpointDone { clock, written: false }.to_frame(id)));
+                    return;
+                }
+                if st.worker_peers.get(worker as usize) != Some(&Some(from))
+                    || st.last_checkpoint.is_some_and(|c| clock <= c)
+                {
+                    // Not that worker, or a restarted worker reaching a
+                    // clock the job checkpointed (or gave up) already.
                     out.push((from, Control::CheckpointDone { clock, written: false }.to_frame(id)));
                     return;
                 }
@@ -445,7 +506,11 @@ impl SchedulerHandler {
                     out.push((from, Control::CheckpointDone { clock, written: false }.to_frame(id)));
                     return;
                 }
-                round.workers.push((from, id));
+                // By rank: a restarted worker's request replaces its
+                // predecessor's, which stays valid while the rank is lost
+                // (it had all its pushes of clocks below `clock` answered).
+                round.workers.retain(|(r, _, _)| *r != worker);
+                round.workers.push((worker, from, id));
                 Self::start_checkpoint_in(&self.shared, st, out);
             }
             Control::SnapshotDone { clock, files, tables } => {
@@ -478,7 +543,8 @@ impl SchedulerHandler {
                             false
                         }
                     };
-                    for (p, i) in round.workers {
+                    st.last_checkpoint = Some(clock);
+                    for (_, p, i) in round.workers {
                         out.push((p, Control::CheckpointDone { clock, written }.to_frame(i)));
                     }
                     self.start_join(st, out);
@@ -491,7 +557,8 @@ impl SchedulerHandler {
                 let is_server = st.server_peers.contains(&from);
                 if is_server && let Some(round) = st.checkpoint.take_if(|r| !r.servers.is_empty()) {
                     tracing::error!(clock = round.clock, "checkpoint abandoned: {m}");
-                    for (p, i) in round.workers {
+                    st.last_checkpoint = Some(round.clock);
+                    for (_, p, i) in round.workers {
                         out.push((p, Control::CheckpointDone { clock: round.clock, written: false }.to_frame(i)));
                     }
                     self.start_join(st, out);
@@ -535,6 +602,9 @@ impl SchedulerHandler {
                 };
                 if complete {
                     Self::applied(&self.shared, st, out);
+                    if st.applying.is_none() {
+                        self.welcome_rejoining(st, out);
+                    }
                 }
             }
             Control::Report(r) => st.ops.record(from, r),
@@ -584,7 +654,8 @@ impl SchedulerHandler {
         }
         if let Some(round) = st.checkpoint.take_if(|r| !r.servers.is_empty()) {
             tracing::warn!(clock = round.clock, "checkpoint abandoned: a server failed while writing it");
-            for (p, i) in round.workers {
+            st.last_checkpoint = Some(round.clock);
+            for (_, p, i) in round.workers {
                 out.push((p, Control::CheckpointDone { clock: round.clock, written: false }.to_frame(i)));
             }
         }
@@ -735,6 +806,7 @@ impl SchedulerHandler {
             epoch: st.epoch,
             replicas: cfg.replicas(),
             incarnation: 0,
+            restarted: false,
             checkpoint: Some(crate::proto::CheckpointPlan { every: Self::every(shared), restore: None }),
         };
         out.push((p.peer, w.to_frame(p.id)));
@@ -816,6 +888,7 @@ impl SchedulerHandler {
                 replicas: cfg.replicas(),
                 incarnation: 0,
                 checkpoint: Some(self.plan(st)),
+                restarted: false,
             };
             out.push((p.peer, w.to_frame(p.id)));
         }
@@ -827,6 +900,7 @@ impl SchedulerHandler {
         let ranks = assign_ranks(&st.workers, w);
         st.worker_peers = vec![None; w];
         st.done = vec![false; w];
+        st.lost = (0..w).map(|_| None).collect();
         for (p, rank) in st.workers.iter().zip(ranks) {
             st.worker_peers[rank] = Some(p.peer);
             st.registrations += 1;
@@ -840,6 +914,7 @@ impl SchedulerHandler {
                 replicas: cfg.replicas(),
                 incarnation: st.registrations,
                 checkpoint: Some(self.plan(st)),
+                restarted: false,
             };
             out.push((p.peer, m.to_frame(p.id)));
         }
@@ -859,6 +934,10 @@ impl SchedulerHandler {
     ) {
         st.done[rank] = true;
         Self::worker_gone_from_join(st, rank, out);
+        for (_, p) in st.queued.extract_if(.., |(r, _)| *r == rank) {
+            let m = format!("worker rank {rank} finished; the job has no free worker place");
+            out.push((p.peer, Control::Error(m).to_frame(p.id)));
+        }
         // Consistency waits of the others must not wait for this worker.
         for (s, &p) in st.server_peers.iter().enumerate() {
             if st.server_infos[s].alive {
@@ -872,14 +951,17 @@ impl SchedulerHandler {
             for (p, i) in st.barrier.drain(..) {
                 out.push((p, Control::Error(msg.clone()).to_frame(i)));
             }
-        } else {
-            // A finished worker no longer counts towards barriers.
-            let alive = st.done.iter().filter(|d| !**d).count();
-            if alive > 0 && st.barrier.len() >= alive {
-                for (p, i) in st.barrier.drain(..) {
-                    out.push((p, Control::BarrierDone.to_frame(i)));
+            // Nor does a checkpoint wait for it.
+            if let Some(round) = st.checkpoint.take_if(|r| r.servers.is_empty()) {
+                st.last_checkpoint = Some(round.clock);
+                let msg = format!("checkpoint abandoned: worker {rank} failed: {e}");
+                for (_, p, i) in round.workers {
+                    out.push((p, Control::Error(msg.clone()).to_frame(i)));
                 }
             }
+        } else {
+            // A finished worker no longer counts towards barriers.
+            Self::release_barrier_in(st, out);
         }
         if st.done.iter().all(|d| *d) {
             for (s, &p) in st.server_peers.iter().enumerate() {
@@ -893,5 +975,170 @@ impl SchedulerHandler {
             st.finished = true;
             tracing::info!("all workers done; job finished");
         }
+    }
+
+    /// Completes the barrier once every worker that is not done (lost ranks
+    /// included: their next incarnation comes) has arrived.
+    fn release_barrier_in(st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        let alive = st.done.iter().filter(|d| !**d).count();
+        if alive > 0 && st.barrier.len() >= alive {
+            st.barriers_done += 1;
+            for (p, i) in st.barrier.drain(..) {
+                out.push((p, Control::BarrierDone.to_frame(i)));
+            }
+        }
+    }
+
+    /// Worker `rank` died (its connection dropped or it went silent) before
+    /// saying it is done: the servers stop waiting for it and its rank waits
+    /// for a new incarnation, or the job fails at once when the job allows
+    /// no restarts.
+    fn worker_lost_in(shared: &Shared, st: &mut State, rank: usize, why: String, out: &mut Vec<(PeerId, Frame)>) {
+        let timeout = shared.cfg.worker_restart_timeout;
+        if timeout.is_zero() || st.failure.is_some() {
+            return Self::worker_done_in(shared, st, rank, Some(why), out);
+        }
+        let Some(peer) = st.worker_peers[rank].take() else { return };
+        Self::worker_gone_from_join(st, rank, out);
+        tracing::warn!(worker = rank, why, "worker lost; waiting {timeout:?} for it to be restarted");
+        st.ops.gone(peer);
+        // Consistency waits of the others must not wait for it meanwhile.
+        for (s, &p) in st.server_peers.iter().enumerate() {
+            if st.server_infos[s].alive {
+                out.push((p, Control::WorkerLeft { worker: rank as u32 }.to_frame(0)));
+            }
+        }
+        // Its barrier entry is dropped (the new incarnation arrives again);
+        // its checkpoint arrival stays valid (see `Control::Checkpoint`).
+        st.barrier.retain(|(p, _)| *p != peer);
+        // In case it still runs (silent, not dead): it is out.
+        out.push((peer, Control::Shutdown.to_frame(0)));
+        st.lost[rank] = Some(Lost { since: std::time::Instant::now(), why, peer });
+        if let Some(i) = st.queued.iter().position(|(r, _)| *r == rank) {
+            let (_, p) = st.queued.remove(i);
+            Self::rejoin_worker_in(shared, st, p, out);
+        }
+    }
+
+    /// Fails the job for every lost rank whose grace period is over.
+    fn restart_deadlines_in(shared: &Shared, st: &mut State, now: std::time::Instant, out: &mut Vec<(PeerId, Frame)>) {
+        let timeout = shared.cfg.worker_restart_timeout;
+        for rank in 0..st.lost.len() {
+            let Some(lost) = st.lost[rank].take_if(|l| now.duration_since(l.since) >= timeout) else { continue };
+            let e = format!(
+                "lost ({}) and not restarted within {timeout:?} (--worker-restart-timeout {})",
+                lost.why,
+                timeout.as_secs_f64()
+            );
+            Self::worker_done_in(shared, st, rank, Some(e), out);
+        }
+    }
+
+    /// A worker registering after the job started: it takes a lost rank.
+    fn rejoin_worker_in(shared: &Shared, st: &mut State, p: Pending, out: &mut Vec<(PeerId, Frame)>) {
+        if let Some(f) = &st.failure {
+            out.push((p.peer, Control::Error(format!("the job failed: {f}")).to_frame(p.id)));
+            return;
+        }
+        let free: Vec<bool> =
+            (0..st.lost.len()).map(|r| st.lost[r].is_some() && !st.rejoining.iter().any(|(q, _)| *q == r)).collect();
+        let Some(rank) = rejoin_rank(&free, p.rank) else {
+            if let Some(r) = p.rank.map(|r| r as usize).filter(|&r| r < st.done.len() && !st.done[r])
+                && st.worker_peers[r].is_some()
+            {
+                // A supervisor restarting a worker whose death the scheduler
+                // has not noticed yet (its connection's end is still on its
+                // way, or its heartbeats have not timed out).
+                tracing::info!(worker = r, "a new worker for a rank that still runs: it waits until it is lost");
+                st.queued.push((r, p));
+                return;
+            }
+            let lost: Vec<usize> = (0..free.len()).filter(|&r| free[r]).collect();
+            let m = match p.rank {
+                Some(r) if lost.is_empty() => format!("the job has no free worker place (rank {r} is not lost)"),
+                Some(r) => format!("worker rank {r} is not lost (lost ranks: {lost:?})"),
+                None => "the job has no free worker place".to_string(),
+            };
+            out.push((p.peer, Control::Error(m).to_frame(p.id)));
+            return;
+        };
+        let lost = st.lost[rank].take().expect("a free rank is lost");
+        // The new incarnation's row replaces the old one's in the status.
+        if let Some(old) = st.workers.iter_mut().find(|q| q.peer == lost.peer) {
+            *old = Pending { peer: p.peer, id: p.id, addr: p.addr.clone(), rank: Some(rank as u32) };
+        }
+        tracing::info!(worker = rank, addr = %p.addr, after = ?lost.since.elapsed(), "a worker restarts in a lost rank");
+        if st.applying.is_some() {
+            // Its server list would be one the servers are still applying.
+            st.rejoining.push((rank, p));
+        } else {
+            Self::welcome_restarted_in(shared, st, rank, p, out);
+        }
+    }
+
+    /// A new incarnation that disconnected before its (deferred) welcome:
+    /// its rank is lost again, with a fresh grace period.
+    fn rejoining_gone_in(st: &mut State, peer: PeerId) {
+        st.queued.retain(|(_, p)| p.peer != peer);
+        if let Some(i) = st.rejoining.iter().position(|(_, p)| p.peer == peer) {
+            let (rank, _) = st.rejoining.remove(i);
+            let why = "its new worker disconnected before it was welcomed".to_string();
+            st.lost[rank] = Some(Lost { since: std::time::Instant::now(), why, peer });
+        }
+    }
+
+    /// New incarnations that waited for a membership change to be in effect.
+    fn welcome_rejoining(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        for (rank, p) in std::mem::take(&mut st.rejoining) {
+            Self::welcome_restarted_in(&self.shared, st, rank, p, out);
+        }
+    }
+
+    fn welcome_restarted_in(shared: &Shared, st: &mut State, rank: usize, p: Pending, out: &mut Vec<(PeerId, Frame)>) {
+        let cfg = &shared.cfg;
+        st.worker_peers[rank] = Some(p.peer);
+        st.registrations += 1;
+        // Checkpoints go on; the job's restored one is long applied.
+        let every = if cfg.checkpoint_dir.is_some() { cfg.checkpoint_every } else { 0 };
+        let plan = crate::proto::CheckpointPlan { every, restore: None };
+        let m = Control::Welcome {
+            role: Role::Worker,
+            rank: rank as u32,
+            servers: st.server_infos.clone(),
+            workers: cfg.workers,
+            vnodes: cfg.vnodes,
+            epoch: st.epoch,
+            replicas: cfg.replicas(),
+            incarnation: st.registrations,
+            checkpoint: Some(plan),
+            restarted: true,
+        };
+        out.push((p.peer, m.to_frame(p.id)));
+    }
+}
+
+/// The rank a worker registering mid-job takes: the one it asks for if that
+/// rank is `free` (lost, not yet taken again), else, when it asks for none,
+/// the lowest free one.
+fn rejoin_rank(free: &[bool], requested: Option<u32>) -> Option<usize> {
+    match requested {
+        Some(r) => free.get(r as usize).copied().unwrap_or(false).then_some(r as usize),
+        None => free.iter().position(|f| *f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restarted_worker_takes_its_lost_rank_or_the_lowest_one() {
+        let free = [false, true, false, true];
+        assert_eq!(rejoin_rank(&free, Some(3)), Some(3));
+        assert_eq!(rejoin_rank(&free, None), Some(1));
+        // A rank that runs (or does not exist) is never taken over.
+        assert_eq!(rejoin_rank(&free, Some(0)), None);
+        assert_eq!(rejoin_rank(&free, Some(9)), None);
+        assert_eq!(rejoin_rank(&[false, false], None), None);
     }
 }

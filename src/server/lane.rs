@@ -541,6 +541,11 @@ pub(super) enum Job {
         worker: u32,
         clock: u64,
     },
+    /// A restarted worker re-enters at `clock`: its clock is set, not raised.
+    ResetClock {
+        worker: u32,
+        clock: u64,
+    },
     Install {
         id: u32,
         shard: Box<Shard>,
@@ -718,6 +723,20 @@ impl LaneState {
             let _ = e.shard.record_progress(w, clock);
         }
         self.release_parked(replies);
+    }
+
+    /// A restarted worker's clock: set (its predecessor's was raised to
+    /// `u64::MAX` when it left) on every shard, copies included, so that a
+    /// copy promoted later does not let others run ahead of it either.
+    fn reset_clock(&mut self, worker: u32, clock: u64) {
+        let w = worker as usize;
+        if self.clocks.len() <= w {
+            self.clocks.resize(w + 1, 0);
+        }
+        self.clocks[w] = clock;
+        for e in self.shards.values_mut() {
+            let _ = e.shard.reset_progress(w, clock);
+        }
     }
 
     fn install(
@@ -1129,6 +1148,7 @@ impl Lane {
                             }
                         }
                         Job::Clock { worker, clock } => st.clock(worker, clock, &mut replies),
+                        Job::ResetClock { worker, clock } => st.reset_clock(worker, clock),
                         Job::Install { id, shard, active, targets, epoch, owned } => {
                             st.install(id, *shard, active, targets, epoch, owned)
                         }
@@ -1280,5 +1300,62 @@ fn pull_run(shards: &HashMap<u32, Entry>, r: &LaneRun) -> Result<RunOut, String>
             Ok(RunOut::Changed { bitmap, values, versions })
         }
         None => shard.pull_vec(keys).map(RunOut::Values).map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ShardConfig;
+    use crate::table::{Init, Storage, UpdaterSpec};
+
+    fn shard(table: u32) -> Box<Shard> {
+        let rule = crate::updater::Rules::default().resolve(&UpdaterSpec::Sum).unwrap();
+        let cfg = ShardConfig {
+            table,
+            range: KeyRange::new(0, 8),
+            dim: 1,
+            storage: Storage::Dense,
+            init: Init::Zeros,
+            workers: 2,
+            files: None,
+        };
+        Box::new(Shard::new(cfg, rule).unwrap())
+    }
+
+    #[test]
+    fn a_restarted_workers_clock_is_set_back_in_owned_shards_and_copies() {
+        let lane = Lane::new(Arc::new(Replication::default()));
+        lane.submit(
+            Job::Install { id: 1, shard: shard(1), active: true, targets: Vec::new(), epoch: 1, owned: Vec::new() },
+            true,
+        );
+        lane.submit(
+            Job::Install { id: 2, shard: shard(2), active: false, targets: Vec::new(), epoch: 1, owned: Vec::new() },
+            true,
+        );
+        for (worker, clock) in [(0, 12), (1, 9), (1, u64::MAX)] {
+            lane.submit(Job::Clock { worker, clock }, true);
+        }
+        {
+            let st = lane.state.lock();
+            assert_eq!(st.shards[&1].shard.min_progress(), 12, "worker 1 left: only worker 0 counts");
+        }
+        lane.submit(Job::ResetClock { worker: 1, clock: 9 }, true);
+        {
+            let st = lane.state.lock();
+            assert_eq!(st.clocks, [12, 9]);
+            assert_eq!((st.shards[&1].shard.progress(1), st.shards[&1].shard.min_progress()), (9, 9));
+            assert_eq!(st.shards[&2].shard.progress(1), 9, "the copy is set back too");
+        }
+        // A shard installed later starts from the reset clock, and clocks
+        // raise it again from there.
+        lane.submit(
+            Job::Install { id: 3, shard: shard(3), active: true, targets: Vec::new(), epoch: 1, owned: Vec::new() },
+            true,
+        );
+        lane.submit(Job::Clock { worker: 1, clock: 10 }, true);
+        let st = lane.state.lock();
+        assert_eq!((st.shards[&3].shard.progress(1), st.shards[&3].shard.min_progress()), (10, 10));
     }
 }

@@ -366,6 +366,10 @@ struct Shared {
     /// The epoch whose tables are in place (replicated state stamped with a
     /// later one waits), and the REPLICATE frames held until it catches up.
     early: Mutex<(u32, Vec<(PeerId, Frame)>)>,
+    /// Per worker rank: the last clock it sent here (any incarnation; not
+    /// the `u64::MAX` of `WorkerLeft`), what a restarted worker resumes
+    /// from.
+    worker_clocks: Mutex<Vec<u32>>,
 }
 
 /// REPLICATE frames a server holds for a newer epoch before it refuses more.
@@ -444,6 +448,7 @@ impl ServerNode {
             repl,
             control: Mutex::new(None),
             early: Mutex::new((0, Vec::new())),
+            worker_clocks: Mutex::new(Vec::new()),
             restore: Mutex::new(None),
         });
         let net = transport.bind(bind, Arc::new(ServerHandler { shared: shared.clone() }))?;
@@ -901,6 +906,12 @@ impl ServerHandler {
                     l.submit(Job::Clock { worker, clock: u64::MAX }, true);
                 }
                 Ok(())
+            }
+            Control::WorkerClock { worker } => {
+                // u32::MAX: no clock from that worker here (a server that
+                // joined after it died), which the asker ignores.
+                let clock = self.shared.worker_clocks.lock().get(worker as usize).copied().unwrap_or(u32::MAX);
+                net.send(from, Control::WorkerClockReply { clock }.to_frame(frame.id))
             }
             Control::Shutdown => {
                 self.shared.membership.lock().stopping = true;
@@ -1361,6 +1372,9 @@ impl ServerHandler {
         for f in fences {
             f.recv().map_err(|_| Error::ShuttingDown)?;
         }
+        // The old roles' last changes went to their replicas, dead ones
+        // included: nobody waits for those.
+        self.shared.repl.forget(|s| !ring.is_alive(s));
         let last = self.shared.repl.last_batch();
         let t0 = std::time::Instant::now();
         if !self.shared.repl.settle(last, HANDOVER_TIMEOUT) {
@@ -1815,6 +1829,25 @@ impl ServerHandler {
         let workers = self.shared.membership.lock().workers;
         if h.worker >= workers {
             return Err(Error::protocol(net.peer_addr(from), format!("worker rank {} of {workers}", h.worker)));
+        }
+        let reset = h.flags & proto::flags::CLOCK_RESET != 0;
+        {
+            // Recorded before the lanes see it: a clock here means the
+            // worker's pushes of earlier clocks to this server were applied
+            // (they came before it on this ordered connection).
+            let mut clocks = self.shared.worker_clocks.lock();
+            let w = h.worker as usize;
+            if clocks.len() <= w {
+                clocks.resize(w + 1, u32::MAX);
+            }
+            clocks[w] = if reset || clocks[w] == u32::MAX { h.clock } else { clocks[w].max(h.clock) };
+        }
+        if reset {
+            tracing::info!(worker = h.worker, clock = h.clock, "a restarted worker re-enters at its clock");
+            for l in &self.shared.lanes {
+                l.submit(Job::ResetClock { worker: h.worker, clock: u64::from(h.clock) }, true);
+            }
+            return Ok(());
         }
         for l in &self.shared.lanes {
             l.submit(Job::Clock { worker: h.worker, clock: u64::from(h.clock) }, true);

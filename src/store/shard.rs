@@ -843,6 +843,29 @@ impl Shard {
         Ok(())
     }
 
+    /// Sets `worker`'s progress to `clock`, lower or not: a restarted worker
+    /// re-enters at its resume clock after its predecessor's progress was
+    /// raised to `u64::MAX` (it left, so nobody waited for it). The minimum
+    /// may fall; nothing is finalized (no clock completed).
+    pub fn reset_progress(&mut self, worker: usize, clock: u64) -> Result<()> {
+        if worker >= self.workers {
+            return Err(Error::Config(format!(
+                "table {}: worker rank {worker} is outside the job's {} workers",
+                self.table, self.workers
+            )));
+        }
+        let h = self.header.words();
+        let p = &h[header::PROGRESS..header::PROGRESS + self.workers];
+        // Release, as in `record_progress`: a lower value claims less, so a
+        // reader that sees it (Acquire) and then waits for more is only more
+        // careful; one that saw the old value before the reset read a state
+        // that was true then (the worker was out of the job).
+        p[worker].store(clock, Ordering::Release);
+        let min = p.iter().map(|w| w.load(Ordering::Relaxed)).min().unwrap_or(clock);
+        h[header::MIN_PROGRESS].store(min, Ordering::Release);
+        Ok(())
+    }
+
     /// `progress(w) = c`: all of worker `w`'s pushes of clocks `< c` are applied.
     pub fn progress(&self, worker: usize) -> u64 {
         self.header.words().get(header::PROGRESS + worker).map_or(0, |w| w.load(Ordering::Acquire))
@@ -1256,5 +1279,19 @@ mod tests {
         s.record_progress(1, 1).unwrap(); // never goes back
         assert_eq!((s.progress(1), s.min_progress()), (2, 2));
         assert!(s.record_progress(3, 1).is_err());
+    }
+
+    #[test]
+    fn a_reset_lowers_a_left_workers_progress_and_the_minimum() {
+        let mut s = shard(Storage::Dense, KeyRange::new(0, 4), 1, UpdaterSpec::Sum, Init::Zeros);
+        s.record_progress(0, 7).unwrap();
+        s.record_progress(1, 9).unwrap();
+        s.record_progress(2, u64::MAX).unwrap(); // worker 2 left
+        assert_eq!(s.min_progress(), 7);
+        s.reset_progress(2, 4).unwrap(); // and came back at clock 4
+        assert_eq!((s.progress(2), s.min_progress()), (4, 4));
+        s.record_progress(2, 5).unwrap(); // raises from there again
+        assert_eq!((s.progress(2), s.min_progress()), (5, 5));
+        assert!(s.reset_progress(3, 1).is_err());
     }
 }

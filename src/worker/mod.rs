@@ -443,6 +443,10 @@ struct Inner {
     checkpoint_every: u32,
     /// The clock of the checkpoint this job resumed from.
     resumed: Option<u32>,
+    /// A restarted worker's resume clock (see [`Worker::restarted`]).
+    restarted: std::sync::OnceLock<u32>,
+    /// Barriers this worker passed (`Control::Barrier::n`).
+    barriers: AtomicU64,
     max_inflight: usize,
     finished: std::sync::atomic::AtomicBool,
     heartbeat: Mutex<Option<crate::scheduler::heartbeat::Heartbeat>>,
@@ -558,6 +562,10 @@ impl Worker {
             router: Mutex::new(None),
             sending: RwLock::new(Vec::new()),
         });
+        // Membership changes that come before the router runs (a restarted
+        // worker joins a job that may fail over meanwhile) wait for it.
+        let (tx, rx) = crossbeam::channel::unbounded();
+        *shared.router.lock() = Some(tx);
         let net = transport.bind("", Arc::new(WorkerHandler { shared: shared.clone() }))?;
         let sched = net.connect(scheduler)?;
         *shared.scheduler.lock() = Some(sched);
@@ -566,8 +574,22 @@ impl Worker {
         shared.control.lock().insert(id, None);
         net.send(sched, reg.to_frame(id))?;
         let welcome = shared.wait_control(id, cfg.join_timeout)?;
-        let Control::Welcome { rank, servers, workers, vnodes, epoch, replicas, incarnation, checkpoint, .. } = welcome
+        let Control::Welcome {
+            rank,
+            servers,
+            workers,
+            vnodes,
+            epoch,
+            replicas,
+            incarnation,
+            checkpoint,
+            restarted,
+            ..
+        } = welcome
         else {
+            if let Control::Error(message) = welcome {
+                return Err(Error::Remote { peer: format!("scheduler {scheduler}"), message });
+            }
             return Err(Error::protocol(net.peer_addr(sched), format!("expected a welcome, got {welcome:?}")));
         };
         shared.replicas.store(replicas, Ordering::Release);
@@ -584,7 +606,7 @@ impl Worker {
             let required = cfg.rdma == RdmaMode::Require;
             match rdma::device() {
                 Ok(dev) => {
-                    for (s, &p) in peers.iter().enumerate() {
+                    for (s, &p) in peers.iter().enumerate().filter(|(s, _)| servers[*s].alive) {
                         match open_link(&shared, &net, p, &dev, &servers[s].addr) {
                             Ok(l) => links[s] = Some(Arc::new(l)),
                             Err(e) if required => {
@@ -612,7 +634,7 @@ impl Worker {
         let mut rings = vec![None; peers.len()];
         if cfg.shm != ShmMode::Off {
             for (s, &p) in peers.iter().enumerate() {
-                if links[s].is_some() {
+                if links[s].is_some() || !servers[s].alive {
                     continue;
                 }
                 let r = if net.same_host(p) {
@@ -649,8 +671,6 @@ impl Worker {
                 Some(crate::status::Report::Worker(crate::status::WorkerReport { rank, clock, traffic }))
             },
         );
-        let (tx, rx) = crossbeam::channel::unbounded();
-        *shared.router.lock() = Some(tx);
         let w = Worker {
             inner: Arc::new(Inner {
                 shared,
@@ -666,6 +686,8 @@ impl Worker {
                 clock,
                 checkpoint_every: checkpoint.as_ref().map_or(0, |c| c.every),
                 resumed,
+                restarted: std::sync::OnceLock::new(),
+                barriers: AtomicU64::new(0),
                 max_inflight: cfg.max_inflight.max(1),
                 finished: Default::default(),
                 heartbeat: Mutex::new(Some(heartbeat)),
@@ -677,6 +699,10 @@ impl Worker {
             .name(format!("pserver-router-{rank}"))
             .spawn(move || router(weak, rx))
             .map_err(|e| Error::io("spawning the worker's router thread", e))?;
+        if restarted {
+            let c = w.inner.resume()?;
+            tracing::info!(rank, clock = c, incarnation, "restarted worker resumes at its rank's clock");
+        }
         Ok(w)
     }
 
@@ -703,7 +729,11 @@ impl Worker {
     pub fn create_table(&self, spec: TableSpec) -> Result<()> {
         spec.validate()?;
         let peers = self.inner.shared.servers.read().clone();
-        let ids: Vec<u64> = peers
+        let live: Vec<PeerId> = {
+            let ring = self.inner.ring.read();
+            peers.iter().enumerate().filter(|(s, _)| ring.is_alive(*s as u32)).map(|(_, &p)| p).collect()
+        };
+        let ids: Vec<u64> = live
             .iter()
             .map(|&p| self.inner.control_send(p, &Control::CreateTable(spec.clone())))
             .collect::<Result<_>>()?;
@@ -959,6 +989,15 @@ impl Worker {
         self.inner.resumed
     }
 
+    /// For a worker that took the place of a lost one mid-job: the clock it
+    /// resumed at (its rank's clock on the servers; it starts there, and
+    /// every push of its predecessor at an earlier clock is applied). The
+    /// application continues from that clock; work of the clock itself may
+    /// have been applied in part by the predecessor and is done again.
+    pub fn restarted(&self) -> Option<u32> {
+        self.inner.restarted.get().copied()
+    }
+
     /// Waits until this worker's pushes are acknowledged and the scheduler
     /// has written the checkpoint of clock `c` (taken while every worker
     /// waits here, so it holds exactly the pushes of clocks below `c`).
@@ -978,11 +1017,17 @@ impl Worker {
     }
 
     /// Blocks until every worker of the job reaches a barrier.
+    /// A restarted worker calls the same barriers as its predecessor did:
+    /// those the job passed already return at once.
     pub fn barrier(&self) -> Result<()> {
         let sched = self.inner.shared.scheduler.lock().ok_or(Error::ShuttingDown)?;
-        let id = self.inner.control_send(sched, &Control::Barrier { worker: self.inner.rank })?;
+        let n = self.inner.barriers.load(Ordering::Acquire);
+        let id = self.inner.control_send(sched, &Control::Barrier { worker: self.inner.rank, n })?;
         match self.inner.shared.wait_control(id, Duration::MAX)? {
-            Control::BarrierDone => Ok(()),
+            Control::BarrierDone => {
+                self.inner.barriers.fetch_add(1, Ordering::AcqRel);
+                Ok(())
+            }
             Control::Error(m) => Err(Error::Remote { peer: "scheduler".into(), message: m }),
             other => Err(Error::protocol("scheduler", format!("unexpected reply {other:?}"))),
         }
@@ -1771,6 +1816,61 @@ impl Inner {
 
     /// Tells every live server that this worker finished the clocks below `c`.
     fn send_clock(&self, ring: &Ring, c: u32) -> Result<()> {
+        self.send_clock_frame(ring, c, 0)
+    }
+
+    /// A restarted worker: asks every live server of the current epoch for
+    /// the last clock it received from this rank and takes the smallest, `c`
+    /// (a clock frame follows the worker's pushes on the same ordered
+    /// connection, so every push of clocks below `c` was applied on every
+    /// server), then sets the rank's clock back to `c` everywhere (it was
+    /// `u64::MAX` while the rank was lost, so that nobody waited for it).
+    fn resume(&self) -> Result<u32> {
+        let limit = failover_timeout();
+        let started = Instant::now();
+        let mut c = u32::MAX;
+        let servers = self.ring.read().servers().len();
+        for s in 0..servers {
+            loop {
+                // A server that dies meanwhile is skipped: its ranges passed
+                // to servers that received this rank's clocks as well.
+                let peer = {
+                    let ring = self.ring.read();
+                    ring.is_alive(s as u32).then(|| self.shared.servers.read().get(s).copied()).flatten()
+                };
+                let Some(peer) = peer else { break };
+                let answer = self
+                    .control_send(peer, &Control::WorkerClock { worker: self.rank })
+                    .and_then(|id| self.shared.wait_control(id, Duration::from_millis(500)));
+                match answer {
+                    Ok(Control::WorkerClockReply { clock }) => {
+                        c = c.min(clock);
+                        break;
+                    }
+                    Ok(Control::Error(m)) => return Err(Error::Remote { peer: format!("server {s}"), message: m }),
+                    Ok(other) => {
+                        return Err(Error::protocol(format!("server {s}"), format!("unexpected reply {other:?}")));
+                    }
+                    Err(Error::ShuttingDown) => return Err(Error::ShuttingDown),
+                    Err(e) if started.elapsed() >= limit => {
+                        return Err(Error::Disconnected(format!(
+                            "server {s} did not tell this restarted worker its clock within {limit:?}: {e}"
+                        )));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+        let c = if c == u32::MAX { 0 } else { c };
+        self.clock.store(c, Ordering::Release);
+        let _ = self.restarted.set(c);
+        let ring = self.ring.read();
+        self.send_clock_frame(&ring, c, proto::flags::CLOCK_RESET)?;
+        Ok(c)
+    }
+
+    /// A CLOCK frame with `flags` to every live server.
+    fn send_clock_frame(&self, ring: &Ring, c: u32, flags: u32) -> Result<()> {
         let peers = self.shared.servers.read().clone();
         let locks = self.shared.sending.read();
         for (server, &p) in peers.iter().enumerate() {
@@ -1784,7 +1884,7 @@ impl Inner {
                 clock: c,
                 epoch: ring.epoch(),
                 runs: 0,
-                flags: 0,
+                flags,
                 seq: self.shared.next_seq(server),
                 tau: proto::TAU_EVENTUAL,
                 reserved: 0,
