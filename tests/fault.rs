@@ -378,9 +378,16 @@ fn training_with_a_killed_server_reaches_the_undisturbed_objective() {
 /// (two-phase migration) and the counters stay exact. `replicas` 0: the
 /// ranges move with no copy anywhere else to fall back on.
 fn counting_survives_a_server_joining(io: &'static str, servers: u32, replicas: u32) -> f64 {
+    counting_across_a_join(io, servers, replicas, None)
+}
+
+/// [`counting_survives_a_server_joining`], then server `kill` SIGKILLed
+/// once the join completed: the copies the join built (on the joiner, and
+/// the old owners' copies of what it took) carry the job through.
+fn counting_across_a_join(io: &'static str, servers: u32, replicas: u32, kill: Option<usize>) -> f64 {
     let deadline = Instant::now() + DEADLINE;
     let workers = 2u32;
-    let tag = format!("fault-join-{io}-{servers}-{replicas}");
+    let tag = format!("fault-join-{io}-{servers}-{replicas}-{kill:?}");
     let r = replicas.to_string();
     let mut job = start_job_with(io, None, servers, workers, &tag, deadline, &["--replicas", &r]);
     let args = ["check", "--counting", "--keys", "3000", "--rounds", "150", "--pace-ms", "5"];
@@ -400,6 +407,13 @@ fn counting_survives_a_server_joining(io: &'static str, servers: u32, replicas: 
     if let Some(w) = ws.iter().find(|w| w.err.lock().unwrap().contains("round 150 acknowledged")) {
         panic!("{} finished before the join completed: the test proves nothing", w.proc.name);
     }
+    if let Some(k) = kill {
+        job.servers[k].child.kill().unwrap();
+        let _ = job.servers[k].child.wait();
+        if let Some(w) = ws.iter().find(|w| w.err.lock().unwrap().contains("round 150 acknowledged")) {
+            panic!("{} finished before the kill: the test proves nothing", w.proc.name);
+        }
+    }
     let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
     if statuses.iter().any(|st| !st.success()) {
         let all: Vec<String> = ws
@@ -409,15 +423,23 @@ fn counting_survives_a_server_joining(io: &'static str, servers: u32, replicas: 
             .collect();
         panic!("a worker failed:\n{}\n== scheduler:\n{}", all.join("\n"), job.log("scheduler"));
     }
+    let least = if kill.is_some() { 4 } else { 3 };
     for w in &mut ws {
         let (_, epoch) = parse_counting(&w.out.lock().unwrap());
-        assert!(epoch >= 3, "{}: the workers never routed with the joined server (epoch {epoch})", w.proc.name);
+        assert!(epoch >= least, "{}: the workers never routed with the joined server (epoch {epoch})", w.proc.name);
     }
     let st = job.scheduler.wait(deadline);
     assert!(st.success(), "scheduler failed: {st}");
-    for s in job.servers.iter_mut() {
-        let st = s.wait(deadline);
-        assert!(st.success(), "{} failed: {st}", s.name);
+    for (i, s) in job.servers.iter_mut().enumerate() {
+        if Some(i) != kill {
+            let st = s.wait(deadline);
+            assert!(st.success(), "{} failed: {st}", s.name);
+        }
+    }
+    if kill == Some(new) {
+        eprintln!("{io}: joined server killed after its join: counters exact");
+        let _ = std::fs::remove_dir_all(&job.dir);
+        return migration_ms;
     }
     // The new server served pushes of its own ranges.
     let log = job.log(&format!("server{new}"));
@@ -448,4 +470,14 @@ fn a_server_joining_mid_run_takes_ranges_over_and_counters_stay_exact_uring() {
 #[test]
 fn a_server_joining_a_job_without_replicas_receives_its_ranges_whole() {
     counting_survives_a_server_joining("std", 1, 0);
+}
+
+#[test]
+fn after_a_join_the_old_owner_can_die_and_counters_stay_exact() {
+    counting_across_a_join("std", 2, 1, Some(0));
+}
+
+#[test]
+fn after_a_join_the_joined_server_can_die_and_counters_stay_exact() {
+    counting_across_a_join("std", 2, 1, Some(2));
 }

@@ -86,8 +86,8 @@ impl Ring {
         self.servers.iter().filter(|s| s.alive).count()
     }
 
-    /// Sorted token positions of a key space `0..n` with their server index;
-    /// of equal positions (small key spaces) the lowest server index stays.
+    /// Sorted token positions of a key space `0..n` with their server index
+    /// (equal positions, in small key spaces, by server index).
     fn tokens(&self, n: u64) -> Vec<(u64, u32)> {
         let mut tokens: Vec<(u64, u32)> = Vec::with_capacity(self.servers.len() * self.vnodes as usize);
         for (idx, s) in self.servers.iter().enumerate() {
@@ -97,8 +97,10 @@ impl Ring {
                 tokens.push((pos, idx as u32));
             }
         }
+        // Equal positions (small key spaces) all stay: the range between
+        // them is empty, but every server still takes part in the walks, so
+        // a tiny table outlives any one server like the others do.
         tokens.sort_unstable();
-        tokens.dedup_by_key(|t| t.0);
         tokens
     }
 
@@ -461,6 +463,20 @@ mod tests {
                 }
                 assert_eq!(owner_at(r.end - 1), o);
             }
+        }
+    }
+
+    #[test]
+    fn a_one_key_table_survives_the_death_of_any_server() {
+        for dead in 0..3 {
+            let mut s = servers(3);
+            s[dead].alive = false;
+            let map = Ring::new(s, 64, 2).with_replicas(1).ranges(1);
+            assert_eq!(map.len(), 1);
+            let (r, owner) = map.range(0);
+            assert_eq!((r.start, r.end), (0, 1));
+            assert!(owner != NO_SERVER && owner as usize != dead, "dead {dead}: owner {owner}");
+            assert_eq!(map.replicas(0).count(), 1);
         }
     }
 }

@@ -266,23 +266,30 @@ impl Entry {
         v
     }
 
-    /// An owner's seqs for `range` (only grow).
+    /// An owner's seqs for `range`: they replace what was known of those
+    /// keys (merged, as they only grow along one range's history); keys
+    /// outside `range` keep theirs. Parts never share keys, so one range's
+    /// seqs never leak into another's.
     fn learn(&mut self, range: KeyRange, seqs: &[u64]) {
         let mut merged = seqs.to_vec();
-        for (r, v) in &self.lineage {
-            if r.start < range.end && range.start < r.end {
-                for (m, &x) in merged.iter_mut().zip(v) {
-                    *m = (*m).max(x);
-                }
+        let mut kept = Vec::with_capacity(self.lineage.len() + 1);
+        for (r, v) in std::mem::take(&mut self.lineage) {
+            if r.end <= range.start || range.end <= r.start {
+                kept.push((r, v));
+                continue;
+            }
+            for (m, &x) in merged.iter_mut().zip(&v) {
+                *m = (*m).max(x);
+            }
+            if r.start < range.start {
+                kept.push((KeyRange::new(r.start, range.start), v.clone()));
+            }
+            if range.end < r.end {
+                kept.push((KeyRange::new(range.end, r.end), v));
             }
         }
-        self.lineage.retain(|(r, _)| !(range.start <= r.start && r.end <= range.end));
-        for (r, v) in &mut self.lineage {
-            if r.start < range.end && range.start < r.end {
-                v.clone_from(&merged);
-            }
-        }
-        self.lineage.push((range, merged));
+        kept.push((range, merged));
+        self.lineage = kept;
     }
 
     /// Whether this server owns every key of `[first, last]` of the shard.
@@ -1357,5 +1364,40 @@ mod tests {
         lane.submit(Job::Clock { worker: 1, clock: 10 }, true);
         let st = lane.state.lock();
         assert_eq!((st.shards[&3].shard.progress(1), st.shards[&3].shard.min_progress()), (10, 10));
+    }
+
+    #[test]
+    fn lineage_keeps_each_ranges_seqs_apart_and_dedups_by_them() {
+        let mut e = Entry {
+            shard: *shard(1),
+            active: true,
+            targets: vec![],
+            epoch: 1,
+            owned: vec![KeyRange::new(0, 8)],
+            lineage: vec![],
+        };
+        // One owner's history of 0..8, then another's of 2..4 only.
+        e.learn(KeyRange::new(0, 8), &[10, 20]);
+        e.learn(KeyRange::new(2, 4), &[50, 5]);
+        assert_eq!(e.seqs_for(KeyRange::new(0, 2)), [10, 20], "keys outside 2..4 keep their history");
+        assert_eq!(e.seqs_for(KeyRange::new(4, 8)), [10, 20]);
+        assert_eq!(e.seqs_for(KeyRange::new(2, 4)), [50, 20], "merged along the keys' own history");
+        // A retry of worker 0's seq 30 to keys 0..2 was never applied there:
+        // it is, although seq 50 was applied to keys 2..4.
+        let run = |first: u64, count: u64, seq: u64| LaneRun {
+            header: RunHeader { run: 0, form: proto::run_form::RANGE, first, count, digest: 0, seq },
+            shard: 1,
+            keys: None,
+            vals: Some(bytes_of_vec(vec![1.0f32; count as usize])),
+            known: None,
+            part: 0,
+        };
+        let mut shards = HashMap::from([(1u32, e)]);
+        push_run(&mut shards, &run(0, 2, 30), 0, 0).unwrap();
+        push_run(&mut shards, &run(2, 2, 40), 0, 0).unwrap(); // applied before (50): skipped
+        let e = &shards[&1];
+        let got = e.shard.pull_vec(KeyRun::Range { first: 0, count: 4 }).unwrap();
+        assert_eq!(got, [1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(e.seqs_for(KeyRange::new(0, 2)), [30, 20]);
     }
 }
