@@ -384,6 +384,7 @@ impl Handler for SchedulerHandler {
                 st.ops.gone(peer);
             }
             Self::rejoining_gone_in(&mut st, peer);
+            st.joiners.retain(|p| p.peer != peer);
             if let Some(rank) = st.worker_peers.iter().position(|p| *p == Some(peer))
                 && !st.done[rank]
             {
@@ -636,6 +637,11 @@ impl SchedulerHandler {
             return;
         }
         let k = shared.cfg.replicas();
+        if st.join.as_ref().is_some_and(|j| j.rank == rank) {
+            // A joiner gone before its join completed never served its
+            // ranges: their owners before it still hold them.
+            st.server_infos[rank].joining = true;
+        }
         let before =
             crate::scheduler::ring::Ring::new(st.server_infos.clone(), shared.cfg.vnodes, st.epoch).with_replicas(k);
         st.server_infos[rank].alive = false;

@@ -1621,10 +1621,6 @@ impl Inner {
         }
     }
 
-    /// A new server list: routes every run that is not answered yet and
-    /// whose server lost its range (or answered `MOVED`) to the range's new
-    /// owner, in issue order, then tells every server this worker's clock
-    /// again (so that promoted copies know its progress).
     /// Acknowledges the newest membership to the scheduler once every
     /// operation issued before it is done.
     fn try_ack(&self) {
@@ -1647,6 +1643,10 @@ impl Inner {
         }
     }
 
+    /// A new server list: routes every run that is not answered yet and
+    /// whose server lost its range (or answered `MOVED`) to the range's new
+    /// owner, in issue order, then tells every server this worker's clock
+    /// again (so that promoted copies know its progress).
     fn apply_membership(&self, epoch: u32, servers: Vec<proto::ServerInfo>) {
         let mut ring = self.ring.write();
         if epoch <= ring.epoch() {
