@@ -803,18 +803,15 @@ impl SchedulerHandler {
         st.server_peers.push(p.peer);
         st.last_seen.insert(p.peer, std::time::Instant::now());
         st.epoch += 1;
-        let w = Control::Welcome {
-            role: Role::Server,
-            rank: rank as u32,
-            servers: st.server_infos.clone(),
-            workers: cfg.workers,
-            vnodes: cfg.vnodes,
-            epoch: st.epoch,
-            replicas: cfg.replicas(),
-            incarnation: 0,
-            restarted: false,
-            checkpoint: Some(crate::proto::CheckpointPlan { every: Self::every(shared), restore: None }),
-        };
+        let w = welcome(
+            cfg,
+            st,
+            Role::Server,
+            rank as u32,
+            0,
+            crate::proto::CheckpointPlan { every: Self::every(shared), restore: None },
+            false,
+        );
         out.push((p.peer, w.to_frame(p.id)));
         tracing::info!(target: "membership", server = rank, addr = %p.addr, epoch = st.epoch, "welcoming a joining server");
         st.servers.push(p);
@@ -884,18 +881,7 @@ impl SchedulerHandler {
         st.epoch = 1;
         st.server_peers = by_rank.iter().map(|p| p.peer).collect();
         for (rank, p) in by_rank.iter().enumerate() {
-            let w = Control::Welcome {
-                role: Role::Server,
-                rank: rank as u32,
-                servers: st.server_infos.clone(),
-                workers: cfg.workers,
-                vnodes: cfg.vnodes,
-                epoch: st.epoch,
-                replicas: cfg.replicas(),
-                incarnation: 0,
-                checkpoint: Some(self.plan(st)),
-                restarted: false,
-            };
+            let w = welcome(cfg, st, Role::Server, rank as u32, 0, self.plan(st), false);
             out.push((p.peer, w.to_frame(p.id)));
         }
     }
@@ -910,18 +896,7 @@ impl SchedulerHandler {
         for (p, rank) in st.workers.iter().zip(ranks) {
             st.worker_peers[rank] = Some(p.peer);
             st.registrations += 1;
-            let m = Control::Welcome {
-                role: Role::Worker,
-                rank: rank as u32,
-                servers: st.server_infos.clone(),
-                workers: cfg.workers,
-                vnodes: cfg.vnodes,
-                epoch: st.epoch,
-                replicas: cfg.replicas(),
-                incarnation: st.registrations,
-                checkpoint: Some(self.plan(st)),
-                restarted: false,
-            };
+            let m = welcome(cfg, st, Role::Worker, rank as u32, st.registrations, self.plan(st), false);
             out.push((p.peer, m.to_frame(p.id)));
         }
         tracing::info!(servers = cfg.servers, workers = cfg.workers, "job started");
@@ -1107,19 +1082,33 @@ impl SchedulerHandler {
         // Checkpoints go on; the job's restored one is long applied.
         let every = if cfg.checkpoint_dir.is_some() { cfg.checkpoint_every } else { 0 };
         let plan = crate::proto::CheckpointPlan { every, restore: None };
-        let m = Control::Welcome {
-            role: Role::Worker,
-            rank: rank as u32,
-            servers: st.server_infos.clone(),
-            workers: cfg.workers,
-            vnodes: cfg.vnodes,
-            epoch: st.epoch,
-            replicas: cfg.replicas(),
-            incarnation: st.registrations,
-            checkpoint: Some(plan),
-            restarted: true,
-        };
+        let m = welcome(cfg, st, Role::Worker, rank as u32, st.registrations, plan, true);
         out.push((p.peer, m.to_frame(p.id)));
+    }
+}
+
+/// The welcome of a node: the job as it stands (servers, epoch) and what
+/// the node is in it.
+fn welcome(
+    cfg: &SchedulerConfig,
+    st: &State,
+    role: Role,
+    rank: u32,
+    incarnation: u32,
+    plan: crate::proto::CheckpointPlan,
+    restarted: bool,
+) -> Control {
+    Control::Welcome {
+        role,
+        rank,
+        servers: st.server_infos.clone(),
+        workers: cfg.workers,
+        vnodes: cfg.vnodes,
+        epoch: st.epoch,
+        replicas: cfg.replicas(),
+        incarnation,
+        checkpoint: Some(plan),
+        restarted,
     }
 }
 
