@@ -44,6 +44,18 @@ fn collect(r: impl Read + Send + 'static) -> (Arc<Mutex<String>>, std::thread::J
     (buf, t)
 }
 
+/// Asserts the scheduler and every server but `killed` exited 0.
+fn assert_ended_well(job: &mut Job, killed: Option<usize>, deadline: Instant) {
+    let st = job.scheduler.wait(deadline);
+    assert!(st.success(), "scheduler failed: {st}\n{}", job.log("scheduler"));
+    for (i, s) in job.servers.iter_mut().enumerate() {
+        if Some(i) != killed {
+            let st = s.wait(deadline);
+            assert!(st.success(), "{} failed: {st}", s.name);
+        }
+    }
+}
+
 fn watched_worker(job: &Job, rank: u32, workers: u32, args: &[&str]) -> Watched {
     let mut cmd = job.worker_command(rank, workers, args);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -132,14 +144,7 @@ fn counting_survives_losing_a_primary(io: &'static str, graceful: bool) {
         if graceful { "left on SIGTERM" } else { "was SIGKILLed" },
         killed.elapsed().as_secs_f64()
     );
-    let st = job.scheduler.wait(deadline);
-    assert!(st.success(), "scheduler failed: {st}");
-    for (i, s) in job.servers.iter_mut().enumerate() {
-        if i != 1 {
-            let st = s.wait(deadline);
-            assert!(st.success(), "{} failed: {st}", s.name);
-        }
-    }
+    assert_ended_well(&mut job, Some(1), deadline);
 }
 
 #[test]
@@ -230,12 +235,7 @@ fn counting_survives_a_restarted_worker(io: &'static str) {
         .unwrap_or_else(|| panic!("the restarted worker did not say where it resumed:\n{out}"));
     assert!((20..rounds).contains(&clock), "resumed at clock {clock}, after 20 acknowledged rounds of {rounds}");
     eprintln!("{io}: worker 1 killed after round 20 and restarted; it resumed at clock {clock}: {}", out.trim());
-    let st = job.scheduler.wait(deadline);
-    assert!(st.success(), "scheduler failed: {st}\n{}", job.log("scheduler"));
-    for s in &mut job.servers {
-        let st = s.wait(deadline);
-        assert!(st.success(), "{} failed: {st}", s.name);
-    }
+    assert_ended_well(&mut job, None, deadline);
 }
 
 #[test]
@@ -281,14 +281,7 @@ fn a_worker_restarted_across_a_server_failover_joins_the_new_epoch() {
         assert!(out.contains("(restarts 1;"), "{}: the restart is not counted:\n{out}", w.proc.name);
     }
     assert!(ws[1].out.lock().unwrap().contains("resumed at clock "), "{}", all.join("\n"));
-    let st = job.scheduler.wait(deadline);
-    assert!(st.success(), "scheduler failed: {st}\n{}", job.log("scheduler"));
-    for (i, s) in job.servers.iter_mut().enumerate() {
-        if i != 1 {
-            let st = s.wait(deadline);
-            assert!(st.success(), "{} failed: {st}", s.name);
-        }
-    }
+    assert_ended_well(&mut job, Some(1), deadline);
 }
 
 #[test]
@@ -428,14 +421,7 @@ fn counting_across_a_join(io: &'static str, servers: u32, replicas: u32, kill: O
         let (_, epoch) = parse_counting(&w.out.lock().unwrap());
         assert!(epoch >= least, "{}: the workers never routed with the joined server (epoch {epoch})", w.proc.name);
     }
-    let st = job.scheduler.wait(deadline);
-    assert!(st.success(), "scheduler failed: {st}");
-    for (i, s) in job.servers.iter_mut().enumerate() {
-        if Some(i) != kill {
-            let st = s.wait(deadline);
-            assert!(st.success(), "{} failed: {st}", s.name);
-        }
-    }
+    assert_ended_well(&mut job, kill, deadline);
     if kill == Some(new) {
         eprintln!("{io}: joined server killed after its join: counters exact");
         let _ = std::fs::remove_dir_all(&job.dir);

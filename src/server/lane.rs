@@ -1262,7 +1262,12 @@ fn push_run(shards: &mut HashMap<u32, Entry>, r: &LaneRun, clock: u64, worker: u
     let keys = run_keys(r, &view)?;
     let vals = pod_slice::<f32>(r.vals.as_ref().expect("checked by the handler"));
     let seq = r.header.seq;
-    let parts = span(r).map(|(a, b)| e.lineage_of(a, b)).unwrap_or_default();
+    // Ranges another server applied pushes to keep their own seqs; without
+    // any (no failover or join yet) the shard's own seqs decide.
+    let parts = match keys.len() {
+        n if n > 0 && !e.lineage.is_empty() => e.lineage_of(keys.get(0), keys.get(n - 1)),
+        _ => Vec::new(),
+    };
     let applied = if parts.is_empty() {
         e.shard.push_from(keys, &vals, clock, worker, seq).map_err(|e| e.to_string())?
     } else {

@@ -1048,13 +1048,6 @@ impl Shard {
         &self.applied
     }
 
-    /// Replica side: takes the owner's last applied seqs (they only grow).
-    pub fn merge_applied(&mut self, applied: &[u64]) {
-        for (mine, &theirs) in self.applied.iter_mut().zip(applied) {
-            *mine = (*mine).max(theirs);
-        }
-    }
-
     /// Progress of every worker.
     pub fn progress_all(&self) -> Vec<u64> {
         (0..self.workers).map(|w| self.progress(w)).collect()
