@@ -107,6 +107,8 @@ pub struct CountingReport {
     pub extra: u64,
     /// The clock this worker resumed at, when it was restarted.
     pub resumed: Option<u32>,
+    /// What went one-sided (shared memory, RDMA) during the check.
+    pub traffic: crate::worker::Traffic,
 }
 
 /// The counting check, for fault injection: each round every worker adds 1
@@ -187,8 +189,15 @@ pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration, tau: Option<
             } else {
                 format!("{expect} acknowledged pushes")
             };
+            // The servers' own answer, when the pull above was read from
+            // shared or registered memory: tells a stale read from a loss.
+            let net = match w.pull_over_network(table, &ks[i..=i]).and_then(|p| p.wait()) {
+                Ok(v) if v.first() == Some(&got[i]) => String::new(),
+                Ok(v) => format!("; the owner answers {:?} over the network", v.first()),
+                Err(e) => format!("; the owner did not answer over the network: {e}"),
+            };
             return Err(fail(format!(
-                "table {table:#x}: key {} counts {}, expected {expected} ({wrong} of {} counters wrong: {})",
+                "table {table:#x}: key {} counts {}, expected {expected} ({wrong} of {} counters wrong: {}){net}",
                 ks[i],
                 got[i],
                 ks.len(),
@@ -205,5 +214,6 @@ pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration, tau: Option<
         restarts: restarts as u64,
         extra,
         resumed,
+        traffic: w.traffic(),
     })
 }

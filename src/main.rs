@@ -855,10 +855,12 @@ fn check_cmd(a: CheckArgs, auth: &AuthArgs) -> Result<()> {
                 )
             };
             let resumed = r.resumed.map(|c| format!("resumed at clock {c}, ")).unwrap_or_default();
+            let t = &r.traffic;
             println!(
                 "counting passed on worker {rank}: {} pushes acknowledged, {counters}, {resumed}\
+                 one-sided: shm_pulls={} rdma_pulls={} rdma_frames={}, \
                  slowest acknowledgement {:.1} ms, epoch {}",
-                r.acked, r.slowest_ms, r.epoch
+                r.acked, t.shm_pulls, t.rdma_pulls, t.rdma_frames, r.slowest_ms, r.epoch
             );
         }
         return Ok(());
@@ -939,6 +941,9 @@ fn server_cmd(a: ServerArgs, auth: &AuthArgs) -> Result<()> {
         pulls = r.pulls + r.push_pulls,
         "server stopped"
     );
+    if let Some(why) = node.failure() {
+        bail!("server {rank} stopped: {why}");
+    }
     match watcher.join() {
         Ok(Err(e)) => Err(anyhow::Error::new(e).context("leaving the job")),
         _ => Ok(()),

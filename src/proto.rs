@@ -416,6 +416,9 @@ pub enum Control {
     Status,
     /// Scheduler -> asker.
     StatusReply(Box<crate::status::JobStatus>),
+    /// Server -> scheduler: the membership of `epoch` could not be put in
+    /// effect here (this server cannot hold the ranges it gives it).
+    MembershipFailed { epoch: u32, error: String },
 }
 
 impl Control {

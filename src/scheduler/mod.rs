@@ -608,6 +608,31 @@ impl SchedulerHandler {
                     }
                 }
             }
+            Control::MembershipFailed { epoch, error } => {
+                let Some(rank) = st.server_peers.iter().position(|p| *p == from) else { return };
+                if st.applying.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                    return;
+                }
+                tracing::error!(target: "membership", server = rank, epoch, error, "a server could not apply a membership change");
+                match st.join.as_ref().map(|j| j.rank) {
+                    // A join abandoned: the joiner goes, and with it the
+                    // change the servers could not make.
+                    Some(joiner) => {
+                        let why = format!("abandoned its join: server {rank} could not apply epoch {epoch}: {error}");
+                        self.server_failed(st, joiner, &why, out);
+                    }
+                    // Ranges nobody can serve now: the job cannot go on.
+                    None => {
+                        st.failure.get_or_insert_with(|| {
+                            format!("server {rank} could not apply membership epoch {epoch}: {error}")
+                        });
+                        let msg = format!("barrier abandoned: {}", st.failure.as_deref().unwrap_or_default());
+                        for (p, i) in st.barrier.drain(..) {
+                            out.push((p, Control::Error(msg.clone()).to_frame(i)));
+                        }
+                    }
+                }
+            }
             Control::Report(r) => st.ops.record(from, r),
             Control::WorkerDone { worker, error } => {
                 let rank = worker as usize;

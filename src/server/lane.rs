@@ -175,18 +175,22 @@ impl Replication {
     }
 
     /// Waits until every batch up to `last` completed (acknowledged by its
-    /// replicas, or forgotten because they are gone), at most `timeout`;
-    /// false when some had not.
-    pub fn settle(&self, last: u64, timeout: std::time::Duration) -> bool {
+    /// replicas, or forgotten because they are gone), at most `timeout`,
+    /// and no longer once `give_up()` says so (checked every few
+    /// milliseconds); false when some had not completed.
+    pub fn settle(&self, last: u64, timeout: std::time::Duration, give_up: impl Fn() -> bool) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         let mut batches = self.batches.lock();
         loop {
             if !batches.keys().any(|&id| id <= last) {
                 return true;
             }
-            if self.settled.wait_until(&mut batches, deadline).timed_out() {
-                return !batches.keys().any(|&id| id <= last);
+            let now = std::time::Instant::now();
+            if now >= deadline || give_up() {
+                return false;
             }
+            let slice = (deadline - now).min(std::time::Duration::from_millis(10));
+            self.settled.wait_for(&mut batches, slice);
         }
     }
 
@@ -235,35 +239,74 @@ struct Entry {
     epoch: u32,
     /// The parts of the shard this server owns (sorted, disjoint).
     owned: Vec<KeyRange>,
-    /// Exactly-once seqs of the parts whose pushes another server applied
-    /// (copies, and copies taken over): per part, the last seq applied per
-    /// worker in *that* part's history. A worker's seqs grow across all
-    /// servers, so one server's seqs say nothing about another's pushes: a
-    /// shard holding its own range and a copy of a range handed to a
-    /// joining server must not mix them. Parts owned from the start use the
-    /// shard's own seqs.
+    /// Exactly-once seqs per key range, for the parts of the shard whose
+    /// history is not this shard's own: per part (sorted, disjoint), the
+    /// last seq applied per worker in *that* part's history. A worker's seqs
+    /// grow across all servers and all ranges, so the seqs of one range say
+    /// nothing about the pushes of another: a shard that applied a run of
+    /// seq 7 to its own range must still apply seq 6 to a range it takes
+    /// back from a dead owner. A part gets an entry when pushes to it go
+    /// elsewhere (its seqs frozen when this server stops owning it), when
+    /// another server's seqs for it arrive (copies, copies taken over), or
+    /// when this server starts owning it without knowing its history
+    /// (zeros). Keys without an entry were owned here continuously since
+    /// the shard was installed, and use the shard's own seqs.
     lineage: Vec<(KeyRange, Vec<u64>)>,
 }
 
 impl Entry {
-    /// Indices of the lineage parts overlapping `[first, last]`.
-    fn lineage_of(&self, first: u64, last: u64) -> Vec<usize> {
-        (0..self.lineage.len()).filter(|&i| self.lineage[i].0.start <= last && first < self.lineage[i].0.end).collect()
+    /// `range` in pieces of one history each: `(piece, Some(lineage
+    /// index))` for a part with its own seqs, `(piece, None)` for keys that
+    /// use the shard's own seqs. In key order, covering all of `range`.
+    fn pieces(&self, range: KeyRange) -> Vec<(KeyRange, Option<usize>)> {
+        let mut out = Vec::new();
+        let mut at = range.start;
+        for (i, (r, _)) in self.lineage.iter().enumerate() {
+            if r.end <= at {
+                continue;
+            }
+            if r.start >= range.end {
+                break;
+            }
+            if r.start > at {
+                out.push((KeyRange::new(at, r.start), None));
+            }
+            let end = r.end.min(range.end);
+            out.push((KeyRange::new(r.start.max(at), end), Some(i)));
+            at = end;
+        }
+        if at < range.end {
+            out.push((KeyRange::new(at, range.end), None));
+        }
+        out
     }
 
-    /// The last seq per worker applied to `range`, in its own history.
+    /// The seqs of one piece (see [`Entry::pieces`]).
+    fn piece_seqs(&self, part: Option<usize>) -> &[u64] {
+        match part {
+            Some(i) => &self.lineage[i].1,
+            None => self.shard.applied(),
+        }
+    }
+
+    /// The last seq per worker applied to `range`, when it is one history
+    /// (tests).
+    #[cfg(test)]
     fn seqs_for(&self, range: KeyRange) -> Vec<u64> {
-        let parts = self.lineage_of(range.start, range.end - 1);
-        if parts.is_empty() {
-            return self.shard.applied().to_vec();
+        let pieces = self.pieces(range);
+        assert_eq!(pieces.len(), 1, "{range} spans {} histories", pieces.len());
+        self.piece_seqs(pieces[0].1).to_vec()
+    }
+
+    /// Gives the keys of `range` without an entry their own, with `seqs`
+    /// (the parts that have one keep it).
+    fn cover(&mut self, range: KeyRange, seqs: &[u64]) {
+        let gaps: Vec<KeyRange> = self.pieces(range).into_iter().filter(|(_, p)| p.is_none()).map(|(r, _)| r).collect();
+        if gaps.is_empty() {
+            return;
         }
-        let mut v = vec![0u64; self.shard.applied().len()];
-        for i in parts {
-            for (m, &x) in v.iter_mut().zip(&self.lineage[i].1) {
-                *m = (*m).max(x);
-            }
-        }
-        v
+        self.lineage.extend(gaps.into_iter().map(|r| (r, seqs.to_vec())));
+        self.lineage.sort_by_key(|(r, _)| r.start);
     }
 
     /// An owner's seqs for `range`: they replace what was known of those
@@ -289,7 +332,24 @@ impl Entry {
             }
         }
         kept.push((range, merged));
+        kept.sort_by_key(|(r, _)| r.start);
         self.lineage = kept;
+    }
+
+    /// New roles: the parts this server stops owning keep the seqs they had
+    /// (pushes to them go to another server now, while the shard's own seqs
+    /// move on with the parts it keeps), and the parts it starts owning
+    /// without a known history start from none applied.
+    fn set_owned(&mut self, owned: Vec<KeyRange>) {
+        let own = self.shard.applied().to_vec();
+        for r in subtract(&self.owned, &owned) {
+            self.cover(r, &own);
+        }
+        let zeros = vec![0; own.len()];
+        for r in subtract(&owned, &self.owned) {
+            self.cover(r, &zeros);
+        }
+        self.owned = owned;
     }
 
     /// Whether this server owns every key of `[first, last]` of the shard.
@@ -309,6 +369,26 @@ impl Entry {
         }
         false
     }
+}
+
+/// The keys of the sorted, disjoint ranges `a` that are in none of `b`.
+fn subtract(a: &[KeyRange], b: &[KeyRange]) -> Vec<KeyRange> {
+    let mut out = Vec::new();
+    for r in a {
+        let mut at = r.start;
+        let mut cuts: Vec<&KeyRange> = b.iter().filter(|x| x.start < r.end && r.start < x.end).collect();
+        cuts.sort_by_key(|x| x.start);
+        for x in cuts {
+            if x.start > at {
+                out.push(KeyRange::new(at, x.start));
+            }
+            at = at.max(x.end);
+        }
+        if at < r.end {
+            out.push(KeyRange::new(at, r.end));
+        }
+    }
+    out
 }
 
 /// The first and last key of a run.
@@ -767,7 +847,7 @@ impl LaneState {
     fn roles(&mut self, id: u32, active: bool, targets: Vec<Target>, epoch: u32, owned: Vec<KeyRange>) {
         let Some(e) = self.shards.get_mut(&id) else { return };
         e.epoch = epoch;
-        e.owned = owned;
+        e.set_owned(owned);
         if active && !e.active {
             // Promoted: the copy becomes the range's state of record. Its
             // progress is the old owner's; workers that left hold nobody
@@ -787,12 +867,42 @@ impl LaneState {
 
     /// The state of slots `ids` of a shard (owned part `range`) as REPLICATE
     /// deltas: headers with their segments, at most `MAX_DELTA_BYTES` each.
+    /// Each delta covers one piece of `range` with one history and carries
+    /// that piece's seqs (see [`Entry::pieces`]), so a receiver never takes
+    /// one part's seqs for another's. A snapshot (`repl::SNAPSHOT`) has a
+    /// delta for every piece, with no slot too: the receiver learns every
+    /// piece's seqs.
     fn deltas(&self, repl: &Replication, e: &Entry, range: KeyRange, ids: &[u32], flags: u32) -> Vec<SubDelta> {
+        let pieces = e.pieces(range);
+        if let [(piece, part)] = pieces[..] {
+            return self.piece_deltas(repl, e, piece, e.piece_seqs(part), ids, flags);
+        }
+        let mut out = Vec::new();
+        for (piece, part) in pieces {
+            let mine: Vec<u32> = ids.iter().copied().filter(|&id| piece.contains(e.shard.key_of(id))).collect();
+            if mine.is_empty() && flags & repl::SNAPSHOT == 0 {
+                continue;
+            }
+            out.extend(self.piece_deltas(repl, e, piece, e.piece_seqs(part), &mine, flags));
+        }
+        out
+    }
+
+    /// [`LaneState::deltas`] of one piece, with its seqs.
+    fn piece_deltas(
+        &self,
+        repl: &Replication,
+        e: &Entry,
+        range: KeyRange,
+        seqs: &[u64],
+        ids: &[u32],
+        flags: u32,
+    ) -> Vec<SubDelta> {
         let s = &e.shard;
         let probe = s.delta_of(&ids[..ids.len().min(1)]);
         let per_key = 8 + s.layout().bytes() + probe.state.len() * 4 + probe.pending.len() * 8;
         let chunk = (MAX_DELTA_BYTES / per_key.max(1)).max(1);
-        let applied = bytes_of_vec(e.seqs_for(range));
+        let applied = bytes_of_vec(seqs.to_vec());
         let progress = bytes_of_vec(s.progress_all());
         // No slot at all (a sparse range nobody pushed to yet) still makes
         // one delta: the receiver learns the range's seqs and progress.
@@ -1262,43 +1372,77 @@ fn push_run(shards: &mut HashMap<u32, Entry>, r: &LaneRun, clock: u64, worker: u
     let keys = run_keys(r, &view)?;
     let vals = pod_slice::<f32>(r.vals.as_ref().expect("checked by the handler"));
     let seq = r.header.seq;
-    // Ranges another server applied pushes to keep their own seqs; without
-    // any (no failover or join yet) the shard's own seqs decide.
-    let parts = match keys.len() {
-        n if n > 0 && !e.lineage.is_empty() => e.lineage_of(keys.get(0), keys.get(n - 1)),
-        _ => Vec::new(),
-    };
-    let applied = if parts.is_empty() {
-        e.shard.push_from(keys, &vals, clock, worker, seq).map_err(|e| e.to_string())?
-    } else {
-        // A range whose pushes another server applied before: its own seqs.
-        let last = parts.iter().filter_map(|&i| e.lineage[i].1.get(worker).copied()).max();
-        let Some(last) = last else {
-            return Err(format!("worker rank {worker} is outside the job's {} workers", e.shard.applied().len()));
-        };
-        if seq != 0 && seq <= last {
-            false
-        } else {
-            e.shard.push_from(keys, &vals, clock, worker, 0).map_err(|e| e.to_string())?;
-            if seq != 0 {
-                for &i in &parts {
-                    if let Some(x) = e.lineage[i].1.get_mut(worker) {
-                        *x = (*x).max(seq);
+    let n = keys.len();
+    if e.lineage.is_empty() || n == 0 {
+        // One history (no failover or join yet): the shard's own seqs.
+        if !e.shard.push_from(keys, &vals, clock, worker, seq).map_err(|e| e.to_string())? {
+            skipped(r, worker, 0, n);
+        }
+        return Ok(());
+    }
+    if worker >= e.shard.applied().len() {
+        return Err(format!("worker rank {worker} is outside the job's {} workers", e.shard.applied().len()));
+    }
+    // Decided piece by piece, each by its own history: a retry whose run
+    // was applied to some of its keys before (by this server or the owner
+    // it learned them from) and not to others is applied to the others.
+    let d = e.shard.layout().dim();
+    let (first, last) = (keys.get(0), keys.get(n - 1));
+    // The keys of the shard's own history decide once for the whole run
+    // (the first of them would otherwise pass its seq to the others).
+    let own_fresh = seq == 0 || seq > e.shard.applied()[worker];
+    let mut own_applied = false;
+    let mut lo = 0;
+    for (piece, part) in e.pieces(KeyRange::new(first, last + 1)) {
+        let hi = keys.lower_bound(piece.end, lo);
+        if hi == lo {
+            continue;
+        }
+        let (sub, v) = (keys.slice(lo, hi), &vals[lo * d..hi * d]);
+        let applied = match part {
+            None if own_fresh => {
+                e.shard.push_from(sub, v, clock, worker, 0).map_err(|e| e.to_string())?;
+                own_applied = true;
+                true
+            }
+            None => false,
+            Some(i) => {
+                let known = e.lineage[i].1.get(worker).copied();
+                let Some(last) = known else {
+                    return Err(format!("no seq of worker rank {worker} for keys {piece}"));
+                };
+                if seq != 0 && seq <= last {
+                    false
+                } else {
+                    e.shard.push_from(sub, v, clock, worker, 0).map_err(|e| e.to_string())?;
+                    if seq != 0 {
+                        e.lineage[i].1[worker] = seq;
                     }
+                    true
                 }
             }
-            true
+        };
+        if !applied {
+            skipped(r, worker, lo, hi);
         }
-    };
-    if !applied {
-        tracing::trace!(
-            worker,
-            seq = r.header.seq,
-            first = r.header.first,
-            "a retried push run was applied before; skipped"
-        );
+        lo = hi;
+    }
+    if own_applied && seq != 0 {
+        e.shard.note_applied(worker, seq);
     }
     Ok(())
+}
+
+/// A retried push run (keys `lo..hi` of it) was applied before: skipped.
+fn skipped(r: &LaneRun, worker: usize, lo: usize, hi: usize) {
+    tracing::debug!(
+        worker,
+        seq = r.header.seq,
+        first = r.header.first,
+        lo,
+        hi,
+        "a retried push run was applied before; skipped"
+    );
 }
 
 fn pull_run(shards: &HashMap<u32, Entry>, r: &LaneRun) -> Result<RunOut, String> {
@@ -1404,5 +1548,77 @@ mod tests {
         let got = e.shard.pull_vec(KeyRun::Range { first: 0, count: 4 }).unwrap();
         assert_eq!(got, [1.0, 1.0, 0.0, 0.0]);
         assert_eq!(e.seqs_for(KeyRange::new(0, 2)), [30, 20]);
+    }
+
+    /// The joiner-killed loss, deterministically: a shard hands part of its
+    /// keys over, keeps applying the runs of its other keys (their seqs
+    /// pass the handed-over run's), then takes the part back from the dead
+    /// new owner, and the retried run must be applied there.
+    #[test]
+    fn a_range_taken_back_applies_the_retry_its_other_keys_overtook() {
+        let e = Entry {
+            shard: *shard(1),
+            active: true,
+            targets: vec![],
+            epoch: 1,
+            owned: vec![KeyRange::new(0, 8)],
+            lineage: vec![],
+        };
+        let run = |first: u64, count: u64, seq: u64| LaneRun {
+            header: RunHeader { run: 0, form: proto::run_form::RANGE, first, count, digest: 0, seq },
+            shard: 1,
+            keys: None,
+            vals: Some(bytes_of_vec(vec![1.0f32; count as usize])),
+            known: None,
+            part: 0,
+        };
+        let mut shards = HashMap::from([(1u32, e)]);
+        push_run(&mut shards, &run(0, 8, 10), 0, 0).unwrap();
+        // 2..4 goes to a joining server; the next op's runs: 11 here, 12 to
+        // the joiner, 13 here.
+        let e = shards.get_mut(&1).unwrap();
+        e.set_owned(vec![KeyRange::new(0, 2), KeyRange::new(4, 8)]);
+        push_run(&mut shards, &run(0, 2, 11), 0, 0).unwrap();
+        push_run(&mut shards, &run(4, 4, 13), 0, 0).unwrap();
+        // The joiner died before answering 12: its retry comes back here.
+        shards.get_mut(&1).unwrap().set_owned(vec![KeyRange::new(0, 8)]);
+        push_run(&mut shards, &run(2, 2, 12), 0, 0).unwrap();
+        push_run(&mut shards, &run(2, 2, 12), 0, 0).unwrap(); // a second retry: skipped
+        push_run(&mut shards, &run(4, 4, 13), 0, 0).unwrap(); // applied before: skipped
+        // A later op over the whole shard, in pieces of two histories.
+        push_run(&mut shards, &run(0, 8, 14), 0, 0).unwrap();
+        push_run(&mut shards, &run(0, 8, 14), 0, 0).unwrap();
+        let got = shards[&1].shard.pull_vec(KeyRun::Range { first: 0, count: 8 }).unwrap();
+        assert_eq!(got, [3.0; 8], "every run once, none lost, none twice");
+    }
+
+    /// A range this server starts to own with no history known here (a copy
+    /// that never learned seqs) does not take the seqs of its other keys.
+    #[test]
+    fn a_range_owned_without_a_known_history_starts_from_no_seq() {
+        let e = Entry {
+            shard: *shard(1),
+            active: true,
+            targets: vec![],
+            epoch: 1,
+            owned: vec![KeyRange::new(0, 4)],
+            lineage: vec![],
+        };
+        let run = |first: u64, count: u64, seq: u64| LaneRun {
+            header: RunHeader { run: 0, form: proto::run_form::RANGE, first, count, digest: 0, seq },
+            shard: 1,
+            keys: None,
+            vals: Some(bytes_of_vec(vec![1.0f32; count as usize])),
+            known: None,
+            part: 0,
+        };
+        let mut shards = HashMap::from([(1u32, e)]);
+        push_run(&mut shards, &run(0, 4, 20), 0, 0).unwrap();
+        shards.get_mut(&1).unwrap().set_owned(vec![KeyRange::new(0, 8)]);
+        push_run(&mut shards, &run(4, 4, 15), 0, 0).unwrap();
+        let got = shards[&1].shard.pull_vec(KeyRun::Range { first: 0, count: 8 }).unwrap();
+        assert_eq!(got, [1.0; 8]);
+        assert_eq!(shards[&1].seqs_for(KeyRange::new(4, 8)), [15, 0]);
+        assert_eq!(shards[&1].seqs_for(KeyRange::new(0, 4)), [20, 0]);
     }
 }

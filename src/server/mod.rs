@@ -111,6 +111,9 @@ struct Table {
     spec: TableSpec,
     /// The ranges of the current epoch, with owners and replicas.
     map: crate::scheduler::ring::RangeMap,
+    /// The epoch of `map` (ahead of the epoch replicated state is held for
+    /// while a membership change is being applied).
+    epoch: u32,
     /// Where same-host workers find the shards (dense tables, shm on).
     shm: Vec<proto::ShmShard>,
     /// Where RDMA workers read the shards (dense tables, RDMA on), and the
@@ -171,6 +174,27 @@ impl Table {
         }
         false
     }
+
+    /// Whether server `me` owns any key of `[start, end)` in this epoch.
+    fn owns_any(&self, me: u32, start: u64, end: u64) -> bool {
+        let Some(mut i) = self.map.find(start) else { return false };
+        while i < self.map.len() {
+            let (range, owner) = self.map.range(i);
+            if range.start >= end {
+                return false;
+            }
+            if owner == me {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Whether every key of `[start, end)` has a shard here.
+    fn covers(&self, start: u64, end: u64) -> bool {
+        self.overlapping(start, end).map(|(_, r)| r.len()).sum::<u64>() == end - start
+    }
 }
 
 #[derive(Default)]
@@ -187,6 +211,8 @@ struct Membership {
     peers: HashMap<u32, PeerId>,
     /// The scheduler refused to let this server leave.
     refusal: Option<String>,
+    /// Why this server stopped on its own, when it did (it exits with it).
+    fatal: Option<String>,
 }
 
 /// Control id of a server's request to leave.
@@ -366,6 +392,9 @@ struct Shared {
     /// The epoch whose tables are in place (replicated state stamped with a
     /// later one waits), and the REPLICATE frames held until it catches up.
     early: Mutex<(u32, Vec<(PeerId, Frame)>)>,
+    /// The newest membership epoch the scheduler sent (queued for the
+    /// control thread, maybe not applied yet).
+    announced: std::sync::atomic::AtomicU32,
     /// Per worker rank: the last clock it sent here (any incarnation; not
     /// the `u64::MAX` of `WorkerLeft`), what a restarted worker resumes
     /// from.
@@ -448,6 +477,7 @@ impl ServerNode {
             repl,
             control: Mutex::new(None),
             early: Mutex::new((0, Vec::new())),
+            announced: std::sync::atomic::AtomicU32::new(0),
             worker_clocks: Mutex::new(Vec::new()),
             restore: Mutex::new(None),
         });
@@ -531,6 +561,12 @@ impl ServerNode {
             }
         }
         m.index.ok_or(Error::ShuttingDown)
+    }
+
+    /// Why the node stopped on its own (not because the job ended or it
+    /// left), if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.membership.lock().fatal.clone()
     }
 
     /// Whether the node stopped (the job ended, or it left).
@@ -833,7 +869,11 @@ impl ServerHandler {
                 checkpoint,
             }),
             Control::Snapshot { clock, dir } => self.to_control(ControlJob::Snapshot { from, clock, dir }),
-            Control::Membership { epoch, servers } => self.to_control(ControlJob::Membership { from, epoch, servers }),
+            Control::Membership { epoch, servers } => {
+                // Relaxed: a hint for a waiting handover (see `apply_membership`).
+                self.shared.announced.fetch_max(epoch, std::sync::atomic::Ordering::Relaxed);
+                self.to_control(ControlJob::Membership { from, epoch, servers })
+            }
             Control::ShardMap { table } => {
                 let shards = self.shared.tables.read().get(&table).map(|t| t.shm.clone());
                 let reply = match shards {
@@ -927,6 +967,7 @@ impl ServerHandler {
             // A joining server's answer to a table its owner sent it.
             Control::TableReady { .. } if frame.id == PEER_TABLE_ID => Ok(()),
             Control::Error(m) if frame.id == PEER_TABLE_ID => {
+                // The joiner stops on it, which abandons its join.
                 tracing::error!(peer, error = %m, "a joining server could not create a table");
                 Ok(())
             }
@@ -973,10 +1014,17 @@ impl ServerHandler {
                 let _ = net.send(from, Control::Ready { rank }.to_frame(id));
             }
             ControlJob::Membership { from, epoch, servers } => {
-                if let Err(e) = self.apply_membership(net, epoch, servers) {
-                    tracing::error!(epoch, error = %e, "could not apply a membership change");
-                }
-                let _ = net.send(from, Control::MembershipAck { epoch }.to_frame(0));
+                // A failure is reported, never acknowledged: the scheduler
+                // must not hand ranges to (or route workers by) a layout
+                // this server could not build.
+                let reply = match self.apply_membership(net, epoch, servers) {
+                    Ok(()) => Control::MembershipAck { epoch },
+                    Err(e) => {
+                        tracing::error!(epoch, error = %e, "could not apply a membership change");
+                        Control::MembershipFailed { epoch, error: e.to_string() }
+                    }
+                };
+                let _ = net.send(from, reply.to_frame(0));
             }
             ControlJob::Snapshot { from, clock, dir } => {
                 let reply = match self.snapshot(std::path::Path::new(&dir)) {
@@ -991,6 +1039,19 @@ impl ServerHandler {
             ControlJob::CreateTable { from, id, spec } => {
                 let reply = match self.create_table(net, spec) {
                     Ok(table) => Control::TableReady { table },
+                    Err(e) if id == PEER_TABLE_ID => {
+                        // A joining server that cannot hold a table its
+                        // owners fill would complete a join without it: it
+                        // stops instead, and the scheduler abandons the join.
+                        tracing::error!(error = %e, "cannot create a table of the job this server joins; stopping");
+                        {
+                            let mut m = self.shared.membership.lock();
+                            m.fatal.get_or_insert_with(|| format!("cannot hold a table of the job it joins: {e}"));
+                            m.stopping = true;
+                        }
+                        self.shared.changed.notify_all();
+                        Control::Error(e.to_string())
+                    }
                     Err(e) => Control::Error(e.to_string()),
                 };
                 let _ = net.send(from, reply.to_frame(id));
@@ -1252,7 +1313,16 @@ impl ServerHandler {
             header,
             slots,
         }));
-        Ok(Table { spec: spec.clone(), map, shm: shm_all, rdma: rdma_shards, _registered: registered, shards, headers })
+        Ok(Table {
+            spec: spec.clone(),
+            map,
+            epoch,
+            shm: shm_all,
+            rdma: rdma_shards,
+            _registered: registered,
+            shards,
+            headers,
+        })
     }
 
     /// Fills a new table's shards (owned ranges and copies) from the
@@ -1377,8 +1447,16 @@ impl ServerHandler {
         self.shared.repl.forget(|s| !ring.is_alive(s));
         let last = self.shared.repl.last_batch();
         let t0 = std::time::Instant::now();
-        if !self.shared.repl.settle(last, HANDOVER_TIMEOUT) {
-            tracing::error!(epoch, "replicated state not acknowledged within {HANDOVER_TIMEOUT:?}; going on");
+        // A newer membership (a server failed meanwhile) ends the wait: it
+        // forgets the servers that are gone, whose acknowledgements may
+        // never come, and settles again.
+        let newer = || self.shared.announced.load(std::sync::atomic::Ordering::Relaxed) > epoch;
+        if !self.shared.repl.settle(last, HANDOVER_TIMEOUT, newer) {
+            if newer() {
+                tracing::info!(target: "membership", epoch, "a newer membership came before the handover settled");
+            } else {
+                tracing::error!(epoch, "replicated state not acknowledged within {HANDOVER_TIMEOUT:?}; going on");
+            }
         }
         tracing::debug!(epoch, waited_ms = t0.elapsed().as_millis() as u64, "handover settled");
         Ok(())
@@ -1424,14 +1502,33 @@ impl ServerHandler {
         let bad = |d: String| Error::protocol(net.peer_addr(from), d);
         let deltas = lane::unpack(&frame).map_err(bad)?;
         let epoch = deltas.iter().map(|d| d.header.epoch).max().unwrap_or(0);
-        let (my_epoch, tables) = {
+        let tables = {
             let tables = self.shared.tables.read().clone();
             // State for a table not here yet: an owner filling this joining
             // server sent the spec ahead of it, and its creation replays it.
             let unknown = deltas.iter().any(|d| !tables.contains_key(&d.header.table));
             // Behind a held frame of the same sender: held too, in order.
             let behind = early.1.iter().any(|(f, _)| *f == from);
-            if epoch > early.0 || unknown || behind {
+            // A newer epoch's state waits for that epoch here, unless it is
+            // the state of ranges whose owner is the same in both epochs
+            // and that this server only copies: then nothing here depends
+            // on the change. (The owner of a range a joining server learns
+            // replicates it with the handover's epoch while the joiner
+            // waits for that epoch, which comes only once the owner has
+            // applied it and settled what it sent: holding it would stall
+            // the handover.)
+            let me = self.shared.membership.lock().index.unwrap_or(u32::MAX);
+            let copy_only = |d: &lane::SubDelta| {
+                let h = &d.header;
+                tables.get(&h.table).is_some_and(|t| {
+                    h.start < h.end
+                        && t.owns(h.from, h.start, h.end - 1)
+                        && !t.owns_any(me, h.start, h.end)
+                        && t.covers(h.start, h.end)
+                })
+            };
+            let ahead = epoch > early.0 && !deltas.iter().all(copy_only);
+            if ahead || unknown || behind {
                 tracing::trace!(
                     epoch,
                     mine = early.0,
@@ -1446,7 +1543,7 @@ impl ServerHandler {
                 early.1.push((from, frame));
                 return Ok(());
             }
-            (early.0, tables)
+            tables
         };
         let mut jobs = Vec::new();
         for d in deltas {
@@ -1463,7 +1560,9 @@ impl ServerHandler {
                 // dead that still runs: never acknowledged, so its pushes
                 // are not either.
                 let alive = self.shared.membership.lock().ring.as_ref().is_some_and(|r| r.is_alive(h.from));
-                if !(alive && h.epoch < my_epoch) {
+                // Against the epoch of the map just checked: this server
+                // may be laying out a newer one.
+                if !(alive && h.epoch < table.epoch) {
                     tracing::debug!(table = h.table, from = h.from, "refused replicated state from a non-owner");
                     return Ok(());
                 }

@@ -87,6 +87,22 @@ impl KeyRun<'_> {
     pub fn last(&self) -> Option<Key> {
         (!self.is_empty()).then(|| self.get(self.len() - 1))
     }
+    /// Keys `lo..hi` of the run.
+    pub fn slice(&self, lo: usize, hi: usize) -> KeyRun<'_> {
+        match *self {
+            KeyRun::Range { first, .. } => KeyRun::Range { first: first + lo as u64, count: hi - lo },
+            KeyRun::List(k) => KeyRun::List(&k[lo..hi]),
+        }
+    }
+    /// The index of the first key `>= key` at or after `from`.
+    pub fn lower_bound(&self, key: Key, from: usize) -> usize {
+        let (mut a, mut b) = (from, self.len());
+        while a < b {
+            let m = a + (b - a) / 2;
+            if self.get(m) < key { a = m + 1 } else { b = m }
+        }
+        a
+    }
 }
 
 /// Word of a shard's header region holding the minimum progress over
@@ -493,6 +509,14 @@ impl Shard {
             self.applied[worker] = seq;
         }
         Ok(true)
+    }
+
+    /// Records seq `seq` of `worker` as applied to the shard's own keys
+    /// (pushes applied piece by piece, see the server's lanes).
+    pub fn note_applied(&mut self, worker: usize, seq: u64) {
+        if let Some(x) = self.applied.get_mut(worker) {
+            *x = (*x).max(seq);
+        }
     }
 
     /// [`Shard::push`] of pushes issued at worker clock `clock` (aggregating

@@ -837,6 +837,12 @@ impl Worker {
         self.scoped(None).pull_with(table, keys, buf)
     }
 
+    /// [`Worker::pull`] answered over the network only (see
+    /// [`Scoped::pull_over_network`]).
+    pub fn pull_over_network(&self, table: TableId, keys: &[Key]) -> Result<Pull> {
+        self.scoped(None).pull_over_network(table, keys)
+    }
+
     /// Pulls and waits, writing the values into `out` (`keys x dim` long).
     pub fn pull_into(&self, table: TableId, keys: &[Key], out: &mut [f32]) -> Result<()> {
         self.scoped(None).pull_into(table, keys, out)
@@ -1082,6 +1088,18 @@ impl Scoped<'_> {
 
     pub fn pull_with(&self, table: TableId, keys: &KeyList, buf: Vec<f32>) -> Result<Pull> {
         self.pull_bytes(kind::PULL, table, keys.bytes.clone(), None, buf)
+    }
+
+    /// [`Scoped::pull`] answered by the owners over the network, never read
+    /// one-sided from shared or registered memory: for diagnosis, to tell a
+    /// stale one-sided read from the servers' state.
+    pub fn pull_over_network(&self, table: TableId, keys: &[Key]) -> Result<Pull> {
+        check_sorted(keys)?;
+        let keys = Bytes::copy_from_slice(bytemuck::cast_slice(keys));
+        let req =
+            Issue { out: Some(Vec::new()), consistency: self.consistency, ..Issue::new(kind::PULL, table, keys, None) };
+        let op = self.w.inner.issue(req)?;
+        Ok(Pull { ts: Timestamp(op.ts), op, shared: self.w.inner.shared.clone(), observe: None })
     }
 
     pub fn pull_into(&self, table: TableId, keys: &[Key], out: &mut [f32]) -> Result<()> {
@@ -1732,6 +1750,11 @@ impl Inner {
                     continue;
                 }
                 let was_moved = moved.iter().any(|(m, j, _)| Arc::ptr_eq(m, &op) && *j == i);
+                // Answered MOVED since the list was taken: the router sends
+                // it again, once this membership is in place.
+                if !was_moved && self.shared.moved.lock().iter().any(|(m, j, _)| Arc::ptr_eq(m, &op) && *j == i) {
+                    continue;
+                }
                 let Some(ri) = info.map.find(keys[r.lo]) else { continue };
                 let owner = info.map.range(ri).1;
                 if owner == r.server() && !was_moved {
@@ -2078,7 +2101,14 @@ impl Shared {
                 return Err(Error::protocol(peer(), format!("reply for run {i} does not match the request")));
             }
             if !op.claim(i) {
-                return Err(Error::protocol(peer(), format!("second reply for run {i}")));
+                // Answered already: a run sent twice to its owner (a MOVED
+                // answer and a membership change re-routing it at the same
+                // moment). A push was applied once (its seq); the other
+                // runs of this reply still count.
+                tracing::debug!(ts = op.ts, run = i, "a second answer for a run; ignored");
+                let _ = vals.by_ref().take(segs_of(r.status)).count();
+                let _ = errs.by_ref().take(usize::from(r.status == status::ERROR)).count();
+                continue;
             }
             if r.status == status::OK {
                 let (mut values, mut err) = (None, None);
