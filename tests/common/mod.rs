@@ -196,6 +196,12 @@ impl Job {
     /// Starts one more server registering with the scheduler (while the job
     /// runs: it joins); its log is `server{i}.log`. Returns its index.
     pub fn add_server(&mut self, deadline: Instant) -> usize {
+        self.add_server_with(deadline, &[])
+    }
+
+    /// [`Job::add_server`] with more arguments for the new server.
+    #[allow(dead_code)]
+    pub fn add_server_with(&mut self, deadline: Instant, extra: &[&str]) -> usize {
         let i = self.servers.len();
         let f = self.dir.join(format!("server{i}.addr"));
         let mut p = Proc::spawn(
@@ -204,6 +210,7 @@ impl Job {
                 .args(["server", "--scheduler", &self.addr, "--addr-file"])
                 .arg(&f)
                 .args(&self.server_args)
+                .args(extra)
                 .envs(self.server_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .env("PSERVER_IO", self.io)
                 .env("PSERVER_TOKEN", &self.token)
