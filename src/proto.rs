@@ -193,6 +193,11 @@ pub mod repl {
     /// The keys' slots as raw words (`first..first + count`, a dense
     /// range) instead of versions and values.
     pub const RAW: u32 = 16;
+    /// The last delta of its range (`start..end`) in the batch: the
+    /// receiver learns the range's seqs from it, once all of the range's
+    /// keys of the batch are applied (a batch cut short by the sender's
+    /// death must not teach seqs of pushes whose keys did not all arrive).
+    pub const LAST: u32 = 32;
 }
 
 /// Owner -> replica: the state of `count` keys of `table` after the owner

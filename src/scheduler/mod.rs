@@ -626,6 +626,15 @@ impl SchedulerHandler {
                         st.failure.get_or_insert_with(|| {
                             format!("server {rank} could not apply membership epoch {epoch}: {error}")
                         });
+                        if let Some(round) = st.checkpoint.take() {
+                            st.last_checkpoint = Some(round.clock);
+                            for (_, p, i) in round.workers {
+                                out.push((
+                                    p,
+                                    Control::CheckpointDone { clock: round.clock, written: false }.to_frame(i),
+                                ));
+                            }
+                        }
                         let msg = format!("barrier abandoned: {}", st.failure.as_deref().unwrap_or_default());
                         for (p, i) in st.barrier.drain(..) {
                             out.push((p, Control::Error(msg.clone()).to_frame(i)));

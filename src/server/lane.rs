@@ -907,11 +907,16 @@ impl LaneState {
         // No slot at all (a sparse range nobody pushed to yet) still makes
         // one delta: the receiver learns the range's seqs and progress.
         let parts: Vec<&[u32]> = if ids.is_empty() { vec![ids] } else { ids.chunks(chunk).collect() };
+        let n = parts.len();
         parts
             .into_iter()
-            .map(|part| {
+            .enumerate()
+            .map(|(at, part)| {
                 let d = s.delta_of(part);
                 let mut f = flags;
+                if at + 1 == n {
+                    f |= repl::LAST;
+                }
                 if d.range.is_some() {
                     f |= repl::RANGE;
                 }
@@ -1111,7 +1116,7 @@ impl LaneState {
 }
 
 fn apply_delta_frame(e: &mut Entry, h: &ReplHeader, segs: &[Bytes], only: Option<KeyRange>) -> Result<(), String> {
-    apply_delta_parts(e, h, segs, only, true)?;
+    apply_delta_parts(e, h, segs, only, h.flags & repl::LAST != 0)?;
     let progress = segs.last().map(pod_slice::<u64>).unwrap_or_default();
     if !e.active {
         e.shard.merge_progress(&progress);
@@ -1145,6 +1150,9 @@ fn apply_delta_parts(
     }
     if applied.len() != h.workers as usize || progress.len() != h.workers as usize {
         return Err(format!("{} seqs and {} progress words for {} workers", applied.len(), progress.len(), h.workers));
+    }
+    if seqs && applied.len() != e.shard.applied().len() {
+        return Err(format!("seqs of {} workers for a job of {}", applied.len(), e.shard.applied().len()));
     }
     let key_view = keys_seg.map(pod_slice::<u64>);
     let keys = match &key_view {
@@ -1386,51 +1394,51 @@ fn push_run(shards: &mut HashMap<u32, Entry>, r: &LaneRun, clock: u64, worker: u
     // Decided piece by piece, each by its own history: a retry whose run
     // was applied to some of its keys before (by this server or the owner
     // it learned them from) and not to others is applied to the others.
+    // Every piece is decided before any is applied; the keys of the
+    // shard's own history decide once for the whole run (the first of them
+    // would otherwise pass its seq to the others).
     let d = e.shard.layout().dim();
     let (first, last) = (keys.get(0), keys.get(n - 1));
-    // The keys of the shard's own history decide once for the whole run
-    // (the first of them would otherwise pass its seq to the others).
     let own_fresh = seq == 0 || seq > e.shard.applied()[worker];
-    let mut own_applied = false;
+    let mut plan: Vec<(usize, usize, Option<usize>, bool)> = Vec::new();
     let mut lo = 0;
     for (piece, part) in e.pieces(KeyRange::new(first, last + 1)) {
         let hi = keys.lower_bound(piece.end, lo);
         if hi == lo {
             continue;
         }
-        let (sub, v) = (keys.slice(lo, hi), &vals[lo * d..hi * d]);
-        let applied = match part {
-            None if own_fresh => {
-                e.shard.push_from(sub, v, clock, worker, 0).map_err(|e| e.to_string())?;
-                own_applied = true;
-                true
-            }
-            None => false,
-            Some(i) => {
-                let known = e.lineage[i].1.get(worker).copied();
-                let Some(last) = known else {
-                    return Err(format!("no seq of worker rank {worker} for keys {piece}"));
-                };
-                if seq != 0 && seq <= last {
-                    false
-                } else {
-                    e.shard.push_from(sub, v, clock, worker, 0).map_err(|e| e.to_string())?;
-                    if seq != 0 {
-                        e.lineage[i].1[worker] = seq;
-                    }
-                    true
-                }
-            }
+        let fresh = match part {
+            None => own_fresh,
+            Some(i) => match e.lineage[i].1.get(worker) {
+                Some(&known) => seq == 0 || seq > known,
+                None => return Err(format!("no seq of worker rank {worker} for keys {piece}")),
+            },
         };
-        if !applied {
-            skipped(r, worker, lo, hi);
-        }
+        plan.push((lo, hi, part, fresh));
         lo = hi;
     }
-    if own_applied && seq != 0 {
-        e.shard.note_applied(worker, seq);
+    // Each piece's seq is recorded as soon as the piece is applied: a
+    // failure in a later piece (a sparse shard out of memory) leaves the
+    // run half applied, and its retry must apply only the other half.
+    let mut result = Ok(());
+    for &(lo, hi, part, fresh) in &plan {
+        if !fresh {
+            skipped(r, worker, lo, hi);
+            continue;
+        }
+        let (sub, v) = (keys.slice(lo, hi), &vals[lo * d..hi * d]);
+        if let Err(x) = e.shard.push_from(sub, v, clock, worker, 0) {
+            result = Err(x.to_string());
+            break;
+        }
+        if seq != 0 {
+            match part {
+                None => e.shard.note_applied(worker, seq),
+                Some(i) => e.lineage[i].1[worker] = seq,
+            }
+        }
     }
-    Ok(())
+    result
 }
 
 /// A retried push run (keys `lo..hi` of it) was applied before: skipped.
@@ -1620,5 +1628,55 @@ mod tests {
         assert_eq!(got, [1.0; 8]);
         assert_eq!(shards[&1].seqs_for(KeyRange::new(4, 8)), [15, 0]);
         assert_eq!(shards[&1].seqs_for(KeyRange::new(0, 4)), [20, 0]);
+    }
+
+    /// A copy of a shard with two histories carries each piece's seqs, and
+    /// the receiver learns them apart (never the larger for both).
+    #[test]
+    fn a_copy_carries_each_pieces_seqs_and_the_receiver_learns_them_apart() {
+        let repl = Replication::default();
+        let lane = Lane::new(Arc::new(Replication::default()));
+        let mut owner = Entry {
+            shard: *shard(1),
+            active: true,
+            targets: vec![],
+            epoch: 1,
+            owned: vec![KeyRange::new(0, 8)],
+            lineage: vec![],
+        };
+        let run = |first: u64, count: u64, seq: u64| LaneRun {
+            header: RunHeader { run: 0, form: proto::run_form::RANGE, first, count, digest: 0, seq },
+            shard: 1,
+            keys: None,
+            vals: Some(bytes_of_vec(vec![1.0f32; count as usize])),
+            known: None,
+            part: 0,
+        };
+        owner.learn(KeyRange::new(4, 8), &[5, 6]);
+        let mut shards = HashMap::from([(1u32, owner)]);
+        push_run(&mut shards, &run(0, 4, 30), 0, 0).unwrap();
+        push_run(&mut shards, &run(4, 4, 7), 0, 0).unwrap();
+        let owner = &shards[&1];
+        let ids = owner.shard.slots_in(KeyRange::new(0, 8));
+        let st = lane.state.lock();
+        let ds = st.deltas(&repl, owner, KeyRange::new(0, 8), &ids, repl::SNAPSHOT);
+        let ranges: Vec<(u64, u64, bool)> =
+            ds.iter().map(|d| (d.header.start, d.header.end, d.header.flags & repl::LAST != 0)).collect();
+        assert_eq!(ranges, [(0, 4, true), (4, 8, true)]);
+        let mut copy =
+            Entry { shard: *shard(1), active: false, targets: vec![], epoch: 1, owned: vec![], lineage: vec![] };
+        for d in &ds {
+            apply_delta_frame(&mut copy, &d.header, &d.segments, None).unwrap();
+        }
+        assert_eq!(copy.seqs_for(KeyRange::new(0, 4)), [30, 0]);
+        assert_eq!(copy.seqs_for(KeyRange::new(4, 8)), [7, 6]);
+        let got = copy.shard.pull_vec(KeyRun::Range { first: 0, count: 8 }).unwrap();
+        assert_eq!(got, [1.0; 8]);
+        // A delta that is not the last of its range teaches no seqs.
+        let mut h = ds[0].header;
+        h.flags &= !repl::LAST;
+        let mut fresh = Entry { lineage: vec![], ..copy };
+        apply_delta_frame(&mut fresh, &h, &ds[0].segments, None).unwrap();
+        assert!(fresh.lineage.is_empty());
     }
 }

@@ -1749,11 +1749,21 @@ impl Inner {
                 if r.is_claimed() {
                     continue;
                 }
-                let was_moved = moved.iter().any(|(m, j, _)| Arc::ptr_eq(m, &op) && *j == i);
-                // Answered MOVED since the list was taken: the router sends
-                // it again, once this membership is in place.
-                if !was_moved && self.shared.moved.lock().iter().any(|(m, j, _)| Arc::ptr_eq(m, &op) && *j == i) {
-                    continue;
+                let mut was_moved = moved.iter().any(|(m, j, _)| Arc::ptr_eq(m, &op) && *j == i);
+                if !was_moved {
+                    // Answered MOVED since the list was taken: sent again
+                    // here, in issue order (a later push to the same keys
+                    // must not reach the new owner first, which would skip
+                    // this one by its seq), unless the server that said so
+                    // is ahead of this epoch: then it waits for that one.
+                    let mut live = self.shared.moved.lock();
+                    if let Some(at) = live.iter().position(|(m, j, _)| Arc::ptr_eq(m, &op) && *j == i) {
+                        if live[at].2 > epoch {
+                            continue;
+                        }
+                        live.remove(at);
+                        was_moved = true;
+                    }
                 }
                 let Some(ri) = info.map.find(keys[r.lo]) else { continue };
                 let owner = info.map.range(ri).1;
