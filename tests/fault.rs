@@ -177,6 +177,44 @@ fn counters_are_exact_after_a_primary_is_killed_uring() {
     counting_survives_a_killed_primary("uring");
 }
 
+/// Two failures in a row: a primary is SIGKILLed, the job restores its
+/// copies, then another server is SIGKILLed. Ranges change hands twice
+/// (some to a server that took them over once already), and the counters
+/// stay exact: the exactly-once seqs follow each range's history.
+#[test]
+fn counters_are_exact_after_two_servers_are_killed_one_after_the_other() {
+    let deadline = Instant::now() + DEADLINE;
+    let (servers, workers) = (4u32, 2u32);
+    let mut job = start_job("std", servers, workers, "fault-count-twice", deadline);
+    let args = ["check", "--counting", "--keys", "3000", "--rounds", "200", "--pace-ms", "5"];
+    let mut ws: Vec<Watched> = (0..workers).map(|r| watched_worker(&job, r, workers, &args)).collect();
+    wait_for(&mut ws, "round 20 acknowledged", deadline);
+    job.servers[1].child.kill().unwrap();
+    let _ = job.servers[1].child.wait();
+    // Well after the failover (its copies restored), the second failure.
+    wait_for(&mut ws, "round 70 acknowledged", deadline);
+    job.servers[2].child.kill().unwrap();
+    let _ = job.servers[2].child.wait();
+    if let Some(w) = ws.iter().find(|w| w.err.lock().unwrap().contains("round 200 acknowledged")) {
+        panic!("{} finished before the second kill: the test proves nothing", w.proc.name);
+    }
+    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
+    for (w, st) in ws.iter().zip(&statuses) {
+        assert!(st.success(), "{} failed ({st}):\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap());
+        let out = w.out.lock().unwrap();
+        let (_, epoch) = parse_counting(&out);
+        assert!(epoch >= 3, "{}: not two failovers (epoch {epoch})", w.proc.name);
+        eprintln!("{}: {}", w.proc.name, out.trim());
+    }
+    let st = job.scheduler.wait(deadline);
+    assert!(st.success(), "scheduler failed: {st}\n{}", job.log("scheduler"));
+    for i in [0, 3] {
+        let st = job.servers[i].wait(deadline);
+        assert!(st.success(), "server {i} failed: {st}");
+    }
+    let _ = std::fs::remove_dir_all(&job.dir);
+}
+
 #[test]
 fn a_server_leaving_on_sigterm_hands_its_ranges_over_and_counters_stay_exact() {
     counting_survives_losing_a_primary("std", true);
@@ -521,6 +559,45 @@ fn rdma_a_server_joining_then_dying_keeps_the_counters_exact() {
         return;
     }
     counting_across_a_join("std", Some("rdma"), 2, 1, Some(2));
+}
+
+/// An old owner SIGKILLed while a server joins (as soon as the scheduler
+/// welcomes the joiner: during the copy, or the drain, as the timing
+/// falls): the join goes on with the failover's epoch and completes, and
+/// the counters stay exact.
+#[test]
+fn an_old_owner_killed_during_a_join_leaves_the_counters_exact() {
+    let deadline = Instant::now() + DEADLINE;
+    let workers = 2u32;
+    let mut job = start_job_with("std", None, 3, workers, "fault-join-during", deadline, &["--replicas", "1"]);
+    let args = ["check", "--counting", "--keys", "3000", "--rounds", "150", "--pace-ms", "5"];
+    let mut ws: Vec<Watched> = (0..workers).map(|r| watched_worker(&job, r, workers, &args)).collect();
+    wait_for(&mut ws, "round 20 acknowledged", deadline);
+    let new = job.add_server(deadline);
+    while !job.log("scheduler").contains("welcoming a joining server") {
+        assert!(Instant::now() < deadline, "the joiner was never welcomed:\n{}", job.log("scheduler"));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    job.servers[0].child.kill().unwrap();
+    let _ = job.servers[0].child.wait();
+    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
+    if statuses.iter().any(|st| !st.success()) {
+        let all: Vec<String> = ws
+            .iter()
+            .zip(&statuses)
+            .map(|(w, st)| format!("== {} ({st}):\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
+            .collect();
+        panic!("a worker failed:\n{}\n== scheduler:\n{}", all.join("\n"), job.log("scheduler"));
+    }
+    for w in &ws {
+        eprintln!("{}: {}", w.proc.name, w.out.lock().unwrap().trim());
+    }
+    let sched = job.log("scheduler");
+    assert!(sched.contains("server joined the job"), "the join did not complete:\n{sched}");
+    eprintln!("{}", sched.lines().filter(|l| l.contains("membership")).collect::<Vec<_>>().join("\n"));
+    assert_ended_well(&mut job, Some(0), deadline);
+    let _ = new;
+    let _ = std::fs::remove_dir_all(&job.dir);
 }
 
 /// A joining server that cannot hold its copies (its `--max-memory` is too

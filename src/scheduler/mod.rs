@@ -107,6 +107,11 @@ struct State {
     /// Server peers in rank order, once welcomed.
     server_peers: Vec<PeerId>,
     server_infos: Vec<ServerInfo>,
+    /// The servers as of the last membership every live server applied: the
+    /// copies they hold are complete (a server acknowledges an epoch only
+    /// once the copies it sent for it are applied), while those of a newer
+    /// epoch may still be filling.
+    stable_infos: Vec<ServerInfo>,
     ready: HashSet<u32>,
     /// Worker peers by rank, once welcomed.
     worker_peers: Vec<Option<PeerId>>,
@@ -676,8 +681,21 @@ impl SchedulerHandler {
             // ranges: their owners before it still hold them.
             st.server_infos[rank].joining = true;
         }
-        let before =
-            crate::scheduler::ring::Ring::new(st.server_infos.clone(), shared.cfg.vnodes, st.epoch).with_replicas(k);
+        // The holders of every range are those of the last membership all
+        // servers applied: a copy a newer epoch asked for may not be filled
+        // yet (its owner dying now would leave it empty), so it does not
+        // count. A server that joined since holds nothing yet either.
+        let mut held = st.server_infos.clone();
+        for (i, s) in held.iter_mut().enumerate() {
+            match st.stable_infos.get(i) {
+                Some(was) => {
+                    s.alive = s.alive && was.alive;
+                    s.joining = was.joining || (st.server_infos[i].joining && i == rank);
+                }
+                None => s.joining = true,
+            }
+        }
+        let before = crate::scheduler::ring::Ring::new(held, shared.cfg.vnodes, st.epoch).with_replicas(k);
         st.server_infos[rank].alive = false;
         let after = crate::scheduler::ring::Ring::new(st.server_infos.clone(), shared.cfg.vnodes, st.epoch + 1);
         // Data is lost when some range had no live copy left: check on the
@@ -756,6 +774,7 @@ impl SchedulerHandler {
             return;
         }
         st.applying = None;
+        st.stable_infos = st.server_infos.clone();
         Self::tell_workers_in(st, out);
         match st.join.as_ref().map(|j| (j.rank, j.phase.clone())) {
             Some((_, JoinPhase::Learning)) => {
@@ -912,6 +931,7 @@ impl SchedulerHandler {
             .enumerate()
             .map(|(i, p)| ServerInfo { id: i as u32, addr: p.addr.clone(), alive: true, joining: false })
             .collect();
+        st.stable_infos = st.server_infos.clone();
         st.epoch = 1;
         st.server_peers = by_rank.iter().map(|p| p.peer).collect();
         for (rank, p) in by_rank.iter().enumerate() {

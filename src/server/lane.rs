@@ -336,20 +336,44 @@ impl Entry {
         self.lineage = kept;
     }
 
-    /// New roles: the parts this server stops owning keep the seqs they had
-    /// (pushes to them go to another server now, while the shard's own seqs
-    /// move on with the parts it keeps), and the parts it starts owning
-    /// without a known history start from none applied.
+    /// New roles: every owned part gets seqs of its own, split at the
+    /// parts' bounds, so that two runs of one worker to different parts
+    /// never share a seq (a retry of the first arriving after the second
+    /// would otherwise look old). The parts this server stops owning keep
+    /// the seqs they had (pushes to them go to another server now), the
+    /// parts it starts owning without a known history start from none
+    /// applied, and the keys it owned without an entry yet (since the shard
+    /// was installed) start from the shard's own seqs.
     fn set_owned(&mut self, owned: Vec<KeyRange>) {
         let own = self.shard.applied().to_vec();
-        for r in subtract(&self.owned, &owned) {
+        for r in self.owned.clone() {
             self.cover(r, &own);
         }
         let zeros = vec![0; own.len()];
-        for r in subtract(&owned, &self.owned) {
-            self.cover(r, &zeros);
+        for r in &owned {
+            self.cover(*r, &zeros);
         }
+        self.split_at(&self.owned.clone());
+        self.split_at(&owned);
         self.owned = owned;
+    }
+
+    /// Splits the parts at the bounds of `ranges` (both halves keep the
+    /// part's seqs: one history so far).
+    fn split_at(&mut self, ranges: &[KeyRange]) {
+        let mut cuts: Vec<u64> = ranges.iter().flat_map(|r| [r.start, r.end]).collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut out = Vec::with_capacity(self.lineage.len());
+        for (r, v) in std::mem::take(&mut self.lineage) {
+            let mut at = r.start;
+            for &c in cuts.iter().filter(|&&c| r.start < c && c < r.end) {
+                out.push((KeyRange::new(at, c), v.clone()));
+                at = c;
+            }
+            out.push((KeyRange::new(at, r.end), v));
+        }
+        self.lineage = out;
     }
 
     /// Whether this server owns every key of `[first, last]` of the shard.
@@ -369,26 +393,6 @@ impl Entry {
         }
         false
     }
-}
-
-/// The keys of the sorted, disjoint ranges `a` that are in none of `b`.
-fn subtract(a: &[KeyRange], b: &[KeyRange]) -> Vec<KeyRange> {
-    let mut out = Vec::new();
-    for r in a {
-        let mut at = r.start;
-        let mut cuts: Vec<&KeyRange> = b.iter().filter(|x| x.start < r.end && r.start < x.end).collect();
-        cuts.sort_by_key(|x| x.start);
-        for x in cuts {
-            if x.start > at {
-                out.push(KeyRange::new(at, x.start));
-            }
-            at = at.max(x.end);
-        }
-        if at < r.end {
-            out.push(KeyRange::new(at, r.end));
-        }
-    }
-    out
 }
 
 /// The first and last key of a run.
@@ -841,7 +845,9 @@ impl LaneState {
             }
         }
         shard.track_changes(targets.iter().any(|t| !t.peers.is_empty()));
-        self.shards.insert(id, Entry { shard, active, targets, epoch, owned, lineage: Vec::new() });
+        let mut e = Entry { shard, active, targets, epoch, owned: Vec::new(), lineage: Vec::new() };
+        e.set_owned(owned);
+        self.shards.insert(id, e);
     }
 
     fn roles(&mut self, id: u32, active: bool, targets: Vec<Target>, epoch: u32, owned: Vec<KeyRange>) {
@@ -1678,5 +1684,32 @@ mod tests {
         let mut fresh = Entry { lineage: vec![], ..copy };
         apply_delta_frame(&mut fresh, &h, &ds[0].segments, None).unwrap();
         assert!(fresh.lineage.is_empty());
+    }
+
+    /// Runs of one worker to different ranges of a shard may be applied out
+    /// of their seq order (a retry of the first after the second, when
+    /// MOVED answers are sent again run by run): each range keeps its own
+    /// seqs, so the first is not taken for old.
+    #[test]
+    fn a_retry_after_a_later_run_to_another_range_of_the_shard_is_applied() {
+        let lane = Lane::new(Arc::new(Replication::default()));
+        let owned = vec![KeyRange::new(0, 4), KeyRange::new(4, 6), KeyRange::new(6, 8)];
+        lane.submit(Job::Install { id: 1, shard: shard(1), active: true, targets: Vec::new(), epoch: 1, owned }, true);
+        let run = |first: u64, count: u64, seq: u64| LaneRun {
+            header: RunHeader { run: 0, form: proto::run_form::RANGE, first, count, digest: 0, seq },
+            shard: 1,
+            keys: None,
+            vals: Some(bytes_of_vec(vec![1.0f32; count as usize])),
+            known: None,
+            part: 0,
+        };
+        let mut st = lane.state.lock();
+        let shards = &mut st.shards;
+        push_run(shards, &run(6, 2, 12), 0, 0).unwrap();
+        push_run(shards, &run(0, 4, 10), 0, 0).unwrap();
+        push_run(shards, &run(4, 2, 11), 0, 0).unwrap();
+        push_run(shards, &run(0, 4, 10), 0, 0).unwrap(); // a second retry: skipped
+        let got = shards[&1].shard.pull_vec(KeyRun::Range { first: 0, count: 8 }).unwrap();
+        assert_eq!(got, [1.0; 8]);
     }
 }
