@@ -59,6 +59,20 @@ fn collect(r: impl Read + Send + 'static) -> (Arc<Mutex<String>>, std::thread::J
     (buf, t)
 }
 
+/// Waits for every worker; panics with all their output and the
+/// scheduler's log when one failed.
+fn finish_all(ws: &mut [Watched], job: &Job, deadline: Instant) {
+    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
+    if statuses.iter().any(|st| !st.success()) {
+        let all: Vec<String> = ws
+            .iter()
+            .zip(&statuses)
+            .map(|(w, st)| format!("== {} ({st}):\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
+            .collect();
+        panic!("a worker failed:\n{}\n== scheduler:\n{}", all.join("\n"), job.log("scheduler"));
+    }
+}
+
 /// Asserts the scheduler and every server but `killed` exited 0.
 fn assert_ended_well(job: &mut Job, killed: Option<usize>, deadline: Instant) {
     let st = job.scheduler.wait(deadline);
@@ -138,15 +152,7 @@ fn counting_survives_losing_a_primary(io: &'static str, graceful: bool) {
         panic!("{} finished before the kill: the test proves nothing", w.proc.name);
     }
     let mut recovery = 0f64;
-    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
-    if statuses.iter().any(|st| !st.success()) {
-        let all: Vec<String> = ws
-            .iter()
-            .zip(&statuses)
-            .map(|(w, st)| format!("== {} ({st}):\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
-            .collect();
-        panic!("a worker failed:\n{}", all.join("\n"));
-    }
+    finish_all(&mut ws, &job, deadline);
     for w in &mut ws {
         let out = w.out.lock().unwrap().clone();
         let (slowest, epoch) = parse_counting(&out);
@@ -472,15 +478,7 @@ fn counting_across_a_join(
             panic!("{} finished before the kill: the test proves nothing", w.proc.name);
         }
     }
-    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
-    if statuses.iter().any(|st| !st.success()) {
-        let all: Vec<String> = ws
-            .iter()
-            .zip(&statuses)
-            .map(|(w, st)| format!("== {} ({st}):\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
-            .collect();
-        panic!("a worker failed:\n{}\n== scheduler:\n{}", all.join("\n"), job.log("scheduler"));
-    }
+    finish_all(&mut ws, &job, deadline);
     let least = if kill.is_some() { 4 } else { 3 };
     for w in &mut ws {
         let out = w.out.lock().unwrap();
@@ -580,15 +578,7 @@ fn an_old_owner_killed_during_a_join_leaves_the_counters_exact() {
     }
     job.servers[0].child.kill().unwrap();
     let _ = job.servers[0].child.wait();
-    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
-    if statuses.iter().any(|st| !st.success()) {
-        let all: Vec<String> = ws
-            .iter()
-            .zip(&statuses)
-            .map(|(w, st)| format!("== {} ({st}):\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
-            .collect();
-        panic!("a worker failed:\n{}\n== scheduler:\n{}", all.join("\n"), job.log("scheduler"));
-    }
+    finish_all(&mut ws, &job, deadline);
     for w in &ws {
         eprintln!("{}: {}", w.proc.name, w.out.lock().unwrap().trim());
     }

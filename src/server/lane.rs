@@ -1493,6 +1493,23 @@ mod tests {
         Box::new(Shard::new(cfg, rule).unwrap())
     }
 
+    /// A push of 1 to keys `first..first + count` of shard 1, run seq `seq`.
+    fn run(first: u64, count: u64, seq: u64) -> LaneRun {
+        LaneRun {
+            header: RunHeader { run: 0, form: proto::run_form::RANGE, first, count, digest: 0, seq },
+            shard: 1,
+            keys: None,
+            vals: Some(bytes_of_vec(vec![1.0f32; count as usize])),
+            known: None,
+            part: 0,
+        }
+    }
+
+    /// Shard 1 owning `owned` (or a copy, when empty), with no seqs yet.
+    fn entry(owned: Vec<KeyRange>) -> Entry {
+        Entry { shard: *shard(1), active: !owned.is_empty(), targets: vec![], epoch: 1, owned, lineage: vec![] }
+    }
+
     #[test]
     fn a_restarted_workers_clock_is_set_back_in_owned_shards_and_copies() {
         let lane = Lane::new(Arc::new(Replication::default()));
@@ -1531,14 +1548,7 @@ mod tests {
 
     #[test]
     fn lineage_keeps_each_ranges_seqs_apart_and_dedups_by_them() {
-        let mut e = Entry {
-            shard: *shard(1),
-            active: true,
-            targets: vec![],
-            epoch: 1,
-            owned: vec![KeyRange::new(0, 8)],
-            lineage: vec![],
-        };
+        let mut e = entry(vec![KeyRange::new(0, 8)]);
         // One owner's history of 0..8, then another's of 2..4 only.
         e.learn(KeyRange::new(0, 8), &[10, 20]);
         e.learn(KeyRange::new(2, 4), &[50, 5]);
@@ -1547,14 +1557,6 @@ mod tests {
         assert_eq!(e.seqs_for(KeyRange::new(2, 4)), [50, 20], "merged along the keys' own history");
         // A retry of worker 0's seq 30 to keys 0..2 was never applied there:
         // it is, although seq 50 was applied to keys 2..4.
-        let run = |first: u64, count: u64, seq: u64| LaneRun {
-            header: RunHeader { run: 0, form: proto::run_form::RANGE, first, count, digest: 0, seq },
-            shard: 1,
-            keys: None,
-            vals: Some(bytes_of_vec(vec![1.0f32; count as usize])),
-            known: None,
-            part: 0,
-        };
         let mut shards = HashMap::from([(1u32, e)]);
         push_run(&mut shards, &run(0, 2, 30), 0, 0).unwrap();
         push_run(&mut shards, &run(2, 2, 40), 0, 0).unwrap(); // applied before (50): skipped
@@ -1570,22 +1572,7 @@ mod tests {
     /// new owner, and the retried run must be applied there.
     #[test]
     fn a_range_taken_back_applies_the_retry_its_other_keys_overtook() {
-        let e = Entry {
-            shard: *shard(1),
-            active: true,
-            targets: vec![],
-            epoch: 1,
-            owned: vec![KeyRange::new(0, 8)],
-            lineage: vec![],
-        };
-        let run = |first: u64, count: u64, seq: u64| LaneRun {
-            header: RunHeader { run: 0, form: proto::run_form::RANGE, first, count, digest: 0, seq },
-            shard: 1,
-            keys: None,
-            vals: Some(bytes_of_vec(vec![1.0f32; count as usize])),
-            known: None,
-            part: 0,
-        };
+        let e = entry(vec![KeyRange::new(0, 8)]);
         let mut shards = HashMap::from([(1u32, e)]);
         push_run(&mut shards, &run(0, 8, 10), 0, 0).unwrap();
         // 2..4 goes to a joining server; the next op's runs: 11 here, 12 to
@@ -1610,22 +1597,7 @@ mod tests {
     /// that never learned seqs) does not take the seqs of its other keys.
     #[test]
     fn a_range_owned_without_a_known_history_starts_from_no_seq() {
-        let e = Entry {
-            shard: *shard(1),
-            active: true,
-            targets: vec![],
-            epoch: 1,
-            owned: vec![KeyRange::new(0, 4)],
-            lineage: vec![],
-        };
-        let run = |first: u64, count: u64, seq: u64| LaneRun {
-            header: RunHeader { run: 0, form: proto::run_form::RANGE, first, count, digest: 0, seq },
-            shard: 1,
-            keys: None,
-            vals: Some(bytes_of_vec(vec![1.0f32; count as usize])),
-            known: None,
-            part: 0,
-        };
+        let e = entry(vec![KeyRange::new(0, 4)]);
         let mut shards = HashMap::from([(1u32, e)]);
         push_run(&mut shards, &run(0, 4, 20), 0, 0).unwrap();
         shards.get_mut(&1).unwrap().set_owned(vec![KeyRange::new(0, 8)]);
@@ -1642,22 +1614,7 @@ mod tests {
     fn a_copy_carries_each_pieces_seqs_and_the_receiver_learns_them_apart() {
         let repl = Replication::default();
         let lane = Lane::new(Arc::new(Replication::default()));
-        let mut owner = Entry {
-            shard: *shard(1),
-            active: true,
-            targets: vec![],
-            epoch: 1,
-            owned: vec![KeyRange::new(0, 8)],
-            lineage: vec![],
-        };
-        let run = |first: u64, count: u64, seq: u64| LaneRun {
-            header: RunHeader { run: 0, form: proto::run_form::RANGE, first, count, digest: 0, seq },
-            shard: 1,
-            keys: None,
-            vals: Some(bytes_of_vec(vec![1.0f32; count as usize])),
-            known: None,
-            part: 0,
-        };
+        let mut owner = entry(vec![KeyRange::new(0, 8)]);
         owner.learn(KeyRange::new(4, 8), &[5, 6]);
         let mut shards = HashMap::from([(1u32, owner)]);
         push_run(&mut shards, &run(0, 4, 30), 0, 0).unwrap();
@@ -1669,8 +1626,7 @@ mod tests {
         let ranges: Vec<(u64, u64, bool)> =
             ds.iter().map(|d| (d.header.start, d.header.end, d.header.flags & repl::LAST != 0)).collect();
         assert_eq!(ranges, [(0, 4, true), (4, 8, true)]);
-        let mut copy =
-            Entry { shard: *shard(1), active: false, targets: vec![], epoch: 1, owned: vec![], lineage: vec![] };
+        let mut copy = entry(vec![]);
         for d in &ds {
             apply_delta_frame(&mut copy, &d.header, &d.segments, None).unwrap();
         }
@@ -1695,14 +1651,6 @@ mod tests {
         let lane = Lane::new(Arc::new(Replication::default()));
         let owned = vec![KeyRange::new(0, 4), KeyRange::new(4, 6), KeyRange::new(6, 8)];
         lane.submit(Job::Install { id: 1, shard: shard(1), active: true, targets: Vec::new(), epoch: 1, owned }, true);
-        let run = |first: u64, count: u64, seq: u64| LaneRun {
-            header: RunHeader { run: 0, form: proto::run_form::RANGE, first, count, digest: 0, seq },
-            shard: 1,
-            keys: None,
-            vals: Some(bytes_of_vec(vec![1.0f32; count as usize])),
-            known: None,
-            part: 0,
-        };
         let mut st = lane.state.lock();
         let shards = &mut st.shards;
         push_run(shards, &run(6, 2, 12), 0, 0).unwrap();
