@@ -403,6 +403,8 @@ struct Shared {
 
 /// REPLICATE frames a server holds for a newer epoch before it refuses more.
 const MAX_EARLY_FRAMES: usize = 4096;
+/// And the bytes of those frames.
+const MAX_EARLY_BYTES: u64 = 1 << 30;
 
 /// The transport-facing side of a server.
 pub struct ServerHandler {
@@ -1537,7 +1539,8 @@ impl ServerHandler {
                     batch = deltas[0].header.batch,
                     "replicated state held back"
                 );
-                if early.1.len() >= MAX_EARLY_FRAMES {
+                let held: u64 = early.1.iter().map(|(_, f)| f.wire_len()).sum();
+                if early.1.len() >= MAX_EARLY_FRAMES || held.saturating_add(frame.wire_len()) > MAX_EARLY_BYTES {
                     return Err(Error::LimitExceeded("replicated state far ahead of this server's epoch".into()));
                 }
                 early.1.push((from, frame));
