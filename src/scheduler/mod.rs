@@ -563,10 +563,7 @@ impl SchedulerHandler {
                 let is_server = st.server_peers.contains(&from);
                 if is_server && let Some(round) = st.checkpoint.take_if(|r| !r.servers.is_empty()) {
                     tracing::error!(clock = round.clock, "checkpoint abandoned: {m}");
-                    st.last_checkpoint = Some(round.clock);
-                    for (_, p, i) in round.workers {
-                        out.push((p, Control::CheckpointDone { clock: round.clock, written: false }.to_frame(i)));
-                    }
+                    Self::checkpoint_unwritten(st, round, out);
                     self.start_join(st, out);
                 }
             }
@@ -628,22 +625,11 @@ impl SchedulerHandler {
                     }
                     // Ranges nobody can serve now: the job cannot go on.
                     None => {
-                        st.failure.get_or_insert_with(|| {
-                            format!("server {rank} could not apply membership epoch {epoch}: {error}")
-                        });
                         if let Some(round) = st.checkpoint.take() {
-                            st.last_checkpoint = Some(round.clock);
-                            for (_, p, i) in round.workers {
-                                out.push((
-                                    p,
-                                    Control::CheckpointDone { clock: round.clock, written: false }.to_frame(i),
-                                ));
-                            }
+                            Self::checkpoint_unwritten(st, round, out);
                         }
-                        let msg = format!("barrier abandoned: {}", st.failure.as_deref().unwrap_or_default());
-                        for (p, i) in st.barrier.drain(..) {
-                            out.push((p, Control::Error(msg.clone()).to_frame(i)));
-                        }
+                        let failure = format!("server {rank} could not apply membership epoch {epoch}: {error}");
+                        Self::fail_job_in(st, failure, out);
                     }
                 }
             }
@@ -712,21 +698,14 @@ impl SchedulerHandler {
         }
         if let Some(round) = st.checkpoint.take_if(|r| !r.servers.is_empty()) {
             tracing::warn!(clock = round.clock, "checkpoint abandoned: a server failed while writing it");
-            st.last_checkpoint = Some(round.clock);
-            for (_, p, i) in round.workers {
-                out.push((p, Control::CheckpointDone { clock: round.clock, written: false }.to_frame(i)));
-            }
+            Self::checkpoint_unwritten(st, round, out);
         }
         // Tell a server declared dead that it is out, in case it still runs.
         out.push((st.server_peers[rank], Control::Shutdown.to_frame(0)));
         if lost {
-            st.failure.get_or_insert_with(|| {
-                format!("server {rank} {why}, and some of its key ranges have no replica left (--replicas {k})")
-            });
-            let msg = format!("barrier abandoned: {}", st.failure.as_deref().unwrap_or_default());
-            for (p, i) in st.barrier.drain(..) {
-                out.push((p, Control::Error(msg.clone()).to_frame(i)));
-            }
+            let failure =
+                format!("server {rank} {why}, and some of its key ranges have no replica left (--replicas {k})");
+            Self::fail_job_in(st, failure, out);
             return;
         }
         if st.join.as_ref().is_some_and(|j| j.rank == rank) {
@@ -1014,6 +993,24 @@ impl SchedulerHandler {
 
     /// Completes the barrier once every worker that is not done (lost ranks
     /// included: their next incarnation comes) has arrived.
+    /// A checkpoint round ends unwritten: its workers hear so.
+    fn checkpoint_unwritten(st: &mut State, round: CheckpointRound, out: &mut Vec<(PeerId, Frame)>) {
+        st.last_checkpoint = Some(round.clock);
+        for (_, p, i) in round.workers {
+            out.push((p, Control::CheckpointDone { clock: round.clock, written: false }.to_frame(i)));
+        }
+    }
+
+    /// The job cannot go on: `failure` (unless one came first) ends it, and
+    /// the workers waiting at a barrier hear why.
+    fn fail_job_in(st: &mut State, failure: String, out: &mut Vec<(PeerId, Frame)>) {
+        st.failure.get_or_insert(failure);
+        let msg = format!("barrier abandoned: {}", st.failure.as_deref().unwrap_or_default());
+        for (p, i) in st.barrier.drain(..) {
+            out.push((p, Control::Error(msg.clone()).to_frame(i)));
+        }
+    }
+
     fn release_barrier_in(st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
         let alive = st.done.iter().filter(|d| !**d).count();
         if alive > 0 && st.barrier.len() >= alive {

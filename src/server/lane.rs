@@ -239,18 +239,15 @@ struct Entry {
     epoch: u32,
     /// The parts of the shard this server owns (sorted, disjoint).
     owned: Vec<KeyRange>,
-    /// Exactly-once seqs per key range, for the parts of the shard whose
-    /// history is not this shard's own: per part (sorted, disjoint), the
+    /// Exactly-once seqs per key range: per part (sorted, disjoint), the
     /// last seq applied per worker in *that* part's history. A worker's seqs
     /// grow across all servers and all ranges, so the seqs of one range say
     /// nothing about the pushes of another: a shard that applied a run of
-    /// seq 7 to its own range must still apply seq 6 to a range it takes
-    /// back from a dead owner. A part gets an entry when pushes to it go
-    /// elsewhere (its seqs frozen when this server stops owning it), when
-    /// another server's seqs for it arrive (copies, copies taken over), or
-    /// when this server starts owning it without knowing its history
-    /// (zeros). Keys without an entry were owned here continuously since
-    /// the shard was installed, and use the shard's own seqs.
+    /// seq 7 to one range must still apply seq 6 to another (a retry sent
+    /// after it, or a range taken back from a dead owner). Every owned part
+    /// has an entry from the moment it is owned (see [`Entry::set_owned`]);
+    /// copies get theirs from the owner's seqs (`learn`). Keys without one
+    /// (a copy nothing was learned of yet) use the shard's own seqs.
     lineage: Vec<(KeyRange, Vec<u64>)>,
 }
 
@@ -1387,11 +1384,8 @@ fn push_run(shards: &mut HashMap<u32, Entry>, r: &LaneRun, clock: u64, worker: u
     let vals = pod_slice::<f32>(r.vals.as_ref().expect("checked by the handler"));
     let seq = r.header.seq;
     let n = keys.len();
-    if e.lineage.is_empty() || n == 0 {
-        // One history (no failover or join yet): the shard's own seqs.
-        if !e.shard.push_from(keys, &vals, clock, worker, seq).map_err(|e| e.to_string())? {
-            skipped(r, worker, 0, n);
-        }
+    if n == 0 {
+        e.shard.push_from(keys, &vals, clock, worker, seq).map_err(|e| e.to_string())?;
         return Ok(());
     }
     if worker >= e.shard.applied().len() {

@@ -494,13 +494,8 @@ impl Shard {
     /// applied.
     pub fn push_from(&mut self, keys: KeyRun, values: &[f32], clock: u64, worker: usize, seq: u64) -> Result<bool> {
         if seq != 0 {
-            let Some(&last) = self.applied.get(worker) else {
-                return Err(Error::Config(format!(
-                    "table {}: worker rank {worker} is outside the job's {} workers",
-                    self.table, self.workers
-                )));
-            };
-            if seq <= last {
+            self.check_worker(worker)?;
+            if seq <= self.applied[worker] {
                 return Ok(false);
             }
         }
@@ -509,6 +504,18 @@ impl Shard {
             self.applied[worker] = seq;
         }
         Ok(true)
+    }
+
+    /// `worker` is a rank of the job (this shard keeps a seq and a progress
+    /// word for each).
+    fn check_worker(&self, worker: usize) -> Result<()> {
+        if worker >= self.workers {
+            return Err(Error::Config(format!(
+                "table {}: worker rank {worker} is outside the job's {} workers",
+                self.table, self.workers
+            )));
+        }
+        Ok(())
     }
 
     /// Records seq `seq` of `worker` as applied to the shard's own keys
@@ -840,12 +847,7 @@ impl Shard {
     /// Records that every push `worker` issued at clocks `< clock` has been
     /// applied to this shard, and refreshes the minimum over workers.
     pub fn record_progress(&mut self, worker: usize, clock: u64) -> Result<()> {
-        if worker >= self.workers {
-            return Err(Error::Config(format!(
-                "table {}: worker rank {worker} is outside the job's {} workers",
-                self.table, self.workers
-            )));
-        }
+        self.check_worker(worker)?;
         // A handle of our own, so that finalizing (which borrows the shard
         // mutably) can happen while the progress words are in use.
         let hdr = self.header.clone();
@@ -872,12 +874,7 @@ impl Shard {
     /// raised to `u64::MAX` (it left, so nobody waited for it). The minimum
     /// may fall; nothing is finalized (no clock completed).
     pub fn reset_progress(&mut self, worker: usize, clock: u64) -> Result<()> {
-        if worker >= self.workers {
-            return Err(Error::Config(format!(
-                "table {}: worker rank {worker} is outside the job's {} workers",
-                self.table, self.workers
-            )));
-        }
+        self.check_worker(worker)?;
         let h = self.header.words();
         let p = &h[header::PROGRESS..header::PROGRESS + self.workers];
         // Release, as in `record_progress`: a lower value claims less, so a
