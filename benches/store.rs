@@ -15,7 +15,20 @@ use pserver::{Init, Storage, UpdaterSpec};
 fn shard(storage: Storage, keys: u64, dim: u32, updater: UpdaterSpec) -> Shard {
     let rule = Rules::default().resolve(&updater).unwrap();
     let range = KeyRange::new(0, keys);
-    Shard::new(ShardConfig { table: 1, range, dim, storage, init: Init::Zeros, workers: 1, files: None }, rule).unwrap()
+    Shard::new(
+        ShardConfig {
+            table: 1,
+            range,
+            dim,
+            storage,
+            init: Init::Zeros,
+            workers: 1,
+            files: None,
+            waits_for_lost: false,
+        },
+        rule,
+    )
+    .unwrap()
 }
 
 fn validated_reads(c: &mut Criterion) {

@@ -696,6 +696,11 @@ fn train_lr_cmd(a: TrainLrArgs, auth: &AuthArgs) -> Result<()> {
             pb.set_position(u64::from(it.iteration));
             pb.set_message(format!("objective {:.6e}", it.objective));
         };
+        if let Some(c) = w.restarted() {
+            eprintln!("worker {} took the place of a lost one: training continues from clock {c}", w.rank());
+        } else if let Some(c) = w.resumed_from() {
+            eprintln!("worker {}: the job was restored from a checkpoint; training continues from clock {c}", w.rank());
+        }
         let r = lr::train(w, rows, test_rows, &cfg, &mut on_iter)?;
         Ok((r, w.filter_stats(cfg.table_base + 1)))
     })?;
@@ -841,18 +846,12 @@ fn check_cmd(a: CheckArgs, auth: &AuthArgs) -> Result<()> {
         let pace = Duration::from_millis(a.pace_ms);
         let reports = run_workers(mode, t.as_ref(), |w| pserver::check::counting(w, a.keys, a.rounds, pace, a.tau))?;
         for (rank, r) in reports {
-            // With restarts, a counter may hold one extra per restart (a
-            // round in flight when a worker died, done again).
+            // Restarted workers redo their resume clock's round; its pushes
+            // apply only where their predecessor's did not.
             let counters = if r.restarts == 0 {
                 format!("every counter = {}", r.counter)
             } else {
-                format!(
-                    "every counter in {}..={} (restarts {}; {} counters carry an extra)",
-                    r.counter,
-                    r.counter + r.restarts as f32,
-                    r.restarts,
-                    r.extra
-                )
+                format!("every counter = {} (restarts {}; redone pushes applied once)", r.counter, r.restarts)
             };
             let resumed = r.resumed.map(|c| format!("resumed at clock {c}, ")).unwrap_or_default();
             let t = &r.traffic;

@@ -158,11 +158,14 @@ pub struct RunHeader {
     pub count: u64,
     /// Names the run's key list (`run_form::LIST_CACHE` and `CACHED`).
     pub digest: u64,
-    /// Pushes: the worker's sequence number of this run, unique per worker
-    /// incarnation and increasing in issue order. A shard applies a worker's
-    /// run only if its seq is above the last one it applied from that
-    /// worker, so a retry (after a failover) is never applied twice. 0 for
-    /// pulls and for pushes that opt out.
+    /// Pushes: the push's sequence number, `clock << 32` plus its place
+    /// among the worker's pushes to the table at that clock (all runs of a
+    /// push share it; it grows in issue order). A shard applies a worker's
+    /// run to a key range only if its seq is above the last one that range
+    /// applied from the worker, so a retry (after a failover) is never
+    /// applied twice, and a restarted worker's redone pushes apply only
+    /// where its predecessor's did not. 0 for pulls and for pushes that opt
+    /// out.
     pub seq: u64,
 }
 
@@ -329,9 +332,8 @@ pub enum Control {
     /// launched with PSERVER_RANK), honoured when free.
     Register { role: Role, addr: String, rank: Option<u32> },
     /// Scheduler -> node, once everyone has registered. `replicas`: copies
-    /// of every range besides its owner's. `incarnation`: a worker's push
-    /// sequence numbers start at `incarnation << 40`, so a restarted worker's
-    /// never look like retries of its predecessor's. `restarted`: the worker
+    /// of every range besides its owner's. `incarnation`: how many workers
+    /// took this rank before (logged). `restarted`: the worker
     /// takes the place of a lost one mid-job (it asks the servers for its
     /// rank's clock, see `WorkerClock`, and continues from there).
     Welcome {
@@ -408,6 +410,11 @@ pub enum Control {
     /// Scheduler -> servers: a worker left the job (finished, failed or
     /// died); its clock no longer holds anyone back.
     WorkerLeft { worker: u32 },
+    /// Scheduler -> servers: a worker was lost (died before it finished)
+    /// and its rank waits for a new incarnation: shards that wait for lost
+    /// workers (sequential tables, aggregating rules) keep its place, the
+    /// others count it as left until the new one resets its clock.
+    WorkerLost { worker: u32 },
     /// Restarted worker -> server: the last clock you received from rank
     /// `worker` (any incarnation; never the `WorkerLeft` mark).
     WorkerClock { worker: u32 },

@@ -75,6 +75,7 @@ fn make_shard(dim: u32, keys: u64) -> Shard {
         init: Init::Zeros,
         workers: 1,
         files: None,
+        waits_for_lost: false,
     };
     Shard::new(cfg, rule).unwrap()
 }
@@ -269,6 +270,7 @@ fn torn_read_over_shared_memory_between_processes() {
         init: Init::Zeros,
         workers: 1,
         files: Some(ns),
+        waits_for_lost: false,
     };
     let mut shard = Shard::new(cfg, rule).unwrap();
     let path = shard.regions().1[0].path().unwrap().display().to_string();

@@ -209,13 +209,18 @@ pub fn train(
     if cfg.block_size == 0 || cfg.iters == 0 {
         return Err(Error::Config("block size and iterations must be positive".into()));
     }
-    if let Some(c) = w.restarted() {
-        // Redoing the block in flight would add this worker's gradient to a
-        // step the servers already took (the rule aggregates per clock), and
-        // the damping and objective history would have to be rebuilt.
-        return Err(Error::Config(format!(
-            "train lr cannot continue a restarted worker (its rank's clock is {c}): start the job again instead"
-        )));
+    // Where this worker starts: 0, or the clock a restarted worker (or a job
+    // restored from a checkpoint) resumes at. Every step below is one clock
+    // (`step`); the steps before `resume` were done (the servers hold their
+    // outcome), so they are replayed without pushes: the setup's tables are
+    // read, each pass's decisions are taken again from the sums of its
+    // stats row, and the first live step pulls all weights into the
+    // margins. A step in flight when the predecessor died is done again:
+    // its pushes carry the predecessor's seqs, so each applies once, and
+    // sequential tables and the aggregating rule waited for this rank.
+    let resume = w.restarted().or(w.resumed_from()).unwrap_or(0);
+    if resume > 0 {
+        tracing::info!(rank = w.rank(), clock = resume, "train lr continues from the clock it resumed at");
     }
     let start = Instant::now();
     let workers = u64::from(w.num_workers());
@@ -228,11 +233,17 @@ pub fn train(
     };
     let seq = Consistency::Sequential;
 
+    let mut step = 0u32;
+    let live = |step: u32| step >= resume;
+
     // 1. Agree on the number of features (the largest id any worker has).
-    w.create_table(TableSpec::dense(t.meta, workers, 2).updater(UpdaterSpec::Assign))?;
+    w.create_table(TableSpec::dense(t.meta, workers, 2).updater(UpdaterSpec::Assign).consistency(seq))?;
     let local_max = data.features.iter().max().map_or(0, |&m| m + 1);
-    w.wait(w.push(t.meta, &[rank], &u64_to_f32s(local_max))?)?;
-    w.clock()?;
+    if live(step) {
+        w.wait(w.push(t.meta, &[rank], &u64_to_f32s(local_max))?)?;
+        w.clock()?;
+    }
+    step += 1;
     let maxes = w.with_consistency(seq).pull(t.meta, &(0..workers).collect::<Vec<_>>())?.wait()?;
     let mut features = maxes.chunks_exact(2).map(f32s_to_u64).max().unwrap_or(0);
     let bias_id = features;
@@ -251,8 +262,9 @@ pub fn train(
         .updater(UpdaterSpec::ProximalNewton { l1: cfg.lambda, l2: 0.0, max_step: MAX_STEP })
         .consistency(if cfg.tau == 0 { seq } else { Consistency::BoundedDelay(cfg.tau) });
     w.create_table(spec)?;
-    w.create_table(TableSpec::dense(t.stats, u64::from(cfg.iters) + 2, STATS_DIM))?;
-    w.create_table(make(t.owners, 1).updater(UpdaterSpec::Assign))?;
+    // Sequential, so that a lost worker's place is kept (see `resume`).
+    w.create_table(TableSpec::dense(t.stats, u64::from(cfg.iters) + 2, STATS_DIM).consistency(seq))?;
+    w.create_table(make(t.owners, 1).updater(UpdaterSpec::Assign).consistency(seq))?;
     // Refresh pulls ask only for weights that changed since this worker last
     // saw them (most do not, once the KKT filter holds them at 0).
     let filters =
@@ -268,13 +280,16 @@ pub fn train(
     let labels: Vec<f64> = data.labels.iter().map(|&y| f64::from(y)).collect();
     // Each feature gets exactly one owner among the workers that have it
     // (the last writer wins); owners count it in ||w||_1 and nnz.
-    for blk in &blocks {
-        if !blk.keys.is_empty() {
-            w.push_with(t.owners, &blk.keys, vec![rank as f32; blk.keys.len()])?;
+    if live(step) {
+        for blk in &blocks {
+            if !blk.keys.is_empty() {
+                w.push_with(t.owners, &blk.keys, vec![rank as f32; blk.keys.len()])?;
+            }
         }
+        w.wait_all()?;
+        w.clock()?;
     }
-    w.wait_all()?;
-    w.clock()?;
+    step += 1;
     let mut owned: Vec<Vec<bool>> = Vec::with_capacity(blocks.len());
     for blk in &blocks {
         let o = if blk.keys.is_empty() {
@@ -302,10 +317,24 @@ pub fn train(
     let (mut damping, mut prev_objective) = (1.0f64, f64::INFINITY);
     // Skipped features per block (KKT), decided from the global gradient.
     let mut skip: Vec<Vec<bool>> = blocks.iter().map(|b| vec![false; b.w.len()]).collect();
+    // Whether the margins hold every block's weights (a resumed worker's
+    // are filled at its first live step).
+    let mut synced = resume == 0;
     for iter in 0..cfg.iters {
         let mut kkt_skipped = 0u64;
         let full_pass = cfg.kkt_delta.is_none() || iter % KKT_FULL_PASS_EVERY == 0;
         for b in 0..blocks_n {
+            if !live(step) {
+                step += 1;
+                continue;
+            }
+            step += 1;
+            if !synced {
+                for blk in blocks.iter_mut() {
+                    refresh(w, t.weights, blk, &mut margins)?;
+                }
+                synced = true;
+            }
             // Refresh the block we are about to use and the one updated last.
             let mut refreshed = vec![b];
             if blocks_n > 1 {
@@ -362,6 +391,36 @@ pub fn train(
                 w.push(t.weights, &pk, &pv)?;
             }
             w.clock()?;
+        }
+        let live_pass = live(step);
+        step += 1;
+        if !live_pass {
+            // Done before this worker resumed: its decisions are taken again
+            // from the pass's sums, as every worker took them.
+            let sums = w.with_consistency(seq).pull(t.stats, &[u64::from(iter)])?.wait()?;
+            let it = Iteration {
+                iteration: iter + 1,
+                objective: f64::from(sums[0]) + f64::from(sums[1]),
+                nnz: sums[2] as u64,
+                seconds: start.elapsed().as_secs_f64(),
+                bytes_pushed: sums[3] as u64,
+                bytes_pulled: sums[4] as u64,
+                kkt_skipped: sums[5] as u64,
+                ..Iteration::default()
+            };
+            let objective = it.objective;
+            result.iterations.push(it);
+            if next_damping(&mut damping, &mut prev_objective, objective, full_pass, cfg.tol) {
+                result.converged = true;
+                break;
+            }
+            continue;
+        }
+        if !synced {
+            for blk in blocks.iter_mut() {
+                refresh(w, t.weights, blk, &mut margins)?;
+            }
+            synced = true;
         }
         // End of a pass: fold in the last block's update, then report.
         let last = blocks_n - 1;
@@ -420,23 +479,10 @@ pub fn train(
             on_iteration(&it);
         }
         result.iterations.push(it);
-        // Every worker reads the same sums, so all take the same decisions.
-        // The diagonal Newton step can overshoot where the loss curves more
-        // than at the current point: damp after a rise, relax after progress.
-        if objective > prev_objective * (1.0 + 1e-9) {
-            damping *= 2.0;
-            tracing::info!(damping, "the objective rose: damping the steps");
-        } else {
-            damping = (damping / 2.0).max(1.0);
-            if full_pass
-                && prev_objective.is_finite()
-                && (prev_objective - objective) / objective.abs().max(1e-12) < cfg.tol
-            {
-                result.converged = true;
-                break;
-            }
+        if next_damping(&mut damping, &mut prev_objective, objective, full_pass, cfg.tol) {
+            result.converged = true;
+            break;
         }
-        prev_objective = objective;
     }
     // The model, on rank 0, when it fits in memory.
     if rank == 0 && features <= DENSE_MAX_FEATURES {
@@ -445,6 +491,24 @@ pub fn train(
     }
     w.barrier()?;
     Ok(result)
+}
+
+/// The decisions after a pass of objective `objective`; true when training
+/// has converged. Every worker reads the same sums, so all take the same
+/// decisions. The diagonal Newton step can overshoot where the loss curves
+/// more than at the current point: damp after a rise, relax after progress.
+fn next_damping(damping: &mut f64, prev_objective: &mut f64, objective: f64, full_pass: bool, tol: f64) -> bool {
+    if objective > *prev_objective * (1.0 + 1e-9) {
+        *damping *= 2.0;
+        tracing::info!(damping, "the objective rose: damping the steps");
+    } else {
+        *damping = (*damping / 2.0).max(1.0);
+        if full_pass && prev_objective.is_finite() && (*prev_objective - objective) / objective.abs().max(1e-12) < tol {
+            return true;
+        }
+    }
+    *prev_objective = objective;
+    false
 }
 
 /// Pulls a block's weights and folds their changes into the margins;

@@ -24,8 +24,10 @@
 //! applies it, and only then are workers told. Joins go one at a time.
 //!
 //! A worker whose connection drops or whose heartbeats stop before it said
-//! it is done is *lost*: the servers are told at once (`WorkerLeft`), so
-//! that no consistency wait of the others waits for it, and its rank waits
+//! it is done is *lost*: the servers are told at once (`WorkerLost`), so
+//! that the consistency waits of eventual and bounded-delay tables do not
+//! wait for it (sequential tables and aggregating rules keep its place:
+//! their clocks are not complete without it), and its rank waits
 //! `worker_restart_timeout` for a new incarnation to register. That one
 //! gets the rank, the current server list and a larger incarnation, asks
 //! the servers for the rank's clock and continues from it. Barriers and
@@ -1034,10 +1036,11 @@ impl SchedulerHandler {
         Self::worker_gone_from_join(st, rank, out);
         tracing::warn!(worker = rank, why, "worker lost; waiting {timeout:?} for it to be restarted");
         st.ops.gone(peer);
-        // Consistency waits of the others must not wait for it meanwhile.
+        // Consistency waits of the others must not wait for it meanwhile
+        // (but where its pushes are part of a clock's state).
         for (s, &p) in st.server_peers.iter().enumerate() {
             if st.server_infos[s].alive {
-                out.push((p, Control::WorkerLeft { worker: rank as u32 }.to_frame(0)));
+                out.push((p, Control::WorkerLost { worker: rank as u32 }.to_frame(0)));
             }
         }
         // Its barrier entry is dropped (the new incarnation arrives again);

@@ -249,6 +249,12 @@ struct Entry {
     /// copies get theirs from the owner's seqs (`learn`). Keys without one
     /// (a copy nothing was learned of yet) use the shard's own seqs.
     lineage: Vec<(KeyRange, Vec<u64>)>,
+    /// Every bound inside the shard of a range of any epoch this server
+    /// applied (sorted): the parts are split at all of them, learned ones
+    /// too. A push's runs share its seq and are cut at the ranges of the
+    /// push's epoch, so no part ever holds two runs of one push (the second
+    /// would look applied).
+    cuts: Vec<u64>,
 }
 
 impl Entry {
@@ -331,6 +337,8 @@ impl Entry {
         kept.push((range, merged));
         kept.sort_by_key(|(r, _)| r.start);
         self.lineage = kept;
+        // The owner's part may span a bound of an epoch this server saw.
+        self.split_at_cuts();
     }
 
     /// New roles: every owned part gets seqs of its own, split at the
@@ -350,21 +358,29 @@ impl Entry {
         for r in &owned {
             self.cover(*r, &zeros);
         }
-        self.split_at(&self.owned.clone());
-        self.split_at(&owned);
+        let bounds: Vec<u64> = self.owned.iter().chain(&owned).flat_map(|r| [r.start, r.end]).collect();
+        self.add_cuts(&bounds);
         self.owned = owned;
     }
 
-    /// Splits the parts at the bounds of `ranges` (both halves keep the
-    /// part's seqs: one history so far).
-    fn split_at(&mut self, ranges: &[KeyRange]) {
-        let mut cuts: Vec<u64> = ranges.iter().flat_map(|r| [r.start, r.end]).collect();
-        cuts.sort_unstable();
-        cuts.dedup();
+    /// Bounds of the ranges of an epoch (or of owned parts): the parts are
+    /// split at them from now on.
+    fn add_cuts(&mut self, bounds: &[u64]) {
+        self.cuts.extend_from_slice(bounds);
+        self.cuts.sort_unstable();
+        self.cuts.dedup();
+        self.split_at_cuts();
+    }
+
+    /// Splits the parts at every cut (both halves keep the part's seqs: one
+    /// history so far).
+    fn split_at_cuts(&mut self) {
+        let cuts = &self.cuts;
         let mut out = Vec::with_capacity(self.lineage.len());
         for (r, v) in std::mem::take(&mut self.lineage) {
             let mut at = r.start;
-            for &c in cuts.iter().filter(|&&c| r.start < c && c < r.end) {
+            let from = cuts.partition_point(|&c| c <= r.start);
+            for &c in cuts[from..].iter().take_while(|&&c| c < r.end) {
                 out.push((KeyRange::new(at, c), v.clone()));
                 at = c;
             }
@@ -629,6 +645,10 @@ pub(super) enum Job {
         worker: u32,
         clock: u64,
     },
+    /// A worker was lost (it may come back as a new incarnation).
+    WorkerLost {
+        worker: u32,
+    },
     /// A restarted worker re-enters at `clock`: its clock is set, not raised.
     ResetClock {
         worker: u32,
@@ -641,6 +661,8 @@ pub(super) enum Job {
         targets: Vec<Target>,
         epoch: u32,
         owned: Vec<KeyRange>,
+        /// Bounds inside the shard of the epoch's ranges (see `Entry::cuts`).
+        bounds: Vec<u64>,
     },
     /// The membership changed: what this server now does with shard `id`
     /// (what changed under the old roles is replicated first).
@@ -650,6 +672,7 @@ pub(super) enum Job {
         targets: Vec<Target>,
         epoch: u32,
         owned: Vec<KeyRange>,
+        bounds: Vec<u64>,
     },
     /// Sends a full copy of the keys of `range` to a new replica; when
     /// `tracked` (a copy for a joining server, which will take ranges over
@@ -698,6 +721,9 @@ struct LaneState {
     shards: HashMap<u32, Entry>,
     /// Latest clock per worker, so shards created later start from it.
     clocks: Vec<u64>,
+    /// Workers lost (waiting for a new incarnation): shards that do not
+    /// wait for lost workers ([`Shard::waits_for_lost`]) count them as left.
+    lost: Vec<bool>,
     /// Requests waiting for progress, in arrival order.
     parked: Vec<Parked>,
     /// Requests whose pushes this run applied (they join its batch).
@@ -813,6 +839,24 @@ impl LaneState {
         self.release_parked(replies);
     }
 
+    /// A worker was lost: the shards that do not wait for lost workers count
+    /// it as left until a new incarnation resets its clock; the others keep
+    /// its place (their clock's pushes are not complete without it).
+    fn worker_lost(&mut self, worker: u32, replies: &mut Vec<(Arc<Request>, Frame)>) {
+        let w = worker as usize;
+        if self.clocks.len() <= w {
+            self.clocks.resize(w + 1, 0);
+        }
+        if self.lost.len() <= w {
+            self.lost.resize(w + 1, false);
+        }
+        self.lost[w] = true;
+        for e in self.shards.values_mut().filter(|e| e.active && !e.shard.waits_for_lost()) {
+            let _ = e.shard.record_progress(w, u64::MAX);
+        }
+        self.release_parked(replies);
+    }
+
     /// A restarted worker's clock: set (its predecessor's was raised to
     /// `u64::MAX` when it left) on every shard, copies included, so that a
     /// copy promoted later does not let others run ahead of it either.
@@ -822,11 +866,21 @@ impl LaneState {
             self.clocks.resize(w + 1, 0);
         }
         self.clocks[w] = clock;
+        if let Some(l) = self.lost.get_mut(w) {
+            *l = false;
+        }
         for e in self.shards.values_mut() {
             let _ = e.shard.reset_progress(w, clock);
         }
     }
 
+    /// The clock `worker` holds a shard back at: a lost worker holds only
+    /// the shards that wait for lost workers.
+    fn clock_for(&self, shard: &Shard, w: usize) -> u64 {
+        if self.lost.get(w).copied().unwrap_or(false) && !shard.waits_for_lost() { u64::MAX } else { self.clocks[w] }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn install(
         &mut self,
         id: u32,
@@ -835,29 +889,36 @@ impl LaneState {
         targets: Vec<Target>,
         epoch: u32,
         owned: Vec<KeyRange>,
+        bounds: &[u64],
     ) {
         if active {
-            for (w, &c) in self.clocks.iter().enumerate() {
-                let _ = shard.record_progress(w, c);
+            for w in 0..self.clocks.len() {
+                let _ = shard.record_progress(w, self.clock_for(&shard, w));
             }
         }
         shard.track_changes(targets.iter().any(|t| !t.peers.is_empty()));
-        let mut e = Entry { shard, active, targets, epoch, owned: Vec::new(), lineage: Vec::new() };
+        let mut e = Entry { shard, active, targets, epoch, owned: Vec::new(), lineage: Vec::new(), cuts: Vec::new() };
+        e.add_cuts(bounds);
         e.set_owned(owned);
         self.shards.insert(id, e);
     }
 
-    fn roles(&mut self, id: u32, active: bool, targets: Vec<Target>, epoch: u32, owned: Vec<KeyRange>) {
+    fn roles(&mut self, id: u32, active: bool, targets: Vec<Target>, epoch: u32, owned: Vec<KeyRange>, bounds: &[u64]) {
+        let clocks: Vec<u64> = match self.shards.get(&id) {
+            Some(e) => (0..self.clocks.len()).map(|w| self.clock_for(&e.shard, w)).collect(),
+            None => return,
+        };
         let Some(e) = self.shards.get_mut(&id) else { return };
         e.epoch = epoch;
+        e.add_cuts(bounds);
         e.set_owned(owned);
         if active && !e.active {
             // Promoted: the copy becomes the range's state of record. Its
-            // progress is the old owner's; workers that left hold nobody
-            // back, and live workers send their clocks again after their
-            // retries.
+            // progress is the old owner's; workers that left (and lost ones,
+            // unless it waits for them) hold nobody back, and live workers
+            // send their clocks again after their retries.
             e.shard.take_ownership();
-            for (w, &c) in self.clocks.iter().enumerate() {
+            for (w, &c) in clocks.iter().enumerate() {
                 if c == u64::MAX {
                     let _ = e.shard.record_progress(w, c);
                 }
@@ -1277,15 +1338,16 @@ impl Lane {
                         }
                         Job::Clock { worker, clock } => st.clock(worker, clock, &mut replies),
                         Job::ResetClock { worker, clock } => st.reset_clock(worker, clock),
-                        Job::Install { id, shard, active, targets, epoch, owned } => {
-                            st.install(id, *shard, active, targets, epoch, owned)
+                        Job::WorkerLost { worker } => st.worker_lost(worker, &mut replies),
+                        Job::Install { id, shard, active, targets, epoch, owned, bounds } => {
+                            st.install(id, *shard, active, targets, epoch, owned, &bounds)
                         }
-                        Job::Roles { id, active, targets, epoch, owned } => {
+                        Job::Roles { id, active, targets, epoch, owned, bounds } => {
                             // Changes made under the old roles go where
                             // those roles said (a range handed to a joining
                             // server reaches it before this one lets go).
                             st.replicate(&self.repl, &mut outbox);
-                            st.roles(id, active, targets, epoch, owned)
+                            st.roles(id, active, targets, epoch, owned, &bounds)
                         }
                         Job::Snapshot { id, range, to, tracked } => {
                             st.snapshot(&self.repl, id, range, to, tracked, &mut outbox)
@@ -1474,6 +1536,10 @@ mod tests {
     use crate::table::{Init, Storage, UpdaterSpec};
 
     fn shard(table: u32) -> Box<Shard> {
+        shard_waiting(table, false)
+    }
+
+    fn shard_waiting(table: u32, waits_for_lost: bool) -> Box<Shard> {
         let rule = crate::updater::Rules::default().resolve(&UpdaterSpec::Sum).unwrap();
         let cfg = ShardConfig {
             table,
@@ -1483,6 +1549,7 @@ mod tests {
             init: Init::Zeros,
             workers: 2,
             files: None,
+            waits_for_lost,
         };
         Box::new(Shard::new(cfg, rule).unwrap())
     }
@@ -1501,18 +1568,42 @@ mod tests {
 
     /// Shard 1 owning `owned` (or a copy, when empty), with no seqs yet.
     fn entry(owned: Vec<KeyRange>) -> Entry {
-        Entry { shard: *shard(1), active: !owned.is_empty(), targets: vec![], epoch: 1, owned, lineage: vec![] }
+        Entry {
+            shard: *shard(1),
+            active: !owned.is_empty(),
+            targets: vec![],
+            epoch: 1,
+            owned,
+            lineage: vec![],
+            cuts: vec![],
+        }
     }
 
     #[test]
     fn a_restarted_workers_clock_is_set_back_in_owned_shards_and_copies() {
         let lane = Lane::new(Arc::new(Replication::default()));
         lane.submit(
-            Job::Install { id: 1, shard: shard(1), active: true, targets: Vec::new(), epoch: 1, owned: Vec::new() },
+            Job::Install {
+                id: 1,
+                shard: shard(1),
+                active: true,
+                targets: Vec::new(),
+                epoch: 1,
+                owned: Vec::new(),
+                bounds: Vec::new(),
+            },
             true,
         );
         lane.submit(
-            Job::Install { id: 2, shard: shard(2), active: false, targets: Vec::new(), epoch: 1, owned: Vec::new() },
+            Job::Install {
+                id: 2,
+                shard: shard(2),
+                active: false,
+                targets: Vec::new(),
+                epoch: 1,
+                owned: Vec::new(),
+                bounds: Vec::new(),
+            },
             true,
         );
         for (worker, clock) in [(0, 12), (1, 9), (1, u64::MAX)] {
@@ -1532,12 +1623,84 @@ mod tests {
         // A shard installed later starts from the reset clock, and clocks
         // raise it again from there.
         lane.submit(
-            Job::Install { id: 3, shard: shard(3), active: true, targets: Vec::new(), epoch: 1, owned: Vec::new() },
+            Job::Install {
+                id: 3,
+                shard: shard(3),
+                active: true,
+                targets: Vec::new(),
+                epoch: 1,
+                owned: Vec::new(),
+                bounds: Vec::new(),
+            },
             true,
         );
         lane.submit(Job::Clock { worker: 1, clock: 10 }, true);
         let st = lane.state.lock();
         assert_eq!((st.shards[&3].shard.progress(1), st.shards[&3].shard.min_progress()), (10, 10));
+    }
+
+    fn install(lane: &Lane, id: u32, shard: Box<Shard>, active: bool) {
+        let job =
+            Job::Install { id, shard, active, targets: Vec::new(), epoch: 1, owned: Vec::new(), bounds: Vec::new() };
+        lane.submit(job, true);
+    }
+
+    /// A lost worker holds back the shards that wait for lost workers (its
+    /// clock's pushes are part of their state) and no others, shards
+    /// installed meanwhile included, until its new incarnation's reset.
+    #[test]
+    fn a_lost_worker_holds_back_only_the_shards_that_wait_for_lost_workers() {
+        let lane = Lane::new(Arc::new(Replication::default()));
+        install(&lane, 1, shard(1), true);
+        install(&lane, 2, shard_waiting(2, true), true);
+        for (worker, clock) in [(0, 12), (1, 9)] {
+            lane.submit(Job::Clock { worker, clock }, true);
+        }
+        lane.submit(Job::WorkerLost { worker: 1 }, true);
+        install(&lane, 3, shard(3), true);
+        install(&lane, 4, shard_waiting(4, true), true);
+        {
+            let st = lane.state.lock();
+            let mins: Vec<u64> = (1..=4).map(|i| st.shards[&i].shard.min_progress()).collect();
+            assert_eq!(mins, [12, 9, 12, 9], "only the waiting shards wait for the lost worker");
+        }
+        lane.submit(Job::ResetClock { worker: 1, clock: 8 }, true);
+        install(&lane, 5, shard(5), true);
+        let st = lane.state.lock();
+        let mins: Vec<u64> = (1..=5).map(|i| st.shards[&i].shard.min_progress()).collect();
+        assert_eq!(mins, [8; 5], "the new incarnation counts everywhere again");
+    }
+
+    /// The runs of one push share its seq. Two of them to two ranges of one
+    /// shard (ranges of the push's epoch) both apply, each once, although
+    /// this server owns both ranges; and a copy that learns one history for
+    /// both ranges keeps them apart as well.
+    #[test]
+    fn the_runs_of_one_push_to_two_ranges_of_a_shard_each_apply_once() {
+        let lane = Lane::new(Arc::new(Replication::default()));
+        let owned = vec![KeyRange::new(0, 8)];
+        let job =
+            Job::Install { id: 1, shard: shard(1), active: true, targets: vec![], epoch: 1, owned, bounds: vec![4] };
+        lane.submit(job, true);
+        let mut st = lane.state.lock();
+        let shards = &mut st.shards;
+        for _ in 0..2 {
+            push_run(shards, &run(4, 4, 7), 0, 0).unwrap();
+            push_run(shards, &run(0, 4, 7), 0, 0).unwrap();
+        }
+        let got = shards[&1].shard.pull_vec(KeyRun::Range { first: 0, count: 8 }).unwrap();
+        assert_eq!(got, [1.0; 8], "both runs once");
+        // A copy with the epoch's cut learns 0..8 as one owner's history.
+        let mut copy = entry(vec![]);
+        copy.add_cuts(&[4]);
+        copy.learn(KeyRange::new(0, 8), &[3, 0]);
+        assert_eq!((copy.seqs_for(KeyRange::new(0, 4)), copy.seqs_for(KeyRange::new(4, 8))), (vec![3, 0], vec![3, 0]));
+        copy.set_owned(vec![KeyRange::new(0, 8)]);
+        let mut shards = HashMap::from([(1u32, copy)]);
+        push_run(&mut shards, &run(0, 4, 7), 0, 0).unwrap();
+        push_run(&mut shards, &run(4, 4, 7), 0, 0).unwrap();
+        let got = shards[&1].shard.pull_vec(KeyRun::Range { first: 0, count: 8 }).unwrap();
+        assert_eq!(got, [1.0; 8], "both runs once on the copy promoted");
     }
 
     #[test]
@@ -1644,7 +1807,18 @@ mod tests {
     fn a_retry_after_a_later_run_to_another_range_of_the_shard_is_applied() {
         let lane = Lane::new(Arc::new(Replication::default()));
         let owned = vec![KeyRange::new(0, 4), KeyRange::new(4, 6), KeyRange::new(6, 8)];
-        lane.submit(Job::Install { id: 1, shard: shard(1), active: true, targets: Vec::new(), epoch: 1, owned }, true);
+        lane.submit(
+            Job::Install {
+                id: 1,
+                shard: shard(1),
+                active: true,
+                targets: Vec::new(),
+                epoch: 1,
+                owned,
+                bounds: Vec::new(),
+            },
+            true,
+        );
         let mut st = lane.state.lock();
         let shards = &mut st.shards;
         push_run(shards, &run(6, 2, 12), 0, 0).unwrap();

@@ -949,6 +949,13 @@ impl ServerHandler {
                 }
                 Ok(())
             }
+            Control::WorkerLost { worker } => {
+                tracing::debug!(worker, "worker lost; waiting for a new incarnation");
+                for l in &self.shared.lanes {
+                    l.submit(Job::WorkerLost { worker }, true);
+                }
+                Ok(())
+            }
             Control::WorkerClock { worker } => {
                 // u32::MAX: no clock from that worker here (a server that
                 // joined after it died), which the asker ignores.
@@ -1169,6 +1176,10 @@ impl ServerHandler {
                 init: spec.init,
                 workers: workers as usize,
                 files: self.shared.shm.clone(),
+                // A clock's state is not complete without every worker's
+                // pushes: sequential reads, and the steps of aggregating
+                // rules, wait for a lost worker's new incarnation.
+                waits_for_lost: spec.consistency == crate::table::Consistency::Sequential || rule.aggregates(),
             };
             let shard = Shard::new(cfg, rule.clone())?;
             let id = {
@@ -1253,6 +1264,10 @@ impl ServerHandler {
             let (act, tg) = (active[at], std::mem::take(&mut targets[at]));
             let mut own = std::mem::take(&mut owned[at]);
             own.sort_by_key(|r| r.start);
+            let bounds: Vec<u64> = (0..map.len())
+                .map(|i| map.range(i).0.start)
+                .filter(|&b| sref.range.start < b && b < sref.range.end)
+                .collect();
             match fresh.remove(&sref.id) {
                 Some(shard) => {
                     headers.insert(sref.id, shard.regions().0.clone());
@@ -1281,11 +1296,12 @@ impl ServerHandler {
                         targets: tg,
                         epoch,
                         owned: own,
+                        bounds,
                     };
                     self.shared.lanes[sref.lane].submit(job, true);
                 }
                 None => {
-                    let job = Job::Roles { id: sref.id, active: act, targets: tg, epoch, owned: own };
+                    let job = Job::Roles { id: sref.id, active: act, targets: tg, epoch, owned: own, bounds };
                     self.shared.lanes[sref.lane].submit(job, true)
                 }
             }

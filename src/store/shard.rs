@@ -142,6 +142,9 @@ pub struct ShardConfig {
     /// Keep the regions in files of this namespace (shared memory) instead
     /// of anonymous memory.
     pub files: Option<std::sync::Arc<crate::transport::shm::Namespace>>,
+    /// A lost worker (one that may come back) holds this shard's progress
+    /// at its clock instead of leaving it (see [`Shard::waits_for_lost`]).
+    pub waits_for_lost: bool,
 }
 
 /// One key range of one table; see the module docs.
@@ -153,6 +156,7 @@ pub struct Shard {
     storage: Storage,
     init: Init,
     rule: Arc<dyn Updater>,
+    waits_for_lost: bool,
     header: Arc<Region>,
     chunks: Vec<Arc<Region>>,
     /// log2 of the slots per chunk.
@@ -337,6 +341,7 @@ impl Shard {
             storage: cfg.storage,
             init: cfg.init,
             rule,
+            waits_for_lost: cfg.waits_for_lost,
             header: Arc::new(header_region),
             chunks: Vec::new(),
             chunk_shift: 0,
@@ -892,6 +897,13 @@ impl Shard {
         self.header.words().get(header::PROGRESS + worker).map_or(0, |w| w.load(Ordering::Acquire))
     }
 
+    /// Whether a lost worker (one that may be restarted) keeps its place in
+    /// this shard's progress, so that nobody reads past a clock its pushes
+    /// are missing from, instead of counting as left.
+    pub fn waits_for_lost(&self) -> bool {
+        self.waits_for_lost
+    }
+
     /// The minimum progress over all workers.
     pub fn min_progress(&self) -> u64 {
         self.header.words()[header::MIN_PROGRESS].load(Ordering::Acquire)
@@ -1176,7 +1188,8 @@ mod tests {
 
     fn shard(storage: Storage, range: KeyRange, dim: u32, spec: UpdaterSpec, init: Init) -> Shard {
         let rule = Rules::default().resolve(&spec).unwrap();
-        Shard::new(ShardConfig { table: 1, range, dim, storage, init, workers: 3, files: None }, rule).unwrap()
+        let cfg = ShardConfig { table: 1, range, dim, storage, init, workers: 3, files: None, waits_for_lost: false };
+        Shard::new(cfg, rule).unwrap()
     }
 
     #[test]

@@ -160,6 +160,23 @@ struct TableInfo {
     /// Per server, its shards readable one-sided (dense tables), by shared
     /// memory or RDMA.
     one_sided: Vec<Option<Arc<Vec<View>>>>,
+    /// The table's last push seq (see [`push_seq`]), kept across the new
+    /// maps of membership changes. Held while a push is given its seq and
+    /// first sent, so that every server gets a table's pushes in seq order.
+    push_seq: Arc<Mutex<u64>>,
+}
+
+/// The seq of a worker's next push to a table at `clock`, after the table's
+/// `last`: `clock << 32` plus the push's place among the worker's pushes to
+/// the table at that clock (from 1). A push is named by what it is (its rank,
+/// table, clock and place), not by which process sent it: a restarted worker
+/// that does its resume clock's work again gives its pushes the seqs its
+/// predecessor gave the same pushes, so the shards that applied the
+/// predecessor's skip them and the others apply them; every push counts
+/// once. Seqs only grow: a push issued at an older clock than the last one
+/// (another thread's `clock()` came between) takes the next seq.
+fn push_seq(last: u64, clock: u32) -> u64 {
+    (last + 1).max((u64::from(clock) << 32) + 1)
 }
 
 /// A server's shard mapped read-only.
@@ -435,8 +452,6 @@ struct Inner {
     filters: RwLock<HashMap<TableId, Arc<Mutex<TableFilter>>>>,
     next_ts: AtomicU64,
     next_control: AtomicU64,
-    /// The next push run's seq (see `RunHeader::seq`).
-    next_push_seq: AtomicU64,
     /// Shared with the heartbeat, which reports it.
     clock: Arc<AtomicU32>,
     /// Checkpoint at clocks divisible by this (0: never).
@@ -681,8 +696,6 @@ impl Worker {
                 filters: RwLock::new(HashMap::new()),
                 next_ts: AtomicU64::new(1),
                 next_control: AtomicU64::new(CONTROL_ID_BASE + 1),
-                // Seqs of a later incarnation of this rank are all larger.
-                next_push_seq: AtomicU64::new((u64::from(incarnation) << 40) + 1),
                 clock,
                 checkpoint_every: checkpoint.as_ref().map_or(0, |c| c.every),
                 resumed,
@@ -746,7 +759,10 @@ impl Worker {
         }
         let map = self.inner.ring.read().ranges(spec.keys);
         let one_sided = self.map_shards(&spec)?;
-        self.inner.tables.write().insert(spec.id, Arc::new(TableInfo { spec, map, one_sided }));
+        let mut tables = self.inner.tables.write();
+        // Created again (the same spec): the pushes' seqs go on.
+        let push_seq = tables.get(&spec.id).map_or_else(Default::default, |t| t.push_seq.clone());
+        tables.insert(spec.id, Arc::new(TableInfo { spec, map, one_sided, push_seq }));
         Ok(())
     }
 
@@ -1529,7 +1545,17 @@ impl Inner {
         }
         self.shared.ops.lock().insert(ts, op.clone());
         let all: Vec<usize> = (0..runs.len()).collect();
-        self.send_runs(&ring, &info, &op, &all, true);
+        if is_push {
+            // Every run of the push has its seq: a shard gets at most one
+            // run of it (runs are cut at the ranges of the push's epoch, and
+            // a shard's histories never span two ranges of any epoch).
+            let mut last = info.push_seq.lock();
+            *last = push_seq(*last, clock);
+            op.runs().iter().for_each(|r| r.set_seq(*last));
+            self.send_runs(&ring, &info, &op, &all, true);
+        } else {
+            self.send_runs(&ring, &info, &op, &all, true);
+        }
         Ok(op)
     }
 
@@ -1553,9 +1579,8 @@ impl Inner {
         let key_cache = first_time && filter.as_ref().is_some_and(|f| f.lock().key_cache());
         let locks = self.shared.sending.read();
         for (server, rs) in by_server.iter().enumerate().filter(|(_, rs)| !rs.is_empty()) {
-            // A worker's push seqs must reach each shard in increasing order
-            // (a shard skips a seq not above the last it applied): they are
-            // given, and the frame sent, under the server's send lock.
+            // The frame's place in the connection's order (`DataHeader::seq`)
+            // is given, and the frame sent, under the server's send lock.
             let _order = locks.get(server).map(|l| l.lock());
             let mut headers = Vec::with_capacity(rs.len());
             let mut segments = Vec::with_capacity(rs.len() * 2);
@@ -1576,9 +1601,6 @@ impl Inner {
                 } else {
                     (run_form::LIST, 0)
                 };
-                if first_time && op.is_push {
-                    r.set_seq(self.next_push_seq.fetch_add(1, Ordering::Relaxed));
-                }
                 headers.push(RunHeader { run: i as u32, form, first, count, digest, seq: r.seq() });
                 if run_form::has_keys(form) {
                     segments.push(run_keys);
@@ -1732,7 +1754,7 @@ impl Inner {
                 .enumerate()
                 .map(|(i, v)| if new.is_alive(i as u32) { v.clone() } else { None })
                 .collect();
-            *info = Arc::new(TableInfo { spec: info.spec.clone(), map, one_sided });
+            *info = Arc::new(TableInfo { spec: info.spec.clone(), map, one_sided, push_seq: info.push_seq.clone() });
         }
         let tables = tables.clone();
         *ring = new;
@@ -2304,5 +2326,25 @@ impl Handler for WorkerHandler {
         if *sh.scheduler.lock() == Some(peer) {
             sh.shut_down();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_seq;
+
+    #[test]
+    fn push_seqs_name_a_push_by_its_clock_and_place_and_only_grow() {
+        let c = |clock: u64, n: u64| (clock << 32) + n;
+        assert_eq!(push_seq(0, 0), 1);
+        assert_eq!(push_seq(1, 0), 2);
+        // A new clock starts its places from 1, whatever came before...
+        assert_eq!(push_seq(2, 5), c(5, 1));
+        assert_eq!(push_seq(c(5, 1), 5), c(5, 2));
+        // ... so a new process at clock 5 names its first push as its
+        // predecessor did.
+        assert_eq!(push_seq(0, 5), c(5, 1));
+        // A push issued at an older clock than the last one takes the next.
+        assert_eq!(push_seq(c(6, 3), 5), c(6, 4));
     }
 }
