@@ -18,6 +18,8 @@ const COUNT_DENSE: u32 = 0xC4EC_0003;
 const COUNT_SPARSE: u32 = 0xC4EC_0004;
 /// One counter: restarted workers of the counting check add 1 to it.
 const COUNT_RESTARTS: u32 = 0xC4EC_0005;
+/// One counter: workers that joined in a free seat add the rounds they run.
+const COUNT_JOINED: u32 = 0xC4EC_0006;
 
 /// What a worker verified.
 #[derive(Clone, Debug, PartialEq)]
@@ -106,6 +108,8 @@ pub struct CountingReport {
     pub restarts: u64,
     /// The clock this worker resumed at, when it was restarted.
     pub resumed: Option<u32>,
+    /// The clock this worker started at, when it joined in a free seat.
+    pub joined: Option<u32>,
     /// What went one-sided (shared memory, RDMA) during the check.
     pub traffic: crate::worker::Traffic,
 }
@@ -129,10 +133,14 @@ pub struct CountingReport {
 /// worker that falls behind, or is lost, would hold the others up if the
 /// bookkeeping did not exclude it; `None`: eventual, as the sparse table.
 pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration, tau: Option<u32>) -> Result<CountingReport> {
-    let resumed = w.restarted();
+    let (resumed, joined) = (w.restarted(), w.joined());
     w.create_table(TableSpec::dense(COUNT_RESTARTS, 1, 1))?;
+    w.create_table(TableSpec::dense(COUNT_JOINED, 1, 1))?;
     if resumed.is_some() {
         w.wait(w.push(COUNT_RESTARTS, &[0], &[1.0])?)?;
+    }
+    if let Some(c) = joined {
+        w.wait(w.push(COUNT_JOINED, &[0], &[rounds.saturating_sub(c) as f32])?)?;
     }
     let consistency = tau.map_or(crate::table::Consistency::Eventual, crate::table::Consistency::BoundedDelay);
     w.create_table(TableSpec::dense(COUNT_DENSE, keys, 1).consistency(consistency))?;
@@ -145,7 +153,7 @@ pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration, tau: Option<
     // A restarted worker passes it at once (the job did already).
     w.barrier()?;
     let mut slowest = Duration::ZERO;
-    let first = resumed.unwrap_or(0).min(rounds);
+    let first = resumed.or(joined).unwrap_or(0).min(rounds);
     for round in first..rounds {
         let t0 = Instant::now();
         let a = w.push(COUNT_DENSE, &all, &ones)?;
@@ -162,8 +170,11 @@ pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration, tau: Option<
         }
     }
     w.barrier()?;
-    // Every worker acknowledged every round (or returned the error above).
-    let expect = (u64::from(rounds) * u64::from(w.num_workers())) as f32;
+    // Every worker acknowledged every round it ran (or returned the error
+    // above): the job's workers all of them, the joined ones those from
+    // their first clock.
+    let joined_rounds = w.pull(COUNT_JOINED, &[0])?.wait()?[0];
+    let expect = (u64::from(rounds) * u64::from(w.num_workers())) as f32 + joined_rounds;
     let restarts = w.pull(COUNT_RESTARTS, &[0])?.wait()?[0];
     for (table, ks) in [(COUNT_DENSE, &all), (COUNT_SPARSE, &sparse)] {
         let got = w.pull(table, ks)?.wait()?;
@@ -210,6 +221,7 @@ pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration, tau: Option<
         epoch: w.epoch(),
         restarts: restarts as u64,
         resumed,
+        joined,
         traffic: w.traffic(),
     })
 }

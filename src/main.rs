@@ -289,6 +289,11 @@ struct SchedulerArgs {
     /// the same PSERVER_RANK) before the job fails; 0 fails at once.
     #[arg(long, env = "PSERVER_WORKER_RESTART_TIMEOUT", default_value_t = SchedulerConfig::default().worker_restart_timeout.as_secs_f64())]
     worker_restart_timeout: f64,
+    /// Worker seats: the job starts with --workers, and a worker started
+    /// later (without a PSERVER_RANK, or with a free one) takes a free seat
+    /// and joins at the job's clock (default: --workers, no free seat).
+    #[arg(long, env = "PSERVER_MAX_WORKERS")]
+    max_workers: Option<u32>,
     /// Write the address nodes should use into this file once listening.
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -474,6 +479,7 @@ fn scheduler_cmd(a: SchedulerArgs, auth: &AuthArgs) -> Result<()> {
         checkpoint_dir: a.checkpoints.checkpoint_dir.clone(),
         checkpoint_every: a.checkpoints.checkpoint_every,
         worker_restart_timeout,
+        max_workers: a.max_workers.unwrap_or(0),
         ..SchedulerConfig::default()
     };
     let node = Arc::new(
@@ -853,7 +859,11 @@ fn check_cmd(a: CheckArgs, auth: &AuthArgs) -> Result<()> {
             } else {
                 format!("every counter = {} (restarts {}; redone pushes applied once)", r.counter, r.restarts)
             };
-            let resumed = r.resumed.map(|c| format!("resumed at clock {c}, ")).unwrap_or_default();
+            let resumed = match (r.resumed, r.joined) {
+                (Some(c), _) => format!("resumed at clock {c}, "),
+                (_, Some(c)) => format!("joined at clock {c}, "),
+                _ => String::new(),
+            };
             let t = &r.traffic;
             println!(
                 "counting passed on worker {rank}: {} pushes acknowledged, {counters}, {resumed}\

@@ -331,9 +331,14 @@ pub enum Control {
     /// Node -> scheduler: join the job. `rank` is a requested rank (workers
     /// launched with PSERVER_RANK), honoured when free.
     Register { role: Role, addr: String, rank: Option<u32> },
-    /// Scheduler -> node, once everyone has registered. `replicas`: copies
+    /// Scheduler -> node, once everyone has registered. `workers`: worker
+    /// seats (ranks `0..workers`, the size of every shard's progress
+    /// header); `seated`: the workers the job started with (the rest are
+    /// free seats, for workers joining later). `replicas`: copies
     /// of every range besides its owner's. `incarnation`: how many workers
-    /// took this rank before (logged). `restarted`: the worker
+    /// took this rank before (logged). `joined`: the worker takes a free
+    /// seat mid-job (it starts at the job's clock, see `JobClock`).
+    /// `restarted`: the worker
     /// takes the place of a lost one mid-job (it asks the servers for its
     /// rank's clock, see `WorkerClock`, and continues from there).
     Welcome {
@@ -347,6 +352,8 @@ pub enum Control {
         incarnation: u32,
         checkpoint: Option<CheckpointPlan>,
         restarted: bool,
+        seated: u32,
+        joined: bool,
     },
     /// Scheduler -> nodes: the server list changed (a server died, joined or
     /// left); ranges move as the new ring says.
@@ -420,6 +427,9 @@ pub enum Control {
     WorkerClock { worker: u32 },
     /// Server -> worker: it (0 when none came).
     WorkerClockReply { clock: u32 },
+    /// Joining worker -> server: the largest clock you received from any
+    /// worker (answered with a `WorkerClockReply`; `u32::MAX` when none).
+    JobClock,
     /// A refused control request.
     Error(String),
     /// Node -> scheduler, with each heartbeat: the node's figures.

@@ -145,6 +145,12 @@ pub struct TableSpec {
     pub storage: Storage,
     pub updater: UpdaterSpec,
     pub init: Init,
+    /// The default of the table's operations. It also decides what a lost
+    /// worker (one that may be restarted) does to the table: a sequential
+    /// table keeps its place, as an aggregating rule does (a clock's state
+    /// is not complete without its pushes), while eventual and bounded-delay
+    /// tables count it as left until its new incarnation comes. A
+    /// per-operation `with_consistency` does not change that.
     pub consistency: Consistency,
 }
 

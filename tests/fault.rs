@@ -246,9 +246,9 @@ fn without_replicas_a_killed_server_fails_the_job_with_a_clear_error() {
 
 /// The counting check with 2 servers and 2 workers (bounded delay 2 on the
 /// dense table); worker 1 is SIGKILLed after an acknowledged round and a
-/// new process takes its rank: the job ends well, every counter is within
-/// one extra of the acknowledged pushes, and the new worker resumed at its
-/// rank's clock.
+/// new process takes its rank: the job ends well, every counter equals the
+/// acknowledged pushes (the redone round's pushes apply once), and the new
+/// worker resumed at its rank's clock.
 fn counting_survives_a_restarted_worker(io: &'static str) {
     let deadline = Instant::now() + DEADLINE;
     let (servers, workers) = (2u32, 2u32);
@@ -342,6 +342,56 @@ fn a_worker_restarted_across_a_server_failover_joins_the_new_epoch() {
     }
     assert!(ws[1].out.lock().unwrap().contains("resumed at clock "), "{}", all.join("\n"));
     assert_ended_well(&mut job, Some(1), deadline);
+}
+
+/// A worker started mid-run (without a rank) in a job with a free seat
+/// (`--max-workers 3`, 2 workers) takes the seat and joins at the job's
+/// clock: bounded delay does not hold the others back for it, every
+/// counter ends equal to the acknowledged pushes of all three, and a fourth
+/// worker finds no free place.
+#[test]
+fn a_worker_added_mid_run_takes_a_free_seat_and_counters_stay_exact() {
+    let deadline = Instant::now() + DEADLINE;
+    let (servers, workers) = (2u32, 2u32);
+    let mut job = start_job_with("std", None, servers, workers, "fault-wjoin", deadline, &["--max-workers", "3"]);
+    let args = ["check", "--counting", "--keys", "2000", "--rounds", "1500", "--pace-ms", "1", "--tau", "2"];
+    let mut ws: Vec<Watched> = (0..workers).map(|r| watched_worker(&job, r, workers, &args)).collect();
+    wait_for(&mut ws[1..], "round 20 acknowledged", deadline);
+    let spawn_unranked = |name: &str| {
+        let mut cmd = job.worker_command(0, workers, &args);
+        cmd.env_remove("PSERVER_RANK").stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut proc = Proc::spawn(name, &mut cmd);
+        let (out, r1) = collect(proc.child.stdout.take().unwrap());
+        let (err, r2) = collect(proc.child.stderr.take().unwrap());
+        Watched { proc, out, err, readers: vec![r1, r2] }
+    };
+    ws.push(spawn_unranked("worker joining"));
+    // Once it has the seat, one more finds none.
+    wait_for(&mut ws[2..], "counting: worker 2 round", deadline);
+    let mut extra = spawn_unranked("worker with no seat");
+    let st = extra.finish(deadline);
+    let err = extra.err.lock().unwrap().clone();
+    assert!(!st.success() && err.contains("no free worker place"), "a fourth worker was not refused ({st}):\n{err}");
+    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
+    let all: Vec<String> = ws
+        .iter()
+        .map(|w| format!("== {}:\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
+        .collect();
+    assert!(statuses.iter().all(|st| st.success()), "a worker failed:\n{}", all.join("\n"));
+    let out = ws[2].out.lock().unwrap().clone();
+    let clock: u32 = out
+        .split("joined at clock ")
+        .nth(1)
+        .and_then(|t| t.split(',').next())
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("the new worker did not say where it joined:\n{}", all.join("\n")));
+    assert!((20..1500).contains(&clock), "joined at clock {clock}, after 20 acknowledged rounds of 1500");
+    assert!(out.contains("counting passed on worker 2:"), "the new worker did not take seat 2:\n{out}");
+    for w in &ws {
+        let _ = parse_counting(&w.out.lock().unwrap()); // every counter exact, on every worker
+    }
+    eprintln!("a worker joined at clock {clock}: {}", out.trim());
+    assert_ended_well(&mut job, None, deadline);
 }
 
 #[test]

@@ -218,6 +218,7 @@ pub fn train(
     // margins. A step in flight when the predecessor died is done again:
     // its pushes carry the predecessor's seqs, so each applies once, and
     // sequential tables and the aggregating rule waited for this rank.
+    super::needs_a_share(w, "train lr")?;
     let resume = w.restarted().or(w.resumed_from()).unwrap_or(0);
     if resume > 0 {
         tracing::info!(rank = w.rank(), clock = resume, "train lr continues from the clock it resumed at");

@@ -6,6 +6,20 @@ pub mod lr;
 pub mod plot;
 pub mod rica;
 
+/// The applications split their data over the job's workers when it
+/// starts: a worker that joined later in a free seat has no share.
+fn needs_a_share(w: &crate::Worker, app: &str) -> crate::Result<()> {
+    if w.rank() >= w.num_workers() {
+        return Err(crate::Error::Config(format!(
+            "{app} splits its data over the job's {} workers at the start; worker rank {} joined in a free seat \
+             and has no share (start a worker with the PSERVER_RANK of a lost one to replace it)",
+            w.num_workers(),
+            w.rank()
+        )));
+    }
+    Ok(())
+}
+
 /// Rows of a sparse dataset in CSR form: row `i` has features
 /// `features[offsets[i]..offsets[i+1]]` (sorted) with their values, and a
 /// label of +1 or -1.

@@ -182,6 +182,7 @@ pub fn train(
     cfg: &RicaConfig,
     on_iteration: &mut dyn FnMut(&RicaIteration),
 ) -> Result<RicaResult> {
+    super::needs_a_share(wk, "train rica")?;
     let n = cfg.patch * cfg.patch;
     let k = cfg.filters;
     if k == 0 || n == 0 || !patches.len().is_multiple_of(n) || total_patches == 0 {
@@ -197,13 +198,30 @@ pub fn train(
             .init(Init::Normal { mean: 0.0, std: 0.1, seed: cfg.seed })
             .consistency(seq),
     )?;
-    wk.create_table(TableSpec::dense(stats, u64::from(cfg.iters) + 1, 2))?;
+    // Sequential: a lost worker's place is kept (its iteration's sums are
+    // not complete without it).
+    wk.create_table(TableSpec::dense(stats, u64::from(cfg.iters) + 1, 2).consistency(seq))?;
     let keys = KeyList::range(0, k as u64);
     let x = DMatrix::<f64>::from_fn(n, m, |r, c| f64::from(patches[c * n + r]));
     let scale = 1.0 / total_patches as f64;
     let mut result = RicaResult::default();
     let mut buf = Vec::new();
-    for iter in 0..cfg.iters {
+    // Iteration `i` is clock `i`. A restarted worker (or a job restored
+    // from a checkpoint) starts at its clock: the iterations before it are
+    // read back from their sums, and the one in flight is done again (its
+    // pushes carry the predecessor's seqs, so each applies once).
+    let resume = wk.restarted().or(wk.resumed_from()).unwrap_or(0).min(cfg.iters);
+    for iter in 0..resume {
+        let s = wk.with_consistency(seq).pull(stats, &[u64::from(iter)])?.wait()?;
+        result.iterations.push(RicaIteration {
+            iteration: iter + 1,
+            objective: f64::from(s[0]) + f64::from(s[1]),
+            sparsity: f64::from(s[0]),
+            reconstruction: f64::from(s[1]),
+            seconds: start.elapsed().as_secs_f64(),
+        });
+    }
+    for iter in resume..cfg.iters {
         buf = wk.pull_with(wt, &keys, buf)?.wait()?;
         let w = DMatrix::<f64>::from_fn(k, n, |r, c| f64::from(buf[r * n + c]));
         let (sparsity, recon, grad) = objective_and_gradient(&w, &x, f64::from(cfg.lambda));

@@ -67,6 +67,9 @@ pub struct SchedulerConfig {
     /// How long the rank of a lost worker (connection dropped, or silent)
     /// waits for a new incarnation before the job fails; zero fails at once.
     pub worker_restart_timeout: std::time::Duration,
+    /// Worker seats: the job starts with `workers`, and workers registering
+    /// later take the free seats `workers..max_workers` (0: `workers`).
+    pub max_workers: u32,
 }
 
 /// Default of [`SchedulerConfig::worker_restart_timeout`]: time for a
@@ -84,6 +87,7 @@ impl Default for SchedulerConfig {
             checkpoint_dir: None,
             checkpoint_every: 0,
             worker_restart_timeout: WORKER_RESTART_TIMEOUT,
+            max_workers: 0,
         }
     }
 }
@@ -92,6 +96,12 @@ impl SchedulerConfig {
     /// Replicas per range, as configured or by default.
     pub fn replicas(&self) -> u32 {
         self.replicas.unwrap_or(u32::from(self.servers >= 2)).min(self.servers.saturating_sub(1))
+    }
+
+    /// Worker seats of the job (ranks `0..seats()`): the workers it starts
+    /// with, and the free seats workers joining later take.
+    pub fn seats(&self) -> u32 {
+        self.max_workers.max(self.workers)
     }
 }
 
@@ -120,9 +130,14 @@ struct State {
     done: Vec<bool>,
     /// Ranks whose worker was lost, waiting for a new incarnation.
     lost: Vec<Option<Lost>>,
-    /// New incarnations registered while the servers apply a membership
-    /// change: welcomed once it is in effect (with its server list).
-    rejoining: Vec<(usize, Pending)>,
+    /// Seats no worker ever took (`workers..max_workers` at the start): a
+    /// worker registering mid-job takes one. A seat is never given twice
+    /// (a rank's exactly-once seqs are its workers' history).
+    free: Vec<bool>,
+    /// New incarnations (and workers taking a free seat: `true`) registered
+    /// while the servers apply a membership change: welcomed once it is in
+    /// effect (with its server list).
+    rejoining: Vec<(usize, Pending, bool)>,
     /// Workers registered for a rank that still runs (its death not noticed
     /// yet): they take it once it is lost, and are refused once it is done.
     queued: Vec<(usize, Pending)>,
@@ -220,16 +235,22 @@ impl SchedulerNode {
                 cfg.servers, cfg.workers
             )));
         }
+        if cfg.max_workers != 0 && cfg.max_workers < cfg.workers {
+            return Err(Error::Config(format!(
+                "--max-workers {} is below the job's {} workers",
+                cfg.max_workers, cfg.workers
+            )));
+        }
         let mut state = State::default();
         if let Some(root) = &cfg.checkpoint_dir
             && let Some((dir, m)) = crate::server::checkpoint::latest(root)?
         {
-            if m.workers != cfg.workers {
+            if m.workers != cfg.seats() {
                 return Err(Error::Config(format!(
-                    "the checkpoint in {} was taken by {} workers; this job has {}",
+                    "the checkpoint in {} was taken by a job of {} worker seats; this job has {}",
                     dir.display(),
                     m.workers,
-                    cfg.workers
+                    cfg.seats()
                 )));
             }
             tracing::info!(dir = %dir.display(), clock = m.clock, tables = m.tables.len(), "restoring a checkpoint");
@@ -537,7 +558,7 @@ impl SchedulerHandler {
                     let m = crate::server::checkpoint::Manifest {
                         format: 1,
                         clock,
-                        workers: cfg.workers,
+                        workers: cfg.seats(),
                         tables: round.tables,
                         files: round.files,
                     };
@@ -845,8 +866,22 @@ impl SchedulerHandler {
             0,
             crate::proto::CheckpointPlan { every: Self::every(shared), restore: None },
             false,
+            false,
         );
         out.push((p.peer, w.to_frame(p.id)));
+        // The workers that hold nobody back (done, or a free seat) or are
+        // lost, as the other servers were told: tables it creates later
+        // must not wait for them.
+        for r in 0..st.done.len() {
+            let m = if st.done[r] {
+                Control::WorkerLeft { worker: r as u32 }
+            } else if st.lost[r].is_some() {
+                Control::WorkerLost { worker: r as u32 }
+            } else {
+                continue;
+            };
+            out.push((p.peer, m.to_frame(0)));
+        }
         tracing::info!(target: "membership", server = rank, addr = %p.addr, epoch = st.epoch, "welcoming a joining server");
         st.servers.push(p);
         st.join = Some(Join { rank, phase: JoinPhase::Welcomed, since: std::time::Instant::now() });
@@ -916,25 +951,32 @@ impl SchedulerHandler {
         st.epoch = 1;
         st.server_peers = by_rank.iter().map(|p| p.peer).collect();
         for (rank, p) in by_rank.iter().enumerate() {
-            let w = welcome(cfg, st, Role::Server, rank as u32, 0, self.plan(st), false);
+            let w = welcome(cfg, st, Role::Server, rank as u32, 0, self.plan(st), false, false);
             out.push((p.peer, w.to_frame(p.id)));
         }
     }
 
     fn welcome_workers(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
         let cfg = &self.shared.cfg;
-        let w = cfg.workers as usize;
+        let (w, seats) = (cfg.workers as usize, cfg.seats() as usize);
         let ranks = assign_ranks(&st.workers, w);
-        st.worker_peers = vec![None; w];
-        st.done = vec![false; w];
-        st.lost = (0..w).map(|_| None).collect();
+        st.worker_peers = vec![None; seats];
+        // Free seats hold nobody back (done) until a worker takes one.
+        st.done = (0..seats).map(|r| r >= w).collect();
+        st.free = (0..seats).map(|r| r >= w).collect();
+        st.lost = (0..seats).map(|_| None).collect();
+        for rank in w..seats {
+            for &p in &st.server_peers {
+                out.push((p, Control::WorkerLeft { worker: rank as u32 }.to_frame(0)));
+            }
+        }
         for (p, rank) in st.workers.iter().zip(ranks) {
             st.worker_peers[rank] = Some(p.peer);
             st.registrations += 1;
-            let m = welcome(cfg, st, Role::Worker, rank as u32, st.registrations, self.plan(st), false);
+            let m = welcome(cfg, st, Role::Worker, rank as u32, st.registrations, self.plan(st), false, false);
             out.push((p.peer, m.to_frame(p.id)));
         }
-        tracing::info!(servers = cfg.servers, workers = cfg.workers, "job started");
+        tracing::info!(servers = cfg.servers, workers = cfg.workers, seats, "job started");
     }
 
     fn worker_done(&self, st: &mut State, rank: usize, error: Option<String>, out: &mut Vec<(PeerId, Frame)>) {
@@ -1069,14 +1111,15 @@ impl SchedulerHandler {
         }
     }
 
-    /// A worker registering after the job started: it takes a lost rank.
+    /// A worker registering after the job started: it takes a lost rank, or
+    /// else a free seat.
     fn rejoin_worker_in(shared: &Shared, st: &mut State, p: Pending, out: &mut Vec<(PeerId, Frame)>) {
         if let Some(f) = &st.failure {
             out.push((p.peer, Control::Error(format!("the job failed: {f}")).to_frame(p.id)));
             return;
         }
         let free: Vec<bool> =
-            (0..st.lost.len()).map(|r| st.lost[r].is_some() && !st.rejoining.iter().any(|(q, _)| *q == r)).collect();
+            (0..st.lost.len()).map(|r| st.lost[r].is_some() && !st.rejoining.iter().any(|(q, _, _)| *q == r)).collect();
         let Some(rank) = rejoin_rank(&free, p.rank) else {
             if let Some(r) = p.rank.map(|r| r as usize).filter(|&r| r < st.done.len() && !st.done[r])
                 && st.worker_peers[r].is_some()
@@ -1088,11 +1131,17 @@ impl SchedulerHandler {
                 st.queued.push((r, p));
                 return;
             }
+            if let Some(seat) = rejoin_rank(&st.free, p.rank) {
+                return Self::take_seat_in(shared, st, seat, p, out);
+            }
             let lost: Vec<usize> = (0..free.len()).filter(|&r| free[r]).collect();
+            let seats = shared.cfg.seats();
             let m = match p.rank {
-                Some(r) if lost.is_empty() => format!("the job has no free worker place (rank {r} is not lost)"),
+                Some(r) if lost.is_empty() => {
+                    format!("the job has no free worker place (rank {r} is not lost, and no seat of {seats} is free)")
+                }
                 Some(r) => format!("worker rank {r} is not lost (lost ranks: {lost:?})"),
-                None => "the job has no free worker place".to_string(),
+                None => format!("the job has no free worker place (all {seats} seats taken; see --max-workers)"),
             };
             out.push((p.peer, Control::Error(m).to_frame(p.id)));
             return;
@@ -1105,9 +1154,23 @@ impl SchedulerHandler {
         tracing::info!(worker = rank, addr = %p.addr, after = ?lost.since.elapsed(), "a worker restarts in a lost rank");
         if st.applying.is_some() {
             // Its server list would be one the servers are still applying.
-            st.rejoining.push((rank, p));
+            st.rejoining.push((rank, p, false));
         } else {
-            Self::welcome_restarted_in(shared, st, rank, p, out);
+            Self::welcome_restarted_in(shared, st, rank, p, false, out);
+        }
+    }
+
+    /// A worker joining the running job takes free seat `seat`: from now on
+    /// barriers and checkpoints count it, and it starts at the job's clock.
+    fn take_seat_in(shared: &Shared, st: &mut State, seat: usize, p: Pending, out: &mut Vec<(PeerId, Frame)>) {
+        st.free[seat] = false;
+        st.done[seat] = false;
+        st.workers.push(Pending { peer: p.peer, id: p.id, addr: p.addr.clone(), rank: Some(seat as u32) });
+        tracing::info!(worker = seat, addr = %p.addr, "a worker joins the running job in a free seat");
+        if st.applying.is_some() {
+            st.rejoining.push((seat, p, true));
+        } else {
+            Self::welcome_restarted_in(shared, st, seat, p, true, out);
         }
     }
 
@@ -1115,8 +1178,8 @@ impl SchedulerHandler {
     /// its rank is lost again, with a fresh grace period.
     fn rejoining_gone_in(st: &mut State, peer: PeerId) {
         st.queued.retain(|(_, p)| p.peer != peer);
-        if let Some(i) = st.rejoining.iter().position(|(_, p)| p.peer == peer) {
-            let (rank, _) = st.rejoining.remove(i);
+        if let Some(i) = st.rejoining.iter().position(|(_, p, _)| p.peer == peer) {
+            let (rank, _, _) = st.rejoining.remove(i);
             let why = "its new worker disconnected before it was welcomed".to_string();
             st.lost[rank] = Some(Lost { since: std::time::Instant::now(), why, peer });
         }
@@ -1124,25 +1187,33 @@ impl SchedulerHandler {
 
     /// New incarnations that waited for a membership change to be in effect.
     fn welcome_rejoining(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
-        for (rank, p) in std::mem::take(&mut st.rejoining) {
-            Self::welcome_restarted_in(&self.shared, st, rank, p, out);
+        for (rank, p, joined) in std::mem::take(&mut st.rejoining) {
+            Self::welcome_restarted_in(&self.shared, st, rank, p, joined, out);
         }
     }
 
-    fn welcome_restarted_in(shared: &Shared, st: &mut State, rank: usize, p: Pending, out: &mut Vec<(PeerId, Frame)>) {
+    fn welcome_restarted_in(
+        shared: &Shared,
+        st: &mut State,
+        rank: usize,
+        p: Pending,
+        joined: bool,
+        out: &mut Vec<(PeerId, Frame)>,
+    ) {
         let cfg = &shared.cfg;
         st.worker_peers[rank] = Some(p.peer);
         st.registrations += 1;
         // Checkpoints go on; the job's restored one is long applied.
         let every = if cfg.checkpoint_dir.is_some() { cfg.checkpoint_every } else { 0 };
         let plan = crate::proto::CheckpointPlan { every, restore: None };
-        let m = welcome(cfg, st, Role::Worker, rank as u32, st.registrations, plan, true);
+        let m = welcome(cfg, st, Role::Worker, rank as u32, st.registrations, plan, !joined, joined);
         out.push((p.peer, m.to_frame(p.id)));
     }
 }
 
 /// The welcome of a node: the job as it stands (servers, epoch) and what
 /// the node is in it.
+#[allow(clippy::too_many_arguments)]
 fn welcome(
     cfg: &SchedulerConfig,
     st: &State,
@@ -1151,12 +1222,15 @@ fn welcome(
     incarnation: u32,
     plan: crate::proto::CheckpointPlan,
     restarted: bool,
+    joined: bool,
 ) -> Control {
     Control::Welcome {
         role,
         rank,
         servers: st.server_infos.clone(),
-        workers: cfg.workers,
+        workers: cfg.seats(),
+        seated: cfg.workers,
+        joined,
         vnodes: cfg.vnodes,
         epoch: st.epoch,
         replicas: cfg.replicas(),

@@ -343,7 +343,7 @@ impl Entry {
 
     /// New roles: every owned part gets seqs of its own, split at the
     /// parts' bounds, so that two runs of one worker to different parts
-    /// never share a seq (a retry of the first arriving after the second
+    /// never share a history (a retry of the first arriving after the second
     /// would otherwise look old). The parts this server stops owning keep
     /// the seqs they had (pushes to them go to another server now), the
     /// parts it starts owning without a known history start from none
@@ -857,8 +857,9 @@ impl LaneState {
         self.release_parked(replies);
     }
 
-    /// A restarted worker's clock: set (its predecessor's was raised to
-    /// `u64::MAX` when it left) on every shard, copies included, so that a
+    /// A restarted worker's clock (or a joined one's first): set (a lost
+    /// worker's was raised to `u64::MAX` where shards do not wait for lost
+    /// workers, a free seat's everywhere) on every shard, copies included, so that a
     /// copy promoted later does not let others run ahead of it either.
     fn reset_clock(&mut self, worker: u32, clock: u64) {
         let w = worker as usize;

@@ -956,6 +956,18 @@ impl ServerHandler {
                 }
                 Ok(())
             }
+            Control::JobClock => {
+                let clock = self
+                    .shared
+                    .worker_clocks
+                    .lock()
+                    .iter()
+                    .copied()
+                    .filter(|&c| c != u32::MAX)
+                    .max()
+                    .unwrap_or(u32::MAX);
+                net.send(from, Control::WorkerClockReply { clock }.to_frame(frame.id))
+            }
             Control::WorkerClock { worker } => {
                 // u32::MAX: no clock from that worker here (a server that
                 // joined after it died), which the asker ignores.

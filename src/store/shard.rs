@@ -875,8 +875,9 @@ impl Shard {
     }
 
     /// Sets `worker`'s progress to `clock`, lower or not: a restarted worker
-    /// re-enters at its resume clock after its predecessor's progress was
-    /// raised to `u64::MAX` (it left, so nobody waited for it). The minimum
+    /// re-enters at its resume clock (its predecessor's progress was raised
+    /// to `u64::MAX` when it was lost, unless the shard waits for lost
+    /// workers), a worker taking a free seat at its first clock. The minimum
     /// may fall; nothing is finalized (no clock completed).
     pub fn reset_progress(&mut self, worker: usize, clock: u64) -> Result<()> {
         self.check_worker(worker)?;

@@ -173,8 +173,10 @@ struct TableInfo {
 /// that does its resume clock's work again gives its pushes the seqs its
 /// predecessor gave the same pushes, so the shards that applied the
 /// predecessor's skip them and the others apply them; every push counts
-/// once. Seqs only grow: a push issued at an older clock than the last one
-/// (another thread's `clock()` came between) takes the next seq.
+/// once (when the worker issues the same pushes in the same order: from one
+/// thread, and without push filters, whose residuals a new process does not
+/// have). Seqs only grow (a guard: `issue` reads the clock under the ring's
+/// read lock, so a push's clock is never older than the table's last).
 fn push_seq(last: u64, clock: u32) -> u64 {
     (last + 1).max((u64::from(clock) << 32) + 1)
 }
@@ -446,7 +448,9 @@ struct Inner {
     shared: Arc<Shared>,
     net: Arc<dyn Messenger>,
     rank: u32,
+    /// The workers the job started with (`num_workers`), and its seats.
     workers: u32,
+    seats: u32,
     ring: RwLock<Ring>,
     tables: RwLock<HashMap<TableId, Arc<TableInfo>>>,
     filters: RwLock<HashMap<TableId, Arc<Mutex<TableFilter>>>>,
@@ -460,6 +464,8 @@ struct Inner {
     resumed: Option<u32>,
     /// A restarted worker's resume clock (see [`Worker::restarted`]).
     restarted: std::sync::OnceLock<u32>,
+    /// A joined worker's first clock (see [`Worker::joined`]).
+    joined: std::sync::OnceLock<u32>,
     /// Barriers this worker passed (`Control::Barrier::n`).
     barriers: AtomicU64,
     max_inflight: usize,
@@ -599,6 +605,8 @@ impl Worker {
             incarnation,
             checkpoint,
             restarted,
+            seated,
+            joined,
             ..
         } = welcome
         else {
@@ -690,7 +698,8 @@ impl Worker {
             inner: Arc::new(Inner {
                 shared,
                 rank,
-                workers,
+                workers: seated,
+                seats: workers,
                 ring: RwLock::new(Ring::new(servers, vnodes, epoch).with_replicas(replicas)),
                 tables: RwLock::new(HashMap::new()),
                 filters: RwLock::new(HashMap::new()),
@@ -700,6 +709,7 @@ impl Worker {
                 checkpoint_every: checkpoint.as_ref().map_or(0, |c| c.every),
                 resumed,
                 restarted: std::sync::OnceLock::new(),
+                joined: std::sync::OnceLock::new(),
                 barriers: AtomicU64::new(0),
                 max_inflight: cfg.max_inflight.max(1),
                 finished: Default::default(),
@@ -712,9 +722,23 @@ impl Worker {
             .name(format!("pserver-router-{rank}"))
             .spawn(move || router(weak, rx))
             .map_err(|e| Error::io("spawning the worker's router thread", e))?;
-        if restarted {
+        let start = if restarted {
             let c = w.inner.resume()?;
             tracing::info!(rank, clock = c, incarnation, "restarted worker resumes at its rank's clock");
+            Some(c)
+        } else if joined {
+            let c = w.inner.join_clock()?;
+            tracing::info!(rank, clock = c, "worker joined the running job in a free seat");
+            Some(c)
+        } else {
+            None
+        };
+        // Starting at a checkpoint clock: the job's round for it may wait
+        // for this rank (its predecessor sent the clock, then died before
+        // asking; or the seat was taken while the round was open).
+        let every = w.inner.checkpoint_every;
+        if let Some(c) = start.filter(|&c| every > 0 && c > 0 && c % every == 0) {
+            w.checkpoint(c)?;
         }
         Ok(w)
     }
@@ -723,8 +747,15 @@ impl Worker {
     pub fn rank(&self) -> u32 {
         self.inner.rank
     }
+    /// The workers the job started with (ranks `0..num_workers()`; the
+    /// applications split their data by it). Workers that joined later
+    /// have ranks from `num_workers()` up to [`Worker::max_workers`].
     pub fn num_workers(&self) -> u32 {
         self.inner.workers
+    }
+    /// The job's worker seats (`--max-workers`, at least `num_workers()`).
+    pub fn max_workers(&self) -> u32 {
+        self.inner.seats
     }
     /// Servers of the job (alive now).
     pub fn num_servers(&self) -> usize {
@@ -994,8 +1025,13 @@ impl Worker {
     /// far belong to finished clocks. Returns the new clock.
     pub fn clock(&self) -> Result<u32> {
         let c = {
-            let ring = self.inner.ring.read();
+            // The write lock waits for the operations being issued (they
+            // hold it for reading from reading the clock until they are
+            // sent): none of them can be sent after this clock's frame, or
+            // take the next clock's place among its pushes.
+            let ring = self.inner.ring.write();
             let c = self.inner.clock.fetch_add(1, Ordering::AcqRel) + 1;
+            let ring = parking_lot::RwLockWriteGuard::downgrade(ring);
             self.inner.send_clock(&ring, c)?;
             c
         };
@@ -1015,9 +1051,22 @@ impl Worker {
     /// resumed at (its rank's clock on the servers; it starts there, and
     /// every push of its predecessor at an earlier clock is applied). The
     /// application continues from that clock; work of the clock itself may
-    /// have been applied in part by the predecessor and is done again.
+    /// have been applied in part by the predecessor and is done again. Its
+    /// pushes then carry the seqs the predecessor gave the same pushes (a
+    /// push is named by its table, clock and place among the clock's pushes
+    /// to the table), so each applies once, provided the worker issues the
+    /// same pushes in the same order: from one thread, and without push
+    /// filters (whose residuals the new process does not have).
     pub fn restarted(&self) -> Option<u32> {
         self.inner.restarted.get().copied()
+    }
+
+    /// For a worker that joined the running job in a free seat (a rank from
+    /// `num_workers()` on): the clock it started at, the largest any server
+    /// had received from a worker (so it holds nobody back). Its pushes
+    /// belong to that clock and later ones; it reads the current model.
+    pub fn joined(&self) -> Option<u32> {
+        self.inner.joined.get().copied()
     }
 
     /// Waits until this worker's pushes are acknowledged and the scheduler
@@ -1517,8 +1566,6 @@ impl Inner {
             b.resize(n * dim, 0.0);
             b
         });
-        let ts = self.next_ts.fetch_add(1, Ordering::AcqRel);
-        let clock = self.clock.load(Ordering::Acquire);
         let tau = consistency.unwrap_or(info.spec.consistency).tau().unwrap_or(proto::TAU_EVENTUAL);
         let is_push = k != kind::PULL;
         {
@@ -1528,9 +1575,17 @@ impl Inner {
             }
         }
         // Routing happens under the ring's read lock: a membership change
-        // waits until this operation is sent, then re-routes it if needed.
+        // waits until this operation is sent, then re-routes it if needed;
+        // and `clock()` (which takes it for writing) cannot end the clock
+        // between reading it here and sending the operation.
         let ring = self.ring.read();
+        let clock = self.clock.load(Ordering::Acquire);
         let info = self.table(table)?; // the map of the current epoch
+        // A push takes its seq, and its timestamp, under the table's push
+        // lock, held until it is sent: every server gets a table's pushes in
+        // seq order, and re-routes (in timestamp order) keep that order.
+        let order = is_push.then(|| info.push_seq.lock());
+        let ts = self.next_ts.fetch_add(1, Ordering::AcqRel);
         let mut runs = Vec::new();
         info.map.split(n, |i| keys_s[i], &mut runs);
         if let Some(r) = runs.iter().find(|r| r.server == NO_SERVER) {
@@ -1539,23 +1594,27 @@ impl Inner {
         let op_runs = runs.iter().map(|r| OpRun::new(r.lo, r.hi - r.lo, r.server)).collect();
         let sent = Sent { kind: k, table, keys: keys.clone(), vals: vals.clone(), known: known.clone(), tau };
         let op = Arc::new(Op::new(ts, clock, dim, op_runs, out, is_push).with_sent(sent));
+        if let Some(mut last) = order {
+            // Every run of the push has its seq, an empty push too (it has a
+            // place among the clock's pushes). No piece of a shard's key
+            // range history gets two runs of one push: runs are cut at the
+            // ranges of the push's epoch, and histories at every epoch's.
+            *last = push_seq(*last, clock);
+            op.runs().iter().for_each(|r| r.set_seq(*last));
+            if !runs.is_empty() {
+                self.shared.ops.lock().insert(ts, op.clone());
+                let all: Vec<usize> = (0..runs.len()).collect();
+                self.send_runs(&ring, &info, &op, &all, true);
+                return Ok(op);
+            }
+        }
         if runs.is_empty() {
             op.mark_done();
             return Ok(op);
         }
         self.shared.ops.lock().insert(ts, op.clone());
         let all: Vec<usize> = (0..runs.len()).collect();
-        if is_push {
-            // Every run of the push has its seq: a shard gets at most one
-            // run of it (runs are cut at the ranges of the push's epoch, and
-            // a shard's histories never span two ranges of any epoch).
-            let mut last = info.push_seq.lock();
-            *last = push_seq(*last, clock);
-            op.runs().iter().for_each(|r| r.set_seq(*last));
-            self.send_runs(&ring, &info, &op, &all, true);
-        } else {
-            self.send_runs(&ring, &info, &op, &all, true);
-        }
+        self.send_runs(&ring, &info, &op, &all, true);
         Ok(op)
     }
 
@@ -1874,32 +1933,31 @@ impl Inner {
         self.send_clock_frame(ring, c, 0)
     }
 
-    /// A restarted worker: asks every live server of the current epoch for
-    /// the last clock it received from this rank and takes the smallest, `c`
-    /// (a clock frame follows the worker's pushes on the same ordered
-    /// connection, so every push of clocks below `c` was applied on every
-    /// server), then sets the rank's clock back to `c` everywhere (it was
-    /// `u64::MAX` while the rank was lost, so that nobody waited for it).
-    fn resume(&self) -> Result<u32> {
+    /// Asks every live server of the current epoch `ask` (answered with a
+    /// clock) and folds the answers with `fold`; `u32::MAX` answers (no
+    /// clock there) are left out.
+    fn ask_servers_clock(&self, ask: &Control, fold: fn(u32, u32) -> u32, what: &str) -> Result<Option<u32>> {
         let limit = failover_timeout();
         let started = Instant::now();
-        let mut c = u32::MAX;
+        let mut c = None;
         let servers = self.ring.read().servers().len();
         for s in 0..servers {
             loop {
                 // A server that dies meanwhile is skipped: its ranges passed
-                // to servers that received this rank's clocks as well.
+                // to servers that received the same clocks.
                 let peer = {
                     let ring = self.ring.read();
                     ring.is_alive(s as u32).then(|| self.shared.servers.read().get(s).copied()).flatten()
                 };
                 let Some(peer) = peer else { break };
                 let answer = self
-                    .control_send(peer, &Control::WorkerClock { worker: self.rank })
+                    .control_send(peer, ask)
                     .and_then(|id| self.shared.wait_control(id, Duration::from_millis(500)));
                 match answer {
                     Ok(Control::WorkerClockReply { clock }) => {
-                        c = c.min(clock);
+                        if clock != u32::MAX {
+                            c = Some(c.map_or(clock, |x| fold(x, clock)));
+                        }
                         break;
                     }
                     Ok(Control::Error(m)) => return Err(Error::Remote { peer: format!("server {s}"), message: m }),
@@ -1909,16 +1967,41 @@ impl Inner {
                     Err(Error::ShuttingDown) => return Err(Error::ShuttingDown),
                     Err(e) if started.elapsed() >= limit => {
                         return Err(Error::Disconnected(format!(
-                            "server {s} did not tell this restarted worker its clock within {limit:?}: {e}"
+                            "server {s} did not tell this {what} worker its clock within {limit:?}: {e}"
                         )));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(50)),
                 }
             }
         }
-        let c = if c == u32::MAX { 0 } else { c };
+        Ok(c)
+    }
+
+    /// A restarted worker: asks every live server of the current epoch for
+    /// the last clock it received from this rank and takes the smallest, `c`
+    /// (a clock frame follows the worker's pushes on the same ordered
+    /// connection, so every push of clocks below `c` was applied on every
+    /// server), then sets the rank's clock back to `c` everywhere (it was
+    /// `u64::MAX` while the rank was lost, where shards do not wait for lost
+    /// workers).
+    fn resume(&self) -> Result<u32> {
+        let c =
+            self.ask_servers_clock(&Control::WorkerClock { worker: self.rank }, u32::min, "restarted")?.unwrap_or(0);
         self.clock.store(c, Ordering::Release);
         let _ = self.restarted.set(c);
+        let ring = self.ring.read();
+        self.send_clock_frame(&ring, c, proto::flags::CLOCK_RESET)?;
+        Ok(c)
+    }
+
+    /// A worker taking a free seat: starts at the largest clock any live
+    /// server received from any worker (the job's clock: it holds nobody
+    /// back, and reads the current model), and sets its seat's clock there
+    /// everywhere (a free seat counts as left, `u64::MAX`, until then).
+    fn join_clock(&self) -> Result<u32> {
+        let c = self.ask_servers_clock(&Control::JobClock, u32::max, "joining")?.unwrap_or(0);
+        self.clock.store(c, Ordering::Release);
+        let _ = self.joined.set(c);
         let ring = self.ring.read();
         self.send_clock_frame(&ring, c, proto::flags::CLOCK_RESET)?;
         Ok(c)
