@@ -18,7 +18,7 @@ const COUNT_DENSE: u32 = 0xC4EC_0003;
 const COUNT_SPARSE: u32 = 0xC4EC_0004;
 /// One counter: restarted workers of the counting check add 1 to it.
 const COUNT_RESTARTS: u32 = 0xC4EC_0005;
-/// One counter: workers that joined in a free seat add the rounds they run.
+/// One counter: workers in seats beyond the job's start add 1 per round.
 const COUNT_JOINED: u32 = 0xC4EC_0006;
 
 /// What a worker verified.
@@ -139,9 +139,6 @@ pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration, tau: Option<
     if resumed.is_some() {
         w.wait(w.push(COUNT_RESTARTS, &[0], &[1.0])?)?;
     }
-    if let Some(c) = joined {
-        w.wait(w.push(COUNT_JOINED, &[0], &[rounds.saturating_sub(c) as f32])?)?;
-    }
     let consistency = tau.map_or(crate::table::Consistency::Eventual, crate::table::Consistency::BoundedDelay);
     w.create_table(TableSpec::dense(COUNT_DENSE, keys, 1).consistency(consistency))?;
     w.create_table(TableSpec::sparse(COUNT_SPARSE, u64::MAX, 1))?;
@@ -158,6 +155,12 @@ pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration, tau: Option<
         let t0 = Instant::now();
         let a = w.push(COUNT_DENSE, &all, &ones)?;
         let b = w.push(COUNT_SPARSE, &sparse, &sparse_ones)?;
+        // A seat taken mid-job counts its rounds where the counters are
+        // checked against them (its restarts' redone rounds count once, as
+        // they do on the counters).
+        if w.rank() >= w.num_workers() {
+            w.wait(w.push(COUNT_JOINED, &[0], &[1.0])?)?;
+        }
         w.wait(a)?;
         w.wait(b)?;
         slowest = slowest.max(t0.elapsed());

@@ -331,7 +331,8 @@ pub enum Control {
     /// Node -> scheduler: join the job. `rank` is a requested rank (workers
     /// launched with PSERVER_RANK), honoured when free.
     Register { role: Role, addr: String, rank: Option<u32> },
-    /// Scheduler -> node, once everyone has registered. `workers`: worker
+    /// Scheduler -> node: its place in the job (once everyone has registered,
+    /// or when it joins or restarts mid-job). `workers`: worker
     /// seats (ranks `0..workers`, the size of every shard's progress
     /// header); `seated`: the workers the job started with (the rest are
     /// free seats, for workers joining later). `replicas`: copies
@@ -427,9 +428,12 @@ pub enum Control {
     WorkerClock { worker: u32 },
     /// Server -> worker: it (0 when none came).
     WorkerClockReply { clock: u32 },
-    /// Joining worker -> server: the largest clock you received from any
-    /// worker (answered with a `WorkerClockReply`; `u32::MAX` when none).
-    JobClock,
+    /// Worker taking free seat `worker` -> server: the largest clock you
+    /// received from any worker, `m` (answered with a `WorkerClockReply`;
+    /// the restored checkpoint's clock, or 0, when none came). The server
+    /// sets the seat's clock to `m` before it answers: every read it served
+    /// so far was at a clock up to `m`, so none missed the seat's pushes.
+    JobClock { worker: u32 },
     /// A refused control request.
     Error(String),
     /// Node -> scheduler, with each heartbeat: the node's figures.

@@ -351,6 +351,18 @@ fn a_worker_restarted_across_a_server_failover_joins_the_new_epoch() {
 /// worker finds no free place.
 #[test]
 fn a_worker_added_mid_run_takes_a_free_seat_and_counters_stay_exact() {
+    counting_with_a_worker_added(false)
+}
+
+/// As above, and the added worker is SIGKILLed once it has acknowledged
+/// rounds of its own, then started again in its seat: it resumes at its
+/// seat's clock and every counter is still exact.
+#[test]
+fn a_worker_added_mid_run_then_restarted_keeps_the_counters_exact() {
+    counting_with_a_worker_added(true)
+}
+
+fn counting_with_a_worker_added(restart_it: bool) {
     let deadline = Instant::now() + DEADLINE;
     let (servers, workers) = (2u32, 2u32);
     let mut job = start_job_with("std", None, servers, workers, "fault-wjoin", deadline, &["--max-workers", "3"]);
@@ -372,6 +384,14 @@ fn a_worker_added_mid_run_takes_a_free_seat_and_counters_stay_exact() {
     let st = extra.finish(deadline);
     let err = extra.err.lock().unwrap().clone();
     assert!(!st.success() && err.contains("no free worker place"), "a fourth worker was not refused ({st}):\n{err}");
+    if restart_it {
+        wait_for(&mut ws[2..], "worker 2 round 100 acknowledged", deadline);
+        ws[2].proc.child.kill().unwrap();
+        let _ = ws[2].finish(deadline);
+        let first = ws[2].out.lock().unwrap().clone();
+        assert!(!first.contains("counting passed"), "the added worker finished before the kill");
+        ws[2] = watched_worker(&job, 2, workers, &args);
+    }
     let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
     let all: Vec<String> = ws
         .iter()
@@ -379,18 +399,22 @@ fn a_worker_added_mid_run_takes_a_free_seat_and_counters_stay_exact() {
         .collect();
     assert!(statuses.iter().all(|st| st.success()), "a worker failed:\n{}", all.join("\n"));
     let out = ws[2].out.lock().unwrap().clone();
+    let said = if restart_it { "resumed at clock " } else { "joined at clock " };
     let clock: u32 = out
-        .split("joined at clock ")
+        .split(said)
         .nth(1)
         .and_then(|t| t.split(',').next())
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("the new worker did not say where it joined:\n{}", all.join("\n")));
-    assert!((20..1500).contains(&clock), "joined at clock {clock}, after 20 acknowledged rounds of 1500");
+    assert!((20..1500).contains(&clock), "{said}{clock}, after 20 acknowledged rounds of 1500");
+    if restart_it {
+        assert!(out.contains("(restarts 1;"), "the restart is not counted:\n{out}");
+    }
     assert!(out.contains("counting passed on worker 2:"), "the new worker did not take seat 2:\n{out}");
     for w in &ws {
         let _ = parse_counting(&w.out.lock().unwrap()); // every counter exact, on every worker
     }
-    eprintln!("a worker joined at clock {clock}: {}", out.trim());
+    eprintln!("the added worker {said}{clock}: {}", out.trim());
     assert_ended_well(&mut job, None, deadline);
 }
 

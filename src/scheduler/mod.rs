@@ -328,6 +328,9 @@ fn monitor(shared: &Shared, net: &Arc<dyn Messenger>) {
             SchedulerHandler::worker_lost_in(shared, &mut st, r, msg, &mut out);
         }
         SchedulerHandler::restart_deadlines_in(shared, &mut st, now, &mut out);
+        // Workers deferred while a joining server applied its welcome (its
+        // join may also have been abandoned since).
+        SchedulerHandler::welcome_rejoining_in(shared, &mut st, &mut out);
         let silent_servers: Vec<usize> = (0..st.server_peers.len())
             .filter(|&r| st.server_infos[r].alive && silent(&st.server_peers[r], &st))
             .collect();
@@ -1118,6 +1121,10 @@ impl SchedulerHandler {
             out.push((p.peer, Control::Error(format!("the job failed: {f}")).to_frame(p.id)));
             return;
         }
+        if st.finished {
+            out.push((p.peer, Control::Error("the job has finished".into()).to_frame(p.id)));
+            return;
+        }
         let free: Vec<bool> =
             (0..st.lost.len()).map(|r| st.lost[r].is_some() && !st.rejoining.iter().any(|(q, _, _)| *q == r)).collect();
         let Some(rank) = rejoin_rank(&free, p.rank) else {
@@ -1152,7 +1159,7 @@ impl SchedulerHandler {
             *old = Pending { peer: p.peer, id: p.id, addr: p.addr.clone(), rank: Some(rank as u32) };
         }
         tracing::info!(worker = rank, addr = %p.addr, after = ?lost.since.elapsed(), "a worker restarts in a lost rank");
-        if st.applying.is_some() {
+        if !Self::can_welcome_worker(st) {
             // Its server list would be one the servers are still applying.
             st.rejoining.push((rank, p, false));
         } else {
@@ -1167,19 +1174,34 @@ impl SchedulerHandler {
         st.done[seat] = false;
         st.workers.push(Pending { peer: p.peer, id: p.id, addr: p.addr.clone(), rank: Some(seat as u32) });
         tracing::info!(worker = seat, addr = %p.addr, "a worker joins the running job in a free seat");
-        if st.applying.is_some() {
+        if !Self::can_welcome_worker(st) {
             st.rejoining.push((seat, p, true));
         } else {
             Self::welcome_restarted_in(shared, st, seat, p, true, out);
         }
     }
 
+    /// Whether a worker taking a rank mid-job can be welcomed now: not while
+    /// the servers apply a membership change (its server list would be one
+    /// they are still applying), nor while a joining server has not applied
+    /// its welcome (it would refuse the worker's clock).
+    fn can_welcome_worker(st: &State) -> bool {
+        st.applying.is_none() && !st.join.as_ref().is_some_and(|j| j.phase == JoinPhase::Welcomed)
+    }
+
     /// A new incarnation that disconnected before its (deferred) welcome:
-    /// its rank is lost again, with a fresh grace period.
+    /// its rank is lost again, with a fresh grace period; a worker that was
+    /// to take a free seat gives it back (it sent nothing).
     fn rejoining_gone_in(st: &mut State, peer: PeerId) {
         st.queued.retain(|(_, p)| p.peer != peer);
         if let Some(i) = st.rejoining.iter().position(|(_, p, _)| p.peer == peer) {
-            let (rank, _, _) = st.rejoining.remove(i);
+            let (rank, _, joined) = st.rejoining.remove(i);
+            if joined {
+                st.free[rank] = true;
+                st.done[rank] = true;
+                st.workers.retain(|q| q.peer != peer);
+                return;
+            }
             let why = "its new worker disconnected before it was welcomed".to_string();
             st.lost[rank] = Some(Lost { since: std::time::Instant::now(), why, peer });
         }
@@ -1187,8 +1209,15 @@ impl SchedulerHandler {
 
     /// New incarnations that waited for a membership change to be in effect.
     fn welcome_rejoining(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        Self::welcome_rejoining_in(&self.shared, st, out)
+    }
+
+    fn welcome_rejoining_in(shared: &Shared, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
+        if !Self::can_welcome_worker(st) {
+            return;
+        }
         for (rank, p, joined) in std::mem::take(&mut st.rejoining) {
-            Self::welcome_restarted_in(&self.shared, st, rank, p, joined, out);
+            Self::welcome_restarted_in(shared, st, rank, p, joined, out);
         }
     }
 

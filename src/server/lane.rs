@@ -922,6 +922,12 @@ impl LaneState {
             for (w, &c) in clocks.iter().enumerate() {
                 if c == u64::MAX {
                     let _ = e.shard.record_progress(w, c);
+                } else if e.shard.progress(w) > c {
+                    // The copy's progress came from the old owner, which may
+                    // have sent it before a restarted or joined worker's
+                    // reset reached it: this server's own clock of the
+                    // worker is never too high (lower only waits longer).
+                    let _ = e.shard.reset_progress(w, c);
                 }
             }
         }

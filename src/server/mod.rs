@@ -956,16 +956,27 @@ impl ServerHandler {
                 }
                 Ok(())
             }
-            Control::JobClock => {
-                let clock = self
-                    .shared
-                    .worker_clocks
-                    .lock()
-                    .iter()
-                    .copied()
-                    .filter(|&c| c != u32::MAX)
-                    .max()
-                    .unwrap_or(u32::MAX);
+            Control::JobClock { worker } => {
+                let workers = self.shared.membership.lock().workers;
+                if worker >= workers {
+                    return net
+                        .send(from, Control::Error(format!("worker rank {worker} of {workers}")).to_frame(frame.id));
+                }
+                let clock = {
+                    let mut clocks = self.shared.worker_clocks.lock();
+                    let m = clocks.iter().copied().filter(|&c| c != u32::MAX).max().unwrap_or(0);
+                    if clocks.len() <= worker as usize {
+                        clocks.resize(worker as usize + 1, u32::MAX);
+                    }
+                    clocks[worker as usize] = m;
+                    m
+                };
+                // The seat (a left worker until now) holds reads from `m` on;
+                // the lanes take it before any request that comes after.
+                for l in &self.shared.lanes {
+                    l.submit(Job::ResetClock { worker, clock: u64::from(clock) }, true);
+                }
+                tracing::info!(worker, clock, "a worker takes a free seat at the job's clock");
                 net.send(from, Control::WorkerClockReply { clock }.to_frame(frame.id))
             }
             Control::WorkerClock { worker } => {
@@ -1009,6 +1020,10 @@ impl ServerHandler {
             ControlJob::Welcome { from, id, servers, rank, workers, vnodes, epoch, replicas, checkpoint } => {
                 if let Some((dir, clock)) = checkpoint.and_then(|c| c.restore) {
                     let dir = std::path::PathBuf::from(dir);
+                    // Every worker starts at the checkpoint's clock: what a
+                    // worker restarted (or joining) before its first clock
+                    // frame here resumes at.
+                    *self.shared.worker_clocks.lock() = vec![clock; workers as usize];
                     match checkpoint::open(&dir) {
                         Ok(m) => *self.shared.restore.lock() = Some((dir, m, clock)),
                         Err(e) => {
@@ -1973,7 +1988,7 @@ impl ServerHandler {
             clocks[w] = if reset || clocks[w] == u32::MAX { h.clock } else { clocks[w].max(h.clock) };
         }
         if reset {
-            tracing::info!(worker = h.worker, clock = h.clock, "a restarted worker re-enters at its clock");
+            tracing::info!(worker = h.worker, clock = h.clock, "a restarted worker re-enters at its rank's clock");
             for l in &self.shared.lanes {
                 l.submit(Job::ResetClock { worker: h.worker, clock: u64::from(h.clock) }, true);
             }

@@ -1584,8 +1584,15 @@ impl Inner {
         // A push takes its seq, and its timestamp, under the table's push
         // lock, held until it is sent: every server gets a table's pushes in
         // seq order, and re-routes (in timestamp order) keep that order.
-        let order = is_push.then(|| info.push_seq.lock());
+        let mut order = is_push.then(|| info.push_seq.lock());
         let ts = self.next_ts.fetch_add(1, Ordering::AcqRel);
+        // Every push call has its place among the clock's pushes to the
+        // table, an empty or failing one too, so that a restarted worker's
+        // places match its predecessor's.
+        let seq = order.as_mut().map(|last| {
+            **last = push_seq(**last, clock);
+            **last
+        });
         let mut runs = Vec::new();
         info.map.split(n, |i| keys_s[i], &mut runs);
         if let Some(r) = runs.iter().find(|r| r.server == NO_SERVER) {
@@ -1594,13 +1601,11 @@ impl Inner {
         let op_runs = runs.iter().map(|r| OpRun::new(r.lo, r.hi - r.lo, r.server)).collect();
         let sent = Sent { kind: k, table, keys: keys.clone(), vals: vals.clone(), known: known.clone(), tau };
         let op = Arc::new(Op::new(ts, clock, dim, op_runs, out, is_push).with_sent(sent));
-        if let Some(mut last) = order {
-            // Every run of the push has its seq, an empty push too (it has a
-            // place among the clock's pushes). No piece of a shard's key
+        if let Some(seq) = seq {
+            // Every run of the push has its seq. No piece of a shard's key
             // range history gets two runs of one push: runs are cut at the
             // ranges of the push's epoch, and histories at every epoch's.
-            *last = push_seq(*last, clock);
-            op.runs().iter().for_each(|r| r.set_seq(*last));
+            op.runs().iter().for_each(|r| r.set_seq(seq));
             if !runs.is_empty() {
                 self.shared.ops.lock().insert(ts, op.clone());
                 let all: Vec<usize> = (0..runs.len()).collect();
@@ -1985,8 +1990,15 @@ impl Inner {
     /// `u64::MAX` while the rank was lost, where shards do not wait for lost
     /// workers).
     fn resume(&self) -> Result<u32> {
-        let c =
-            self.ask_servers_clock(&Control::WorkerClock { worker: self.rank }, u32::min, "restarted")?.unwrap_or(0);
+        let known = self.ask_servers_clock(&Control::WorkerClock { worker: self.rank }, u32::min, "restarted")?;
+        let Some(c) = known else {
+            // No server heard of the rank (a worker that took a free seat
+            // and died before it said where it starts): it starts as a
+            // joining worker would.
+            let c = self.start_in_seat()?;
+            let _ = self.restarted.set(c);
+            return Ok(c);
+        };
         self.clock.store(c, Ordering::Release);
         let _ = self.restarted.set(c);
         let ring = self.ring.read();
@@ -1994,16 +2006,22 @@ impl Inner {
         Ok(c)
     }
 
-    /// A worker taking a free seat: starts at the largest clock any live
-    /// server received from any worker (the job's clock: it holds nobody
-    /// back, and reads the current model), and sets its seat's clock there
-    /// everywhere (a free seat counts as left, `u64::MAX`, until then).
+    /// A worker taking a free seat (a left worker, `u64::MAX`, until now).
     fn join_clock(&self) -> Result<u32> {
-        let c = self.ask_servers_clock(&Control::JobClock, u32::max, "joining")?.unwrap_or(0);
-        self.clock.store(c, Ordering::Release);
+        let c = self.start_in_seat()?;
         let _ = self.joined.set(c);
+        Ok(c)
+    }
+
+    /// Every live server sets this seat's clock to the largest clock it
+    /// received from any worker, and the worker starts at the largest of
+    /// those, `c` (the job's clock: it holds nobody back, and reads the
+    /// current model), raising the seat to `c` everywhere.
+    fn start_in_seat(&self) -> Result<u32> {
+        let c = self.ask_servers_clock(&Control::JobClock { worker: self.rank }, u32::max, "joining")?.unwrap_or(0);
+        self.clock.store(c, Ordering::Release);
         let ring = self.ring.read();
-        self.send_clock_frame(&ring, c, proto::flags::CLOCK_RESET)?;
+        self.send_clock_frame(&ring, c, 0)?;
         Ok(c)
     }
 
