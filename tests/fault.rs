@@ -328,19 +328,15 @@ fn a_worker_restarted_across_a_server_failover_joins_the_new_epoch() {
     let again = watched_worker(&job, 1, workers, &args);
     let first = ws.swap_remove(0);
     let mut ws = vec![first, again];
-    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
-    let all: Vec<String> = ws
-        .iter()
-        .map(|w| format!("== {}:\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
-        .collect();
-    assert!(statuses.iter().all(|st| st.success()), "a worker failed:\n{}", all.join("\n"));
+    finish_all(&mut ws, &job, deadline);
     for w in &ws {
         let out = w.out.lock().unwrap().clone();
         let (_, epoch) = parse_counting(&out);
         assert!(epoch >= 2, "{}: no failover happened (epoch {epoch})", w.proc.name);
         assert!(out.contains("(restarts 1;"), "{}: the restart is not counted:\n{out}", w.proc.name);
     }
-    assert!(ws[1].out.lock().unwrap().contains("resumed at clock "), "{}", all.join("\n"));
+    let out = ws[1].out.lock().unwrap().clone();
+    assert!(out.contains("resumed at clock "), "the new worker did not say where it resumed:\n{out}");
     assert_ended_well(&mut job, Some(1), deadline);
 }
 
@@ -392,12 +388,7 @@ fn counting_with_a_worker_added(restart_it: bool) {
         assert!(!first.contains("counting passed"), "the added worker finished before the kill");
         ws[2] = watched_worker(&job, 2, workers, &args);
     }
-    let statuses: Vec<_> = ws.iter_mut().map(|w| w.finish(deadline)).collect();
-    let all: Vec<String> = ws
-        .iter()
-        .map(|w| format!("== {}:\n{}\n{}", w.proc.name, w.out.lock().unwrap(), w.err.lock().unwrap()))
-        .collect();
-    assert!(statuses.iter().all(|st| st.success()), "a worker failed:\n{}", all.join("\n"));
+    finish_all(&mut ws, &job, deadline);
     let out = ws[2].out.lock().unwrap().clone();
     let said = if restart_it { "resumed at clock " } else { "joined at clock " };
     let clock: u32 = out
@@ -405,7 +396,7 @@ fn counting_with_a_worker_added(restart_it: bool) {
         .nth(1)
         .and_then(|t| t.split(',').next())
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("the new worker did not say where it joined:\n{}", all.join("\n")));
+        .unwrap_or_else(|| panic!("the added worker did not say where it started:\n{out}"));
     assert!((20..1500).contains(&clock), "{said}{clock}, after 20 acknowledged rounds of 1500");
     if restart_it {
         assert!(out.contains("(restarts 1;"), "the restart is not counted:\n{out}");

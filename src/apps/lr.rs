@@ -94,6 +94,22 @@ pub struct Iteration {
     pub kkt_skipped: u64,
 }
 
+impl Iteration {
+    /// Pass `iter` (from 0) as its stats row `sums` says (all workers).
+    fn from_sums(iter: u32, sums: &[f32], start: Instant) -> Iteration {
+        Iteration {
+            iteration: iter + 1,
+            objective: f64::from(sums[0]) + f64::from(sums[1]),
+            nnz: sums[2] as u64,
+            seconds: start.elapsed().as_secs_f64(),
+            bytes_pushed: sums[3] as u64,
+            bytes_pulled: sums[4] as u64,
+            kkt_skipped: sums[5] as u64,
+            ..Iteration::default()
+        }
+    }
+}
+
 /// The outcome of training (the weights on rank 0 only).
 #[derive(Clone, Debug, Default)]
 pub struct LrResult {
@@ -399,16 +415,7 @@ pub fn train(
             // Done before this worker resumed: its decisions are taken again
             // from the pass's sums, as every worker took them.
             let sums = w.with_consistency(seq).pull(t.stats, &[u64::from(iter)])?.wait()?;
-            let it = Iteration {
-                iteration: iter + 1,
-                objective: f64::from(sums[0]) + f64::from(sums[1]),
-                nnz: sums[2] as u64,
-                seconds: start.elapsed().as_secs_f64(),
-                bytes_pushed: sums[3] as u64,
-                bytes_pulled: sums[4] as u64,
-                kkt_skipped: sums[5] as u64,
-                ..Iteration::default()
-            };
+            let it = Iteration::from_sums(iter, &sums, start);
             let objective = it.objective;
             result.iterations.push(it);
             if next_damping(&mut damping, &mut prev_objective, objective, full_pass, cfg.tol) {
@@ -460,18 +467,9 @@ pub fn train(
         w.wait(w.push(t.stats, &[u64::from(iter)], &row)?)?;
         w.clock()?;
         let sums = w.with_consistency(seq).pull(t.stats, &[u64::from(iter)])?.wait()?;
-        let objective = f64::from(sums[0]) + f64::from(sums[1]);
         tracing::debug!(iter, full_pass, loss = sums[0], reg = sums[1], skipped = kkt_skipped, damping, "pass");
-        let mut it = Iteration {
-            iteration: iter + 1,
-            objective,
-            nnz: sums[2] as u64,
-            seconds: start.elapsed().as_secs_f64(),
-            bytes_pushed: sums[3] as u64,
-            bytes_pulled: sums[4] as u64,
-            kkt_skipped: sums[5] as u64,
-            ..Iteration::default()
-        };
+        let mut it = Iteration::from_sums(iter, &sums, start);
+        let objective = it.objective;
         if let Some((acc, auc)) = eval {
             it.accuracy = Some(acc);
             it.auc = Some(auc);

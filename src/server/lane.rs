@@ -1589,30 +1589,8 @@ mod tests {
     #[test]
     fn a_restarted_workers_clock_is_set_back_in_owned_shards_and_copies() {
         let lane = Lane::new(Arc::new(Replication::default()));
-        lane.submit(
-            Job::Install {
-                id: 1,
-                shard: shard(1),
-                active: true,
-                targets: Vec::new(),
-                epoch: 1,
-                owned: Vec::new(),
-                bounds: Vec::new(),
-            },
-            true,
-        );
-        lane.submit(
-            Job::Install {
-                id: 2,
-                shard: shard(2),
-                active: false,
-                targets: Vec::new(),
-                epoch: 1,
-                owned: Vec::new(),
-                bounds: Vec::new(),
-            },
-            true,
-        );
+        install(&lane, 1, shard(1), true);
+        install(&lane, 2, shard(2), false);
         for (worker, clock) in [(0, 12), (1, 9), (1, u64::MAX)] {
             lane.submit(Job::Clock { worker, clock }, true);
         }
@@ -1629,27 +1607,20 @@ mod tests {
         }
         // A shard installed later starts from the reset clock, and clocks
         // raise it again from there.
-        lane.submit(
-            Job::Install {
-                id: 3,
-                shard: shard(3),
-                active: true,
-                targets: Vec::new(),
-                epoch: 1,
-                owned: Vec::new(),
-                bounds: Vec::new(),
-            },
-            true,
-        );
+        install(&lane, 3, shard(3), true);
         lane.submit(Job::Clock { worker: 1, clock: 10 }, true);
         let st = lane.state.lock();
         assert_eq!((st.shards[&3].shard.progress(1), st.shards[&3].shard.min_progress()), (10, 10));
     }
 
     fn install(lane: &Lane, id: u32, shard: Box<Shard>, active: bool) {
-        let job =
-            Job::Install { id, shard, active, targets: Vec::new(), epoch: 1, owned: Vec::new(), bounds: Vec::new() };
-        lane.submit(job, true);
+        install_with(lane, id, shard, active, Vec::new(), Vec::new());
+    }
+
+    /// Installs `shard` as `id` (epoch 1, no replicas), owning `owned`, with
+    /// the epoch's range bounds `bounds` inside it.
+    fn install_with(lane: &Lane, id: u32, shard: Box<Shard>, active: bool, owned: Vec<KeyRange>, bounds: Vec<u64>) {
+        lane.submit(Job::Install { id, shard, active, targets: Vec::new(), epoch: 1, owned, bounds }, true);
     }
 
     /// A lost worker holds back the shards that wait for lost workers (its
@@ -1686,9 +1657,7 @@ mod tests {
     fn the_runs_of_one_push_to_two_ranges_of_a_shard_each_apply_once() {
         let lane = Lane::new(Arc::new(Replication::default()));
         let owned = vec![KeyRange::new(0, 8)];
-        let job =
-            Job::Install { id: 1, shard: shard(1), active: true, targets: vec![], epoch: 1, owned, bounds: vec![4] };
-        lane.submit(job, true);
+        install_with(&lane, 1, shard(1), true, owned, vec![4]);
         let mut st = lane.state.lock();
         let shards = &mut st.shards;
         for _ in 0..2 {
@@ -1814,18 +1783,7 @@ mod tests {
     fn a_retry_after_a_later_run_to_another_range_of_the_shard_is_applied() {
         let lane = Lane::new(Arc::new(Replication::default()));
         let owned = vec![KeyRange::new(0, 4), KeyRange::new(4, 6), KeyRange::new(6, 8)];
-        lane.submit(
-            Job::Install {
-                id: 1,
-                shard: shard(1),
-                active: true,
-                targets: Vec::new(),
-                epoch: 1,
-                owned,
-                bounds: Vec::new(),
-            },
-            true,
-        );
+        install_with(&lane, 1, shard(1), true, owned, Vec::new());
         let mut st = lane.state.lock();
         let shards = &mut st.shards;
         push_run(shards, &run(6, 2, 12), 0, 0).unwrap();
