@@ -112,6 +112,9 @@ pub struct CountingReport {
     pub joined: Option<u32>,
     /// What went one-sided (shared memory, RDMA) during the check.
     pub traffic: crate::worker::Traffic,
+    /// The final read of the dense counters went one-sided (every server
+    /// owning some of them, one that joined included, is mapped).
+    pub final_one_sided: bool,
 }
 
 /// The counting check, for fault injection: each round every worker adds 1
@@ -179,8 +182,15 @@ pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration, tau: Option<
     let joined_rounds = w.pull(COUNT_JOINED, &[0])?.wait()?[0];
     let expect = (u64::from(rounds) * u64::from(w.num_workers())) as f32 + joined_rounds;
     let restarts = w.pull(COUNT_RESTARTS, &[0])?.wait()?[0];
+    let mut final_one_sided = false;
     for (table, ks) in [(COUNT_DENSE, &all), (COUNT_SPARSE, &sparse)] {
+        let before = w.traffic();
         let got = w.pull(table, ks)?.wait()?;
+        if table == COUNT_DENSE {
+            let after = w.traffic();
+            final_one_sided = after.shm_pulls + after.rdma_pulls > before.shm_pulls + before.rdma_pulls
+                && after.requests == before.requests;
+        }
         if let Some(i) = got.iter().position(|&v| v != expect) {
             let wrong = got.iter().filter(|&&v| v != expect).count();
             // The wrong keys as runs of consecutive indices, for diagnosis.
@@ -226,5 +236,6 @@ pub fn counting(w: &Worker, keys: u64, rounds: u32, pace: Duration, tau: Option<
         resumed,
         joined,
         traffic: w.traffic(),
+        final_one_sided,
     })
 }

@@ -867,9 +867,15 @@ fn check_cmd(a: CheckArgs, auth: &AuthArgs) -> Result<()> {
             let t = &r.traffic;
             println!(
                 "counting passed on worker {rank}: {} pushes acknowledged, {counters}, {resumed}\
-                 one-sided: shm_pulls={} rdma_pulls={} rdma_frames={}, \
+                 one-sided: shm_pulls={} rdma_pulls={} rdma_frames={} final_pull={}, \
                  slowest acknowledgement {:.1} ms, epoch {}",
-                r.acked, t.shm_pulls, t.rdma_pulls, t.rdma_frames, r.slowest_ms, r.epoch
+                r.acked,
+                t.shm_pulls,
+                t.rdma_pulls,
+                t.rdma_frames,
+                if r.final_one_sided { "one-sided" } else { "network" },
+                r.slowest_ms,
+                r.epoch
             );
         }
         return Ok(());

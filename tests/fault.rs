@@ -653,6 +653,15 @@ fn counting_across_a_join(
         let (_, epoch) = parse_counting(&out);
         assert!(epoch >= least, "{}: the workers never routed with the joined server (epoch {epoch})", w.proc.name);
         eprintln!("{}: {}", w.proc.name, out.trim());
+        if transport == Some("shm") {
+            // Mapped again after the join: the last read of the counters,
+            // the joined server's ranges included, went through memory.
+            assert!(
+                out.contains("final_pull=one-sided"),
+                "{}: the final pull went over the network: {out}",
+                w.proc.name
+            );
+        }
         if transport == Some("rdma") {
             let rdma = |what: &str| -> u64 {
                 out.split(what)
@@ -682,6 +691,17 @@ fn counting_across_a_join(
     );
     let _ = std::fs::remove_dir_all(&job.dir);
     migration_ms
+}
+
+/// Over shared memory: after a server joins, the workers map its shards
+/// (and the others' new ones) and read them one-sided again.
+#[test]
+fn a_server_joining_over_shared_memory_is_read_one_sided_after_its_join() {
+    if !pserver::transport::shm::available() {
+        eprintln!("SKIPPED: no usable shared-memory directory");
+        return;
+    }
+    counting_across_a_join("std", Some("shm"), 2, 1, None);
 }
 
 #[test]

@@ -789,78 +789,12 @@ impl Worker {
             }
         }
         let map = self.inner.ring.read().ranges(spec.keys);
-        let one_sided = self.map_shards(&spec)?;
+        let one_sided = self.inner.map_shards(&spec, false)?;
         let mut tables = self.inner.tables.write();
         // Created again (the same spec): the pushes' seqs go on.
         let push_seq = tables.get(&spec.id).map_or_else(Default::default, |t| t.push_seq.clone());
         tables.insert(spec.id, Arc::new(TableInfo { spec, map, one_sided, push_seq }));
         Ok(())
-    }
-
-    /// Where the shards of a dense table can be read one-sided: by RDMA
-    /// from servers with a link, else from the servers this worker shares
-    /// memory with.
-    fn map_shards(&self, spec: &TableSpec) -> Result<Vec<Option<Arc<Vec<View>>>>> {
-        let rings = self.inner.shared.rings.read().clone();
-        let links = self.inner.shared.links.read().clone();
-        let mut out: Vec<Option<Arc<Vec<View>>>> = rings.iter().map(|_| None).collect();
-        if spec.storage != crate::table::Storage::Dense {
-            return Ok(out);
-        }
-        let peers = self.inner.shared.servers.read().clone();
-        for (s, link) in links.iter().enumerate() {
-            let Some(link) = link else { continue };
-            let id = self.inner.control_send(peers[s], &Control::RdmaShardMap { table: spec.id })?;
-            let shards = match self.inner.shared.wait_control(id, Duration::from_secs(60))? {
-                Control::RdmaShardMapReply { shards } => shards,
-                Control::Error(m) => return Err(Error::Remote { peer: format!("server {s}"), message: m }),
-                other => return Err(Error::protocol("server", format!("unexpected reply {other:?}"))),
-            };
-            let layout = crate::store::SlotLayout::new(spec.dim).ok_or(Error::UnknownTable(spec.id))?;
-            let mut views = Vec::with_capacity(shards.len());
-            for sh in shards {
-                let range = crate::store::KeyRange::new(sh.start, sh.end);
-                // The slots must hold the whole range (a peer's word is
-                // checked, not trusted): reads are bounded by them.
-                let need = range.len().checked_mul(layout.bytes() as u64);
-                if range.is_empty() || need.is_none_or(|n| n > sh.slots.len) || sh.header.len < 64 {
-                    return Err(Error::protocol(
-                        format!("server {s}"),
-                        format!("shard {range} does not fit its region"),
-                    ));
-                }
-                views.push(View::Rdma(RdmaView { range, header: sh.header, slots: sh.slots, link: link.clone() }));
-            }
-            views.sort_by_key(|v| v.range().start);
-            out[s] = Some(Arc::new(views));
-        }
-        for (s, ring) in rings.iter().enumerate() {
-            if ring.is_none() || out[s].is_some() {
-                continue;
-            }
-            let id = self.inner.control_send(peers[s], &Control::ShardMap { table: spec.id })?;
-            let shards = match self.inner.shared.wait_control(id, Duration::from_secs(60))? {
-                Control::ShardMapReply { shards } => shards,
-                Control::Error(m) => return Err(Error::Remote { peer: format!("server {s}"), message: m }),
-                other => return Err(Error::protocol("server", format!("unexpected reply {other:?}"))),
-            };
-            let mut views = Vec::with_capacity(shards.len());
-            for sh in shards {
-                let view = ShmView {
-                    range: crate::store::KeyRange::new(sh.start, sh.end),
-                    header: crate::transport::shm::Mapped::open(std::path::Path::new(&sh.header))?,
-                    slots: crate::transport::shm::Mapped::open(std::path::Path::new(&sh.slots))?,
-                };
-                let layout = view.header.load(crate::store::shard::HEADER_LAYOUT).unwrap_or(0);
-                if layout as u32 != spec.dim {
-                    return Err(Error::Config(format!("shared shard {} does not hold dim {}", sh.slots, spec.dim)));
-                }
-                views.push(View::Shm(view));
-            }
-            views.sort_by_key(|v| v.range().start);
-            out[s] = Some(Arc::new(views));
-        }
-        Ok(out)
     }
 
     /// Pushes `vals` (`keys x dim`) for sorted, unique `keys`; copies both.
@@ -1530,6 +1464,139 @@ impl Inner {
                 self.net.disconnect(peer);
                 Err(e)
             }
+        }
+    }
+
+    /// Where the shards of a dense table can be read one-sided: by RDMA
+    /// from servers with a link, else from the servers this worker shares
+    /// memory with. `again` (after a membership change): every live server
+    /// without a link is asked for its shared shards (a server that joined
+    /// has no ring to this worker, but may share its memory), and a server
+    /// that does not answer, or whose shards cannot be mapped, is read over
+    /// the network instead of failing the call.
+    fn map_shards(&self, spec: &TableSpec, again: bool) -> Result<Vec<Option<Arc<Vec<View>>>>> {
+        let rings = self.shared.rings.read().clone();
+        let links = self.shared.links.read().clone();
+        let peers = self.shared.servers.read().clone();
+        let mut out: Vec<Option<Arc<Vec<View>>>> = peers.iter().map(|_| None).collect();
+        if spec.storage != crate::table::Storage::Dense {
+            return Ok(out);
+        }
+        for (s, link) in links.iter().enumerate().take(peers.len()) {
+            let Some(link) = link else { continue };
+            if again {
+                match self.map_rdma(spec, peers[s], s, link) {
+                    Ok(v) => out[s] = Some(Arc::new(v)),
+                    Err(e) => tracing::debug!(server = s, error = %e, "shards not mapped for RDMA again"),
+                }
+                continue;
+            }
+            out[s] = Some(Arc::new(self.map_rdma(spec, peers[s], s, link)?));
+        }
+        let alive: Vec<bool> = {
+            let ring = self.ring.read();
+            (0..peers.len()).map(|s| ring.is_alive(s as u32)).collect()
+        };
+        for s in 0..peers.len() {
+            let same_host = rings.get(s).is_some_and(Option::is_some);
+            if out[s].is_some() || !(same_host || again && alive[s]) {
+                continue;
+            }
+            if again {
+                match self.map_shm(spec, peers[s], s) {
+                    Ok(v) if !v.is_empty() => out[s] = Some(Arc::new(v)),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(server = s, error = %e, "shared shards not mapped again"),
+                }
+                continue;
+            }
+            out[s] = Some(Arc::new(self.map_shm(spec, peers[s], s)?));
+        }
+        Ok(out)
+    }
+
+    /// A linked server's shards of `spec`, for RDMA READ.
+    fn map_rdma(&self, spec: &TableSpec, peer: PeerId, s: usize, link: &Arc<Link>) -> Result<Vec<View>> {
+        let id = self.control_send(peer, &Control::RdmaShardMap { table: spec.id })?;
+        let shards = match self.shared.wait_control(id, Duration::from_secs(60))? {
+            Control::RdmaShardMapReply { shards } => shards,
+            Control::Error(m) => return Err(Error::Remote { peer: format!("server {s}"), message: m }),
+            other => return Err(Error::protocol("server", format!("unexpected reply {other:?}"))),
+        };
+        let layout = crate::store::SlotLayout::new(spec.dim).ok_or(Error::UnknownTable(spec.id))?;
+        let mut views = Vec::with_capacity(shards.len());
+        for sh in shards {
+            let range = crate::store::KeyRange::new(sh.start, sh.end);
+            // The slots must hold the whole range (a peer's word is
+            // checked, not trusted): reads are bounded by them.
+            let need = range.len().checked_mul(layout.bytes() as u64);
+            if range.is_empty() || need.is_none_or(|n| n > sh.slots.len) || sh.header.len < 64 {
+                return Err(Error::protocol(format!("server {s}"), format!("shard {range} does not fit its region")));
+            }
+            views.push(View::Rdma(RdmaView { range, header: sh.header, slots: sh.slots, link: link.clone() }));
+        }
+        views.sort_by_key(|v| v.range().start);
+        Ok(views)
+    }
+
+    /// A same-host server's shards of `spec`, mapped read-only.
+    fn map_shm(&self, spec: &TableSpec, peer: PeerId, s: usize) -> Result<Vec<View>> {
+        let id = self.control_send(peer, &Control::ShardMap { table: spec.id })?;
+        let shards = match self.shared.wait_control(id, Duration::from_secs(60))? {
+            Control::ShardMapReply { shards } => shards,
+            Control::Error(m) => return Err(Error::Remote { peer: format!("server {s}"), message: m }),
+            other => return Err(Error::protocol("server", format!("unexpected reply {other:?}"))),
+        };
+        let mut views = Vec::with_capacity(shards.len());
+        for sh in shards {
+            let view = ShmView {
+                range: crate::store::KeyRange::new(sh.start, sh.end),
+                header: crate::transport::shm::Mapped::open(std::path::Path::new(&sh.header))?,
+                slots: crate::transport::shm::Mapped::open(std::path::Path::new(&sh.slots))?,
+            };
+            let layout = view.header.load(crate::store::shard::HEADER_LAYOUT).unwrap_or(0);
+            if layout as u32 != spec.dim {
+                return Err(Error::Config(format!("shared shard {} does not hold dim {}", sh.slots, spec.dim)));
+            }
+            views.push(View::Shm(view));
+        }
+        views.sort_by_key(|v| v.range().start);
+        Ok(views)
+    }
+
+    /// After a membership change: the one-sided views of every dense table
+    /// again (a server that joined, or new shards of the others: copies
+    /// re-replicated, ranges taken over). Views of servers that died
+    /// meanwhile are not installed.
+    fn remap(&self) {
+        let tables: Vec<Arc<TableInfo>> = self.tables.read().values().cloned().collect();
+        for info in tables.iter().filter(|t| t.spec.storage == crate::table::Storage::Dense) {
+            let views = match self.map_shards(&info.spec, true) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::debug!(table = info.spec.id, error = %e, "one-sided views not refreshed");
+                    continue;
+                }
+            };
+            let ring = self.ring.read();
+            let mut tables = self.tables.write();
+            let Some(cur) = tables.get_mut(&info.spec.id) else { continue };
+            let one_sided = (0..ring.servers().len())
+                .map(|s| {
+                    let mine = views.get(s).cloned().flatten();
+                    if ring.is_alive(s as u32) {
+                        mine.or_else(|| cur.one_sided.get(s).cloned().flatten())
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            *cur = Arc::new(TableInfo {
+                spec: cur.spec.clone(),
+                map: cur.map.clone(),
+                one_sided,
+                push_seq: cur.push_seq.clone(),
+            });
         }
     }
 
@@ -2315,6 +2382,14 @@ fn router(inner: std::sync::Weak<Inner>, rx: crossbeam::channel::Receiver<Route>
         match msg {
             Ok(Route::Membership { epoch, servers }) => {
                 inner.apply_membership(epoch, servers);
+                // New views (it asks the servers: not on this thread, which
+                // must go on routing).
+                let weak = Arc::downgrade(&inner);
+                let _ = std::thread::Builder::new().name("pserver-remap".into()).spawn(move || {
+                    if let Some(inner) = weak.upgrade() {
+                        inner.remap();
+                    }
+                });
                 {
                     let ring = inner.ring.read();
                     lost.retain(|s, _| ring.is_alive(*s));
