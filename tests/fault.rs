@@ -653,6 +653,18 @@ fn counting_across_a_join(
         let (_, epoch) = parse_counting(&out);
         assert!(epoch >= least, "{}: the workers never routed with the joined server (epoch {epoch})", w.proc.name);
         eprintln!("{}: {}", w.proc.name, out.trim());
+        if transport == Some("rdma") && kill.is_none() {
+            // Linked with the joined server, whose frames then went through
+            // its ring in sequence (a gap would have stalled the workers).
+            // Its dim-1 counters are not read by RDMA on soft-RoCE (no
+            // word-atomic READ), so the final pull says nothing here.
+            let err = w.err.lock().unwrap();
+            assert!(
+                err.contains("RDMA link opened with a server that joined"),
+                "{}: no RDMA link with the joined server:\n{err}",
+                w.proc.name
+            );
+        }
         if transport == Some("shm") {
             // Mapped again after the join: the last read of the counters,
             // the joined server's ranges included, went through memory.
@@ -745,6 +757,16 @@ fn rdma_a_server_joining_then_dying_keeps_the_counters_exact() {
         return;
     }
     counting_across_a_join("std", Some("rdma"), 2, 1, Some(2));
+}
+
+/// Over RDMA (in the VM): the workers link with a server that joined
+/// mid-run and read its shards by RDMA READ after its join.
+#[test]
+fn rdma_a_server_joining_is_read_over_rdma_after_its_join() {
+    if rdma_device_or_skip().is_none() {
+        return;
+    }
+    counting_across_a_join("std", Some("rdma"), 2, 1, None);
 }
 
 /// An old owner SIGKILLed while a server joins (as soon as the scheduler

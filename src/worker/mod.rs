@@ -466,6 +466,9 @@ struct Inner {
     restarted: std::sync::OnceLock<u32>,
     /// A joined worker's first clock (see [`Worker::joined`]).
     joined: std::sync::OnceLock<u32>,
+    /// The RDMA device, when this worker may use RDMA: servers that join
+    /// later are linked too.
+    rdma_dev: Option<Arc<rdma::Rdma>>,
     /// Barriers this worker passed (`Control::Barrier::n`).
     barriers: AtomicU64,
     max_inflight: usize,
@@ -625,10 +628,12 @@ impl Worker {
         *shared.seqs.write() = (0..peers.len()).map(|_| AtomicU64::new(1)).collect();
         *shared.servers.write() = peers.clone();
         let mut links: Vec<Option<Arc<Link>>> = vec![None; peers.len()];
+        let mut rdma_dev = None;
         if cfg.rdma != RdmaMode::Off {
             let required = cfg.rdma == RdmaMode::Require;
             match rdma::device() {
                 Ok(dev) => {
+                    rdma_dev = Some(dev.clone());
                     for (s, &p) in peers.iter().enumerate().filter(|(s, _)| servers[*s].alive) {
                         match open_link(&shared, &net, p, &dev, &servers[s].addr) {
                             Ok(l) => links[s] = Some(Arc::new(l)),
@@ -710,6 +715,7 @@ impl Worker {
                 resumed,
                 restarted: std::sync::OnceLock::new(),
                 joined: std::sync::OnceLock::new(),
+                rdma_dev,
                 barriers: AtomicU64::new(0),
                 max_inflight: cfg.max_inflight.max(1),
                 finished: Default::default(),
@@ -1539,6 +1545,60 @@ impl Inner {
         Ok(views)
     }
 
+    /// Opens RDMA links with live servers that have none (servers that
+    /// joined after this worker started), when this worker uses RDMA. The
+    /// request carries the seq of this worker's next ordered frame to the
+    /// server and is sent under the server's send lock: every frame before
+    /// it went over TCP ahead of the request, and the server sequences the
+    /// frames from that seq on, whichever channel brings them (frames sent
+    /// while the answer is on its way go over TCP). A server that offers no
+    /// RDMA, or does not answer, stays on TCP.
+    fn link_new_servers(&self) {
+        let Some(dev) = &self.rdma_dev else { return };
+        let servers: Vec<(usize, String)> = {
+            let ring = self.ring.read();
+            let links = self.shared.links.read();
+            ring.servers()
+                .iter()
+                .enumerate()
+                .filter(|(s, i)| i.alive && !i.joining && links.get(*s).is_some_and(Option::is_none))
+                .map(|(s, i)| (s, i.addr.clone()))
+                .collect()
+        };
+        for (s, addr) in servers {
+            match self.link_mid_job(dev, s, &addr) {
+                Ok(l) => {
+                    if let Some(slot) = self.shared.links.write().get_mut(s) {
+                        *slot = Some(Arc::new(l));
+                    }
+                    tracing::info!(target: "transport", server = s, "RDMA link opened with a server that joined");
+                }
+                Err(e) => tracing::info!(target: "transport", server = s, reason = %e,
+                    "no RDMA link with a server that joined; it stays on tcp"),
+            }
+        }
+    }
+
+    fn link_mid_job(&self, dev: &Arc<rdma::Rdma>, s: usize, addr: &str) -> Result<Link> {
+        let peer = self.shared.servers.read().get(s).copied().ok_or_else(|| Error::Disconnected(addr.into()))?;
+        let (link, info) = Link::new(dev, addr)?;
+        let id = {
+            let locks = self.shared.sending.read();
+            let _order = locks.get(s).map(|l| l.lock());
+            let next_seq = self.shared.seqs.read().get(s).map_or(1, |q| q.load(Ordering::Acquire));
+            self.control_send(peer, &Control::RdmaConnect { conn: info.to_bytes(), next_seq })?
+        };
+        match self.shared.wait_control(id, Duration::from_secs(10))? {
+            Control::RdmaAccept { conn, ring, ring_ctl } => {
+                let remote = ConnInfo::from_bytes(&conn).map_err(|m| Error::protocol(addr, m))?;
+                link.establish(&remote, ring, ring_ctl)?;
+                Ok(link)
+            }
+            Control::Error(m) => Err(Error::Remote { peer: addr.into(), message: m }),
+            other => Err(Error::protocol(addr, format!("unexpected reply {other:?}"))),
+        }
+    }
+
     /// A same-host server's shards of `spec`, mapped read-only.
     fn map_shm(&self, spec: &TableSpec, peer: PeerId, s: usize) -> Result<Vec<View>> {
         let id = self.control_send(peer, &Control::ShardMap { table: spec.id })?;
@@ -1569,6 +1629,7 @@ impl Inner {
     /// re-replicated, ranges taken over). Views of servers that died
     /// meanwhile are not installed.
     fn remap(&self) {
+        self.link_new_servers();
         let tables: Vec<Arc<TableInfo>> = self.tables.read().values().cloned().collect();
         for info in tables.iter().filter(|t| t.spec.storage == crate::table::Storage::Dense) {
             let views = match self.map_shards(&info.spec, true) {
