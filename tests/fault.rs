@@ -660,7 +660,7 @@ fn counting_across_a_join(
             // word-atomic READ), so the final pull says nothing here.
             let err = w.err.lock().unwrap();
             assert!(
-                err.contains("RDMA link opened with a server that joined"),
+                err.contains("RDMA link opened with a server mid-job"),
                 "{}: no RDMA link with the joined server:\n{err}",
                 w.proc.name
             );

@@ -903,7 +903,11 @@ impl ServerHandler {
             }
             Control::RdmaConnect { conn, next_seq } => {
                 let inbox = self.shared.inbox.read().clone();
+                let linked = self.shared.conns.lock().get(&from).is_some_and(|c| c.seq.is_some());
                 let reply = match inbox {
+                    // Its frames are sequenced already: a second sequencer
+                    // would drop the frames the first one holds.
+                    _ if linked => Control::Error("this connection has an RDMA link already".into()),
                     None => Control::Error("this server offers no RDMA".into()),
                     Some(inbox) => match ConnInfo::from_bytes(&conn) {
                         Err(m) => Control::Error(m),

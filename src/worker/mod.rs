@@ -469,6 +469,14 @@ struct Inner {
     /// The RDMA device, when this worker may use RDMA: servers that join
     /// later are linked too.
     rdma_dev: Option<Arc<rdma::Rdma>>,
+    /// Held by a `remap` (one at a time: two would link a server twice,
+    /// and an older one could install its views after a newer one's).
+    remapping: Mutex<()>,
+    /// Whether this worker reads shared memory (its `--transport` allows it).
+    shm_reads: bool,
+    /// Servers a link was asked of mid-job (asked once: a server that
+    /// accepted while this worker gave up must not be asked again).
+    link_asked: Mutex<std::collections::HashSet<usize>>,
     /// Barriers this worker passed (`Control::Barrier::n`).
     barriers: AtomicU64,
     max_inflight: usize,
@@ -628,6 +636,10 @@ impl Worker {
         *shared.seqs.write() = (0..peers.len()).map(|_| AtomicU64::new(1)).collect();
         *shared.servers.write() = peers.clone();
         let mut links: Vec<Option<Arc<Link>>> = vec![None; peers.len()];
+        // Servers that accepted a link this worker could not establish: they
+        // sequence its frames, so no shared push ring (whose doorbells are
+        // not sequenced) may be opened with them.
+        let mut sequenced = vec![false; peers.len()];
         let mut rdma_dev = None;
         if cfg.rdma != RdmaMode::Off {
             let required = cfg.rdma == RdmaMode::Require;
@@ -635,7 +647,7 @@ impl Worker {
                 Ok(dev) => {
                     rdma_dev = Some(dev.clone());
                     for (s, &p) in peers.iter().enumerate().filter(|(s, _)| servers[*s].alive) {
-                        match open_link(&shared, &net, p, &dev, &servers[s].addr) {
+                        match open_link(&shared, &net, p, &dev, &servers[s].addr, &mut sequenced[s]) {
                             Ok(l) => links[s] = Some(Arc::new(l)),
                             Err(e) if required => {
                                 return Err(Error::Config(format!(
@@ -662,7 +674,7 @@ impl Worker {
         let mut rings = vec![None; peers.len()];
         if cfg.shm != ShmMode::Off {
             for (s, &p) in peers.iter().enumerate() {
-                if links[s].is_some() || !servers[s].alive {
+                if links[s].is_some() || !servers[s].alive || sequenced[s] {
                     continue;
                 }
                 let r = if net.same_host(p) {
@@ -716,6 +728,9 @@ impl Worker {
                 restarted: std::sync::OnceLock::new(),
                 joined: std::sync::OnceLock::new(),
                 rdma_dev,
+                remapping: Mutex::new(()),
+                shm_reads: cfg.shm != ShmMode::Off,
+                link_asked: Default::default(),
                 barriers: AtomicU64::new(0),
                 max_inflight: cfg.max_inflight.max(1),
                 finished: Default::default(),
@@ -1232,17 +1247,24 @@ fn open_link(
     peer: PeerId,
     dev: &Arc<rdma::Rdma>,
     addr: &str,
+    sequenced: &mut bool,
 ) -> Result<Link> {
     let (link, info) = Link::new(dev, addr)?;
     let server = shared.server_index(peer).map_or(0, |s| s as usize);
     let next_seq = shared.seqs.read()[server].load(Ordering::Acquire);
+    // From the request on the server may sequence this worker's frames,
+    // unless it says no (an answer that never comes leaves it in doubt).
+    *sequenced = true;
     match join_call(shared, net, peer, &Control::RdmaConnect { conn: info.to_bytes(), next_seq })? {
         Control::RdmaAccept { conn, ring, ring_ctl } => {
             let remote = ConnInfo::from_bytes(&conn).map_err(|m| Error::protocol(addr, m))?;
             link.establish(&remote, ring, ring_ctl)?;
             Ok(link)
         }
-        Control::Error(m) => Err(Error::Remote { peer: addr.into(), message: m }),
+        Control::Error(m) => {
+            *sequenced = false;
+            Err(Error::Remote { peer: addr.into(), message: m })
+        }
         other => Err(Error::protocol(addr, format!("unexpected reply {other:?}"))),
     }
 }
@@ -1475,11 +1497,12 @@ impl Inner {
 
     /// Where the shards of a dense table can be read one-sided: by RDMA
     /// from servers with a link, else from the servers this worker shares
-    /// memory with. `again` (after a membership change): every live server
-    /// without a link is asked for its shared shards (a server that joined
-    /// has no ring to this worker, but may share its memory), and a server
-    /// that does not answer, or whose shards cannot be mapped, is read over
-    /// the network instead of failing the call.
+    /// memory with (with a push ring; when this worker reads shared memory,
+    /// every other live server is asked too, as one that joined has no ring
+    /// but may share its memory, and one that cannot be mapped is read over
+    /// the network). `again` (after a membership change): a server that
+    /// does not answer in time, or whose shards cannot be mapped, is read
+    /// over the network instead of failing the call.
     fn map_shards(&self, spec: &TableSpec, again: bool) -> Result<Vec<Option<Arc<Vec<View>>>>> {
         let rings = self.shared.rings.read().clone();
         let links = self.shared.links.read().clone();
@@ -1488,16 +1511,17 @@ impl Inner {
         if spec.storage != crate::table::Storage::Dense {
             return Ok(out);
         }
+        let wait = if again { Duration::from_secs(5) } else { Duration::from_secs(60) };
         for (s, link) in links.iter().enumerate().take(peers.len()) {
             let Some(link) = link else { continue };
             if again {
-                match self.map_rdma(spec, peers[s], s, link) {
+                match self.map_rdma(spec, peers[s], s, link, wait) {
                     Ok(v) => out[s] = Some(Arc::new(v)),
                     Err(e) => tracing::debug!(server = s, error = %e, "shards not mapped for RDMA again"),
                 }
                 continue;
             }
-            out[s] = Some(Arc::new(self.map_rdma(spec, peers[s], s, link)?));
+            out[s] = Some(Arc::new(self.map_rdma(spec, peers[s], s, link, wait)?));
         }
         let alive: Vec<bool> = {
             let ring = self.ring.read();
@@ -1505,26 +1529,34 @@ impl Inner {
         };
         for s in 0..peers.len() {
             let same_host = rings.get(s).is_some_and(Option::is_some);
-            if out[s].is_some() || !(same_host || again && alive[s]) {
+            let maybe = self.shm_reads && alive[s];
+            if out[s].is_some() || !(same_host || maybe) {
                 continue;
             }
-            if again {
-                match self.map_shm(spec, peers[s], s) {
+            if again || !same_host {
+                match self.map_shm(spec, peers[s], s, wait) {
                     Ok(v) if !v.is_empty() => out[s] = Some(Arc::new(v)),
                     Ok(_) => {}
                     Err(e) => tracing::debug!(server = s, error = %e, "shared shards not mapped again"),
                 }
                 continue;
             }
-            out[s] = Some(Arc::new(self.map_shm(spec, peers[s], s)?));
+            out[s] = Some(Arc::new(self.map_shm(spec, peers[s], s, wait)?));
         }
         Ok(out)
     }
 
     /// A linked server's shards of `spec`, for RDMA READ.
-    fn map_rdma(&self, spec: &TableSpec, peer: PeerId, s: usize, link: &Arc<Link>) -> Result<Vec<View>> {
+    fn map_rdma(
+        &self,
+        spec: &TableSpec,
+        peer: PeerId,
+        s: usize,
+        link: &Arc<Link>,
+        wait: Duration,
+    ) -> Result<Vec<View>> {
         let id = self.control_send(peer, &Control::RdmaShardMap { table: spec.id })?;
-        let shards = match self.shared.wait_control(id, Duration::from_secs(60))? {
+        let shards = match self.shared.wait_control(id, wait)? {
             Control::RdmaShardMapReply { shards } => shards,
             Control::Error(m) => return Err(Error::Remote { peer: format!("server {s}"), message: m }),
             other => return Err(Error::protocol("server", format!("unexpected reply {other:?}"))),
@@ -1545,8 +1577,11 @@ impl Inner {
         Ok(views)
     }
 
-    /// Opens RDMA links with live servers that have none (servers that
-    /// joined after this worker started), when this worker uses RDMA. The
+    /// Opens RDMA links with live servers that have none, once per server
+    /// (servers that joined after this worker started; servers that had
+    /// none from the start are asked again once, unless this worker pushes
+    /// to them through a shared ring, whose doorbells are not sequenced),
+    /// when this worker uses RDMA. The
     /// request carries the seq of this worker's next ordered frame to the
     /// server and is sent under the server's send lock: every frame before
     /// it went over TCP ahead of the request, and the server sequences the
@@ -1555,26 +1590,42 @@ impl Inner {
     /// RDMA, or does not answer, stays on TCP.
     fn link_new_servers(&self) {
         let Some(dev) = &self.rdma_dev else { return };
-        let servers: Vec<(usize, String)> = {
+        let servers: Vec<(usize, String, PeerId)> = {
             let ring = self.ring.read();
             let links = self.shared.links.read();
+            let rings = self.shared.rings.read();
+            let peers = self.shared.servers.read();
+            let mut asked = self.link_asked.lock();
             ring.servers()
                 .iter()
                 .enumerate()
-                .filter(|(s, i)| i.alive && !i.joining && links.get(*s).is_some_and(Option::is_none))
-                .map(|(s, i)| (s, i.addr.clone()))
+                .filter(|(s, i)| {
+                    i.alive
+                        && !i.joining
+                        && links.get(*s).is_some_and(Option::is_none)
+                        && rings.get(*s).is_none_or(Option::is_none)
+                        && peers.get(*s).is_some()
+                })
+                .filter(|(s, _)| asked.insert(*s))
+                .map(|(s, i)| (s, i.addr.clone(), peers[s]))
                 .collect()
         };
-        for (s, addr) in servers {
+        for (s, addr, peer) in servers {
             match self.link_mid_job(dev, s, &addr) {
                 Ok(l) => {
-                    if let Some(slot) = self.shared.links.write().get_mut(s) {
-                        *slot = Some(Arc::new(l));
+                    // Only for the server it was opened with, if still alive
+                    // (a link of a server that died meanwhile is dropped).
+                    let ring = self.ring.read();
+                    let same = self.shared.servers.read().get(s) == Some(&peer);
+                    if ring.is_alive(s as u32) && same {
+                        if let Some(slot) = self.shared.links.write().get_mut(s) {
+                            *slot = Some(Arc::new(l));
+                        }
+                        tracing::info!(target: "transport", server = s, "RDMA link opened with a server mid-job");
                     }
-                    tracing::info!(target: "transport", server = s, "RDMA link opened with a server that joined");
                 }
                 Err(e) => tracing::info!(target: "transport", server = s, reason = %e,
-                    "no RDMA link with a server that joined; it stays on tcp"),
+                    "no RDMA link with a server mid-job; it stays on tcp"),
             }
         }
     }
@@ -1600,9 +1651,9 @@ impl Inner {
     }
 
     /// A same-host server's shards of `spec`, mapped read-only.
-    fn map_shm(&self, spec: &TableSpec, peer: PeerId, s: usize) -> Result<Vec<View>> {
+    fn map_shm(&self, spec: &TableSpec, peer: PeerId, s: usize, wait: Duration) -> Result<Vec<View>> {
         let id = self.control_send(peer, &Control::ShardMap { table: spec.id })?;
-        let shards = match self.shared.wait_control(id, Duration::from_secs(60))? {
+        let shards = match self.shared.wait_control(id, wait)? {
             Control::ShardMapReply { shards } => shards,
             Control::Error(m) => return Err(Error::Remote { peer: format!("server {s}"), message: m }),
             other => return Err(Error::protocol("server", format!("unexpected reply {other:?}"))),
@@ -1629,6 +1680,7 @@ impl Inner {
     /// re-replicated, ranges taken over). Views of servers that died
     /// meanwhile are not installed.
     fn remap(&self) {
+        let _one = self.remapping.lock();
         self.link_new_servers();
         let tables: Vec<Arc<TableInfo>> = self.tables.read().values().cloned().collect();
         for info in tables.iter().filter(|t| t.spec.storage == crate::table::Storage::Dense) {
