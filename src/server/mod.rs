@@ -784,7 +784,6 @@ impl ServerHandler {
         if self.shared.sequenced.load(std::sync::atomic::Ordering::Acquire) == 0 {
             return self.ordered_or_refuse(net, from, frame);
         }
-        let mut frame = frame;
         {
             let mut conns = self.shared.conns.lock();
             let seq = conns.get_mut(&from).and_then(|c| c.seq.as_mut());
@@ -820,20 +819,29 @@ impl ServerHandler {
         }
         // This thread applies the connection's frames in order until the
         // next one has not arrived yet.
+        self.ordered_or_refuse(net, from, frame);
+        self.drain_held(net, from);
+    }
+
+    /// The thread that holds a sequenced connection's `busy` applies the
+    /// held frames that are next, in order, then lets go.
+    fn drain_held(&self, net: &Arc<dyn Messenger>, from: PeerId) {
         loop {
+            let frame = {
+                let mut conns = self.shared.conns.lock();
+                let Some(sq) = conns.get_mut(&from).and_then(|c| c.seq.as_mut()) else { return };
+                match sq.held.remove(&sq.next) {
+                    Some(f) => {
+                        sq.next += 1;
+                        f
+                    }
+                    None => {
+                        sq.busy = false;
+                        return;
+                    }
+                }
+            };
             self.ordered_or_refuse(net, from, frame);
-            let mut conns = self.shared.conns.lock();
-            let Some(sq) = conns.get_mut(&from).and_then(|c| c.seq.as_mut()) else { return };
-            match sq.held.remove(&sq.next) {
-                Some(f) => {
-                    sq.next += 1;
-                    frame = f;
-                }
-                None => {
-                    sq.busy = false;
-                    return;
-                }
-            }
         }
     }
 
@@ -1694,20 +1702,50 @@ impl ServerHandler {
         if !frame.meta.len().is_multiple_of(8) || frame.meta.len() / 8 != frame.segments.len() {
             return Err(bad("KEYS frame: digests and key lists do not match"));
         }
+        // On a sequenced connection (an RDMA link), frames after the parked
+        // ones arrive on the ring's thread: this thread takes the sequencer
+        // (they wait in it) until the parked ones are replayed, so none
+        // overtakes them. The thread applying frames now lets go soon (its
+        // frames are parked while the connection is blocked).
+        let sequenced = loop {
+            let mut conns = self.shared.conns.lock();
+            match conns.get_mut(&from).and_then(|c| c.seq.as_mut()) {
+                None => break false,
+                Some(sq) if !sq.busy => {
+                    sq.busy = true;
+                    break true;
+                }
+                Some(_) => {
+                    drop(conns);
+                    std::thread::yield_now();
+                }
+            }
+        };
         let parked = {
             let mut conns = self.shared.conns.lock();
             let c = conns.entry(from).or_default();
+            let mut bad_list = None;
             for (d, keys) in frame.meta.chunks_exact(8).zip(&frame.segments) {
                 if !keys.len().is_multiple_of(8) {
-                    return Err(bad("KEYS frame: a key list is not a whole number of keys"));
+                    bad_list = Some(bad("KEYS frame: a key list is not a whole number of keys"));
+                    break;
                 }
                 let digest = u64::from_le_bytes(d.try_into().expect("8 bytes"));
                 if c.lists.insert(digest, keys.clone()).is_none() {
                     c.bytes += keys.len();
                 }
             }
-            if c.bytes > 2 * proto::KEY_CACHE_BUDGET {
-                return Err(Error::LimitExceeded(format!("key cache of {} bytes for one connection", c.bytes)));
+            if bad_list.is_none() && c.bytes > 2 * proto::KEY_CACHE_BUDGET {
+                bad_list = Some(Error::LimitExceeded(format!("key cache of {} bytes for one connection", c.bytes)));
+            }
+            if let Some(e) = bad_list {
+                // Refused (by the caller); the frames that came meanwhile go
+                // on as they would have (parked, while still blocked).
+                drop(conns);
+                if sequenced {
+                    self.drain_held(net, from);
+                }
+                return Err(e);
             }
             if c.blocked {
                 c.blocked = false;
@@ -1719,6 +1757,9 @@ impl ServerHandler {
         // blocks again holds the ones after it. (They were sequenced already.)
         for f in parked {
             self.ordered_or_refuse(net, from, f);
+        }
+        if sequenced {
+            self.drain_held(net, from);
         }
         Ok(())
     }
