@@ -318,9 +318,19 @@ fn torn_read_over_rdma_read_no_torn_value_is_ever_accepted() {
     use pserver::transport::rdma::{Inbox, Link};
     let Some(dev) = common::rdma_device_or_skip() else { return };
     let inbox = Inbox::start(dev.clone(), Limits::default(), Box::new(|_, _| {})).unwrap();
-    let (link, info) = Link::new(&dev, "torn-read server").unwrap();
-    let acc = inbox.accept(1, &info, 1 << 16).unwrap();
-    link.establish(&acc.info, acc.ring, acc.ring_ctl).unwrap();
+    // Soft-RoCE in the emulated VM now and then loses a READ for good (the
+    // queue pair stays ready, no completion ever comes; the link fails it
+    // after its deadline). What this test checks is the validation of the
+    // copies, not the device: a failed link is replaced, up to 3 times,
+    // and says so.
+    let connect = |id: u64| {
+        let (link, info) = Link::new(&dev, "torn-read server").unwrap();
+        let acc = inbox.accept(id, &info, 1 << 16).unwrap();
+        link.establish(&acc.info, acc.ring, acc.ring_ctl).unwrap();
+        link
+    };
+    let mut link = connect(1);
+    let mut relinks = 0u64;
     // A wide slot (about 4 KiB, several packets) and scalar slots.
     let specs = [(1000u32, 3u64), (1, 512)];
     let stop = Arc::new(AtomicBool::new(false));
@@ -346,6 +356,12 @@ fn torn_read_over_rdma_read_no_torn_value_is_ever_accepted() {
                     shard.push(KeyRun::List(&[k]), &vals).unwrap();
                 }
                 count.fetch_add(keys, Ordering::Relaxed);
+                // Soft-RoCE runs in the (emulated, 2-CPU) VM's kernel: two
+                // writers spinning without a pause starve it, and a READ's
+                // completion can then take longer than the link's deadline.
+                if n.is_multiple_of(16) {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
             }
         }));
     }
@@ -359,20 +375,28 @@ fn torn_read_over_rdma_read_no_torn_value_is_ever_accepted() {
             // Wide: one slot per READ; scalar: the whole run at once.
             let (first, count) = if l.dim() > 1 { ((i as u64 % keys) as usize, 1) } else { (0, *keys as usize) };
             let mut out = vec![0.0f32; count * l.dim()];
-            let versions = link
-                .read(
-                    Some((&h.desc(), pserver::store::shard::HEADER_MIN_PROGRESS)),
-                    &s.desc(),
-                    first * l.words(),
-                    count * l.words(),
-                    |_, src| {
-                        torn.clear();
-                        slot::read_run(l, src, &mut out, &mut torn);
-                        // Versions of the copies, to check the values against.
-                        (0..count).map(|j| src[j * l.words()].load(Ordering::Relaxed) as u32).collect::<Vec<u32>>()
-                    },
-                )
-                .unwrap();
+            let read = link.read(
+                Some((&h.desc(), pserver::store::shard::HEADER_MIN_PROGRESS)),
+                &s.desc(),
+                first * l.words(),
+                count * l.words(),
+                |_, src| {
+                    torn.clear();
+                    slot::read_run(l, src, &mut out, &mut torn);
+                    // Versions of the copies, to check the values against.
+                    (0..count).map(|j| src[j * l.words()].load(Ordering::Relaxed) as u32).collect::<Vec<u32>>()
+                },
+            );
+            let versions = match read {
+                Ok(v) => v,
+                Err(e) if relinks < 3 => {
+                    relinks += 1;
+                    println!("the link failed ({e}); a new one (replacement {relinks} of at most 3)");
+                    link = connect(1 + relinks);
+                    continue;
+                }
+                Err(e) => panic!("the link failed a 4th time: {e}"),
+            };
             tally[t].1 += torn.len() as u64;
             for (j, (vals, &version)) in out.chunks_exact(l.dim()).zip(&versions).enumerate() {
                 if torn.contains(&j) {
