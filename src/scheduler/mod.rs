@@ -631,9 +631,7 @@ impl SchedulerHandler {
                 };
                 if complete {
                     Self::applied(&self.shared, st, out);
-                    if st.applying.is_none() {
-                        self.welcome_rejoining(st, out);
-                    }
+                    Self::welcome_rejoining_in(&self.shared, st, out);
                 }
             }
             Control::MembershipFailed { epoch, error } => {
@@ -1208,10 +1206,6 @@ impl SchedulerHandler {
     }
 
     /// New incarnations that waited for a membership change to be in effect.
-    fn welcome_rejoining(&self, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
-        Self::welcome_rejoining_in(&self.shared, st, out)
-    }
-
     fn welcome_rejoining_in(shared: &Shared, st: &mut State, out: &mut Vec<(PeerId, Frame)>) {
         if !Self::can_welcome_worker(st) {
             return;

@@ -337,8 +337,12 @@ impl Entry {
         kept.push((range, merged));
         kept.sort_by_key(|(r, _)| r.start);
         self.lineage = kept;
-        // The owner's part may span a bound of an epoch this server saw.
-        self.split_at_cuts();
+        // The owner's part may span a bound of an epoch this server saw
+        // (the other parts were split already).
+        let i = self.cuts.partition_point(|&c| c <= range.start);
+        if self.cuts.get(i).is_some_and(|&c| c < range.end) {
+            self.split_at_cuts();
+        }
     }
 
     /// New roles: every owned part gets seqs of its own, split at the

@@ -1255,16 +1255,22 @@ fn open_link(
     // From the request on the server may sequence this worker's frames,
     // unless it says no (an answer that never comes leaves it in doubt).
     *sequenced = true;
-    match join_call(shared, net, peer, &Control::RdmaConnect { conn: info.to_bytes(), next_seq })? {
+    let answer = join_call(shared, net, peer, &Control::RdmaConnect { conn: info.to_bytes(), next_seq })?;
+    if matches!(answer, Control::Error(_)) {
+        *sequenced = false;
+    }
+    establish_link(link, answer, addr)
+}
+
+/// Completes an RDMA link with the server's answer to its `RdmaConnect`.
+fn establish_link(link: Link, answer: Control, addr: &str) -> Result<Link> {
+    match answer {
         Control::RdmaAccept { conn, ring, ring_ctl } => {
             let remote = ConnInfo::from_bytes(&conn).map_err(|m| Error::protocol(addr, m))?;
             link.establish(&remote, ring, ring_ctl)?;
             Ok(link)
         }
-        Control::Error(m) => {
-            *sequenced = false;
-            Err(Error::Remote { peer: addr.into(), message: m })
-        }
+        Control::Error(m) => Err(Error::Remote { peer: addr.into(), message: m }),
         other => Err(Error::protocol(addr, format!("unexpected reply {other:?}"))),
     }
 }
@@ -1512,16 +1518,20 @@ impl Inner {
             return Ok(out);
         }
         let wait = if again { Duration::from_secs(5) } else { Duration::from_secs(60) };
+        // A server's views; `lenient`: none (read over the network) when it
+        // has no shard or its shards cannot be mapped, instead of an error.
+        let views = |s: usize, got: Result<Vec<View>>, lenient: bool| match got {
+            Ok(v) if lenient && v.is_empty() => Ok(None),
+            Ok(v) => Ok(Some(Arc::new(v))),
+            Err(e) if lenient => {
+                tracing::debug!(server = s, error = %e, "shards not mapped for one-sided reads");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
         for (s, link) in links.iter().enumerate().take(peers.len()) {
             let Some(link) = link else { continue };
-            if again {
-                match self.map_rdma(spec, peers[s], s, link, wait) {
-                    Ok(v) => out[s] = Some(Arc::new(v)),
-                    Err(e) => tracing::debug!(server = s, error = %e, "shards not mapped for RDMA again"),
-                }
-                continue;
-            }
-            out[s] = Some(Arc::new(self.map_rdma(spec, peers[s], s, link, wait)?));
+            out[s] = views(s, self.map_rdma(spec, peers[s], s, link, wait), again)?;
         }
         let alive: Vec<bool> = {
             let ring = self.ring.read();
@@ -1533,15 +1543,7 @@ impl Inner {
             if out[s].is_some() || !(same_host || maybe) {
                 continue;
             }
-            if again || !same_host {
-                match self.map_shm(spec, peers[s], s, wait) {
-                    Ok(v) if !v.is_empty() => out[s] = Some(Arc::new(v)),
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(server = s, error = %e, "shared shards not mapped again"),
-                }
-                continue;
-            }
-            out[s] = Some(Arc::new(self.map_shm(spec, peers[s], s, wait)?));
+            out[s] = views(s, self.map_shm(spec, peers[s], s, wait), again || !same_host)?;
         }
         Ok(out)
     }
@@ -1639,15 +1641,7 @@ impl Inner {
             let next_seq = self.shared.seqs.read().get(s).map_or(1, |q| q.load(Ordering::Acquire));
             self.control_send(peer, &Control::RdmaConnect { conn: info.to_bytes(), next_seq })?
         };
-        match self.shared.wait_control(id, Duration::from_secs(10))? {
-            Control::RdmaAccept { conn, ring, ring_ctl } => {
-                let remote = ConnInfo::from_bytes(&conn).map_err(|m| Error::protocol(addr, m))?;
-                link.establish(&remote, ring, ring_ctl)?;
-                Ok(link)
-            }
-            Control::Error(m) => Err(Error::Remote { peer: addr.into(), message: m }),
-            other => Err(Error::protocol(addr, format!("unexpected reply {other:?}"))),
-        }
+        establish_link(link, self.shared.wait_control(id, Duration::from_secs(10))?, addr)
     }
 
     /// A same-host server's shards of `spec`, mapped read-only.
@@ -1785,13 +1779,8 @@ impl Inner {
             // Every run of the push has its seq. No piece of a shard's key
             // range history gets two runs of one push: runs are cut at the
             // ranges of the push's epoch, and histories at every epoch's.
+            // (`order` is held until the push is sent, below.)
             op.runs().iter().for_each(|r| r.set_seq(seq));
-            if !runs.is_empty() {
-                self.shared.ops.lock().insert(ts, op.clone());
-                let all: Vec<usize> = (0..runs.len()).collect();
-                self.send_runs(&ring, &info, &op, &all, true);
-                return Ok(op);
-            }
         }
         if runs.is_empty() {
             op.mark_done();
@@ -2171,19 +2160,26 @@ impl Inner {
     /// workers).
     fn resume(&self) -> Result<u32> {
         let known = self.ask_servers_clock(&Control::WorkerClock { worker: self.rank }, u32::min, "restarted")?;
-        let Some(c) = known else {
+        let c = match known {
+            Some(c) => {
+                self.enter_at(c, proto::flags::CLOCK_RESET)?;
+                c
+            }
             // No server heard of the rank (a worker that took a free seat
             // and died before it said where it starts): it starts as a
             // joining worker would.
-            let c = self.start_in_seat()?;
-            let _ = self.restarted.set(c);
-            return Ok(c);
+            None => self.start_in_seat()?,
         };
-        self.clock.store(c, Ordering::Release);
         let _ = self.restarted.set(c);
-        let ring = self.ring.read();
-        self.send_clock_frame(&ring, c, proto::flags::CLOCK_RESET)?;
         Ok(c)
+    }
+
+    /// Starts this worker at clock `c`, telling every live server (a clock
+    /// frame with `flags`).
+    fn enter_at(&self, c: u32, flags: u32) -> Result<()> {
+        self.clock.store(c, Ordering::Release);
+        let ring = self.ring.read();
+        self.send_clock_frame(&ring, c, flags)
     }
 
     /// A worker taking a free seat (a left worker, `u64::MAX`, until now).
@@ -2199,9 +2195,7 @@ impl Inner {
     /// current model), raising the seat to `c` everywhere.
     fn start_in_seat(&self) -> Result<u32> {
         let c = self.ask_servers_clock(&Control::JobClock { worker: self.rank }, u32::max, "joining")?.unwrap_or(0);
-        self.clock.store(c, Ordering::Release);
-        let ring = self.ring.read();
-        self.send_clock_frame(&ring, c, 0)?;
+        self.enter_at(c, 0)?;
         Ok(c)
     }
 
